@@ -1,0 +1,1 @@
+"""Hot loops: numba on CPU, cupy/torch on GPU, torch fallback."""

@@ -1,0 +1,1 @@
+"""Pure scheduling policies (no torch): inter-stage, intra-stage, plan search."""
