@@ -1,0 +1,292 @@
+"""PPO building blocks: masked statistics, KL penalties, losses, KL controllers.
+
+Tensors are ``[B, T]`` over response tokens with a ``mask`` (1 = response token,
+0 = padding). Padded positions never contribute to a loss, a statistic or a
+gradient, even when they hold garbage such as ``-inf`` log-probs.
+
+**Loss aggregation.** Every loss is a *token mean over the micro-batch*: the sum
+over valid tokens of the per-token loss divided by the number of valid tokens in
+that micro-batch (verl's ``loss_agg_mode="token-mean"``). Long responses therefore
+weigh more than short ones. With gradient accumulation the trainer scales each
+micro-batch loss by ``1 / num_micro_batches``, which weighs micro-batches equally.
+
+Names follow verl (``ppo_kl``, ``clipfrac``, ``low_var_kl``) so metrics line up.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "masked_sum",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "kl_penalty",
+    "KL_KINDS",
+    "last_token_index",
+    "token_level_rewards",
+    "policy_loss",
+    "value_loss",
+    "entropy_from_logits",
+    "AdaptiveKLController",
+    "FixedKLController",
+]
+
+
+# ----------------------------------------------------------------------------- masked statistics
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """Accumulate half-precision inputs in float32 (a bf16 token count is inexact)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _fill(x: torch.Tensor, valid: torch.Tensor, value: float = 0.0) -> torch.Tensor:
+    """``x`` with invalid positions replaced by ``value``; their gradient is exactly 0
+    (``torch.where`` does not multiply the upstream gradient by anything, so a
+    non-finite entry at a padded position cannot turn gradients into NaN)."""
+    return torch.where(valid, x, torch.full((), value, dtype=x.dtype, device=x.device))
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of ``x * mask``; positions with ``mask == 0`` are skipped even if non-finite."""
+    xm = _fill(x.to(_acc_dtype(x)), mask != 0) * mask
+    return xm.sum() if dim is None else xm.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """``sum(x * mask) / sum(mask)`` over ``dim`` (all elements if ``None``).
+
+    Half-precision inputs are accumulated and returned in float32. An all-zero mask
+    gives 0 (not NaN), so an empty micro-batch adds nothing.
+    """
+    denom = (mask.sum() if dim is None else mask.sum(dim)).to(_acc_dtype(x))
+    return masked_sum(x, mask, dim) / denom.clamp(min=1e-8)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the valid entries of ``x``; Bessel-corrected when ``unbiased``."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = float(mask.sum())
+        if n < 2:
+            raise ValueError(f"masked_var: need at least 2 valid entries for an unbiased variance, got {n:g}")
+        var = var * (n / (n - 1))
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Advantage whitening: ``(x - mean) / sqrt(var + 1e-8)`` over the valid entries.
+
+    Statistics are over the whole batch (all valid tokens), as in OpenAI baselines'
+    PPO2 and verl. With ``shift_mean=False`` the mean is added back (scale only).
+    Padded positions are returned as 0.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return _fill(out, mask != 0)
+
+
+# ----------------------------------------------------------------------------- KL and rewards
+
+KL_KINDS = ("k1", "abs", "mse", "low_var_kl")
+_KL_ALIASES = {"kl": "k1", "k2": "mse", "k3": "low_var_kl"}
+
+
+def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of ``KL(pi || pi_ref)`` from the sampled tokens' log-probs.
+
+    With ``log r = logprob - ref_logprob`` (Schulman, "Approximating KL divergence", 2020):
+
+    * ``"k1"`` (alias ``"kl"``): ``log r``, unbiased, high variance;
+    * ``"abs"``: ``|log r|``;
+    * ``"mse"`` (alias ``"k2"``): ``0.5 * (log r)^2``;
+    * ``"low_var_kl"`` (alias ``"k3"``): ``exp(-log r) - 1 + log r`` = ``(ratio - 1) - log ratio``
+      with ``ratio = pi_ref / pi``: unbiased and >= 0; as in verl, ``log ratio`` is clamped to
+      [-20, 20] and the result to [-10, 10] for stability.
+    """
+    kind = _KL_ALIASES.get(kind, kind)
+    log_r = logprob - ref_logprob
+    if kind == "k1":
+        return log_r
+    if kind == "abs":
+        return log_r.abs()
+    if kind == "mse":
+        return 0.5 * log_r.square()
+    if kind == "low_var_kl":
+        log_ratio = (-log_r).clamp(-20.0, 20.0)  # log(pi_ref / pi)
+        return (log_ratio.exp() - log_ratio - 1.0).clamp(-10.0, 10.0)
+    raise ValueError(f"kl_penalty: unknown kind {kind!r}, expected one of {KL_KINDS} (or kl, k2, k3)")
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last valid token of each right-padded row (-1 for an empty row)."""
+    return mask.ne(0).sum(dim=-1) - 1
+
+
+def token_level_rewards(
+    score: torch.Tensor,
+    logprob: torch.Tensor,
+    ref_logprob: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    kl_kind: str = "k1",
+) -> torch.Tensor:
+    """KL-penalised per-token reward (Ouyang et al. 2022, eq. 2; Ziegler et al. 2019).
+
+    ``R(x, y) = r(x, y) - beta * log(pi(y|x) / pi_ref(y|x))``, spread over tokens::
+
+        reward_t = -kl_coef * kl_t            for every valid token t
+        reward_t += score                     at the last valid token
+
+    Args:
+        score: ``[B]`` sequence-level reward (reward model or rule).
+        logprob, ref_logprob: ``[B, T]`` log-probs of the sampled tokens under the
+            policy that generated them and under the reference model.
+        mask: ``[B, T]`` right-padded response mask.
+        kl_coef: ``beta``.
+        kl_kind: estimator, see :func:`kl_penalty`.
+
+    Returns:
+        ``[B, T]`` rewards, 0 on padding. Rows with no valid token get no score.
+    """
+    if score.dim() != 1 or score.shape[0] != mask.shape[0]:
+        raise ValueError(f"token_level_rewards: score must be [B={mask.shape[0]}], got {tuple(score.shape)}")
+    valid = mask != 0
+    kl = kl_penalty(_fill(logprob, valid), _fill(ref_logprob, valid), kl_kind)
+    rewards = _fill(-kl_coef * kl, valid)
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    is_last = positions == last_token_index(mask).unsqueeze(-1)  # no match for empty rows
+    return rewards + is_last.to(rewards.dtype) * score.to(rewards.dtype).unsqueeze(-1)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def policy_loss(
+    logprob: torch.Tensor,
+    old_logprob: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_ratio: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped surrogate objective (Schulman et al. 2017, PPO eq. 7), as a loss::
+
+        ratio_t = exp(logprob_t - old_logprob_t)
+        L_t     = max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))
+        loss    = token-mean of L_t over the valid tokens
+
+    ``logprob - old_logprob`` is clamped to [-20, 20] before ``exp`` (as verl does)
+    so a stale token cannot overflow the ratio.
+
+    Returns:
+        ``(loss, stats)`` with stats ``pg_loss``; ``ppo_kl``, the token mean of
+        ``old_logprob - logprob`` (k1 estimate of KL(old || new)); ``clipfrac``, the
+        fraction of valid tokens whose clipped term is the larger one (gradient 0).
+    """
+    valid = mask != 0
+    log_ratio = _fill(logprob - old_logprob, valid).clamp(-20.0, 20.0)
+    ratio = log_ratio.exp()
+    advantages = _fill(advantages, valid)
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio)
+    loss = masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+    with torch.no_grad():
+        ppo_kl = masked_mean(-log_ratio, mask)
+        clipfrac = masked_mean((loss_clipped > loss_unclipped).float(), mask)
+    stats = {"pg_loss": float(loss.detach()), "ppo_kl": float(ppo_kl), "clipfrac": float(clipfrac)}
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped value loss (OpenAI baselines PPO2, verl ``compute_value_loss``)::
+
+        v_clip = old_values + clip(values - old_values, -c, c)
+        loss   = 0.5 * token-mean of max((values - R)^2, (v_clip - R)^2)
+
+    Returns:
+        ``(loss, stats)`` with stats ``vf_loss`` and ``clipfrac`` (fraction of valid
+        tokens where the clipped error is the larger one).
+    """
+    valid = mask != 0
+    values, old_values, returns = (_fill(x, valid) for x in (values, old_values, returns))
+    v_clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    err_unclipped = (values - returns).square()
+    err_clipped = (v_clipped - returns).square()
+    loss = 0.5 * masked_mean(torch.maximum(err_unclipped, err_clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((err_clipped > err_unclipped).float(), mask)
+    return loss, {"vf_loss": float(loss.detach()), "clipfrac": float(clipfrac)}
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` over the last dim: ``logsumexp(z) - sum(p * z)``.
+
+    Stable for large logits (no ``log`` of a probability) and for ``-inf`` logits of
+    masked-out tokens (``0 * -inf`` would be NaN, so those enter the sum as 0, with
+    gradient 0). ``[..., V] -> [...]``.
+    """
+    p = torch.softmax(logits, dim=-1)
+    finite = torch.where(torch.isneginf(logits), torch.zeros((), dtype=logits.dtype, device=logits.device), logits)
+    return torch.logsumexp(logits, dim=-1) - (p * finite).sum(dim=-1)
+
+
+# ----------------------------------------------------------------------------- KL controllers
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019, "Fine-Tuning Language Models
+    from Human Preferences", §2.2)::
+
+        e_t    = clip(KL_t / KL_target - 1, -0.2, 0.2)
+        beta  <- beta * (1 + K_beta * e_t),   K_beta = n_steps / horizon
+
+    ``value`` is the current coefficient; call :meth:`update` once per iteration with
+    the measured KL and the number of samples (episodes) it was measured on.
+    """
+
+    def __init__(self, init_kl_coef: float, target_kl: float, horizon: float) -> None:
+        if target_kl <= 0 or horizon <= 0:
+            raise ValueError(
+                f"AdaptiveKLController: target_kl and horizon must be > 0, got {target_kl}, {horizon}"
+            )
+        self.value = float(init_kl_coef)
+        self.target = float(target_kl)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class FixedKLController:
+    """Constant KL coefficient; :meth:`update` is a no-op (same interface as adaptive)."""
+
+    def __init__(self, kl_coef: float) -> None:
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """The coefficient stays fixed."""
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])

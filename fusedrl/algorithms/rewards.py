@@ -1,0 +1,112 @@
+"""Rule-based reward functions and loading them from an import path.
+
+A reward function maps one sample to a scalar::
+
+    fn(prompt: str, response: str, label: str | None) -> float
+
+Configs name it as ``"package.module:function"``, as ``"path/to/file.py:function"``
+(loaded from the file, like verl's ``custom_reward_function.path``), or by a
+built-in name from :data:`BUILTIN_REWARDS` (``"arithmetic"``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import re
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+__all__ = ["RewardFn", "load_reward_fn", "arithmetic_reward", "last_integer", "BUILTIN_REWARDS"]
+
+RewardFn = Callable[[str, str, "str | None"], float]
+
+_INT_RE = re.compile(r"-?\d+")
+
+
+def last_integer(text: str) -> int | None:
+    """The last integer written in ``text`` (``"37+58=95."`` -> 95), or ``None``."""
+    matches = _INT_RE.findall(text)
+    return int(matches[-1]) if matches else None
+
+
+def arithmetic_reward(prompt: str, response: str, label: str | None) -> float:
+    """1.0 if the last integer in ``response`` equals the integer ``label``, else 0.0.
+
+    For :func:`fusedrl.data.tasks.arithmetic_task` prompts (``What is 37+58?`` with
+    label ``"95"``). Raises ``ValueError`` if the sample has no integer label, since
+    that is a data/config mismatch, not a wrong answer.
+    """
+    if label is None:
+        raise ValueError("arithmetic_reward needs a label (the expected integer), got None")
+    try:
+        expected = int(str(label).strip())
+    except ValueError:
+        raise ValueError(f"arithmetic_reward: label {label!r} is not an integer") from None
+    return 1.0 if last_integer(response) == expected else 0.0
+
+
+BUILTIN_REWARDS: dict[str, RewardFn] = {"arithmetic": arithmetic_reward}
+
+_FILE_MODULES: dict[str, ModuleType] = {}  # resolved .py path -> module
+
+
+def _import_module(module_path: str, spec: str) -> ModuleType:
+    """Import ``module_path``: a dotted module name or a ``.py`` file path."""
+    if module_path.endswith(".py"):
+        file = Path(module_path)
+        if not file.is_file():
+            raise ValueError(f"reward function {spec!r}: file {module_path!r} does not exist")
+        key = str(file.resolve())
+        if key not in _FILE_MODULES:
+            # Deliberately not put in sys.modules: cloudpickle (Ray) then ships the
+            # function by value to workers that cannot import the file by name.
+            name = "_fusedrl_reward_" + hashlib.sha1(key.encode()).hexdigest()[:12]
+            mod_spec = importlib.util.spec_from_file_location(name, file)
+            module = importlib.util.module_from_spec(mod_spec)
+            try:
+                mod_spec.loader.exec_module(module)
+            except Exception as e:
+                raise ValueError(f"reward function {spec!r}: importing {module_path!r} failed: {e!r}") from e
+            _FILE_MODULES[key] = module
+        return _FILE_MODULES[key]
+    try:
+        return importlib.import_module(module_path)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (module_path + ".").startswith(e.name + "."):  # the module itself is missing
+            raise ValueError(f"reward function {spec!r}: no module named {module_path!r}") from e
+        raise ValueError(f"reward function {spec!r}: importing {module_path!r} failed: {e}") from e
+    except Exception as e:
+        raise ValueError(f"reward function {spec!r}: importing {module_path!r} failed: {e!r}") from e
+
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """Resolve ``"module:function"``, ``"file.py:function"`` or a built-in name.
+
+    Raises ``ValueError`` with a one-line message naming ``spec`` when the module or
+    file is missing or fails to import, the function does not exist, or the attribute
+    is not callable.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"reward function must be 'module:function' or one of {sorted(BUILTIN_REWARDS)}, got {spec!r}")
+    spec = spec.strip()
+    if ":" not in spec:
+        if spec in BUILTIN_REWARDS:
+            return BUILTIN_REWARDS[spec]
+        raise ValueError(
+            f"reward function {spec!r} is not 'module:function' nor a built-in ({', '.join(sorted(BUILTIN_REWARDS))})"
+        )
+    module_path, _, attr = spec.rpartition(":")
+    if not module_path or not attr:
+        raise ValueError(f"reward function {spec!r} is not of the form 'module:function'")
+    module = _import_module(module_path, spec)
+    fn = module
+    for part in attr.split("."):  # allow "module:Class.method"
+        if not hasattr(fn, part):
+            raise ValueError(f"reward function {spec!r}: {module_path!r} has no attribute {attr!r}")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise ValueError(f"reward function {spec!r}: {attr!r} is a {type(fn).__name__}, not callable")
+    return fn
