@@ -195,7 +195,7 @@ class Backbone(nn.Module):
 class Llama(nn.Module):
     """One stage/rank of a Llama with an LM head (actor, reference) or a value head.
 
-    ``forward(input_ids | hidden, positions=None, cache=None)`` returns, on the last
+    ``forward(input_ids | hidden, positions=None, cache=None, select=None)`` returns, on the last
     stage, vocab-parallel logits [B, T, V/tp] (``head="lm"``) or values [B, T]
     (``head="value"``), otherwise the hidden states for the next stage.
     """
@@ -246,7 +246,10 @@ class Llama(nn.Module):
                        p.dtype, p.device)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, select: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """``select`` [B]: on the last stage, apply the head only at this token of each
+        row (the last prompt token during prefill), returning [B, V/tp] or [B]."""
         if self.stage.has_embedding:
             b, t = x.shape
             h = self.model.embed_tokens(x)
@@ -260,7 +263,11 @@ class Llama(nn.Module):
             h = layer(h, cos, sin, positions, cache)
         if not self.stage.has_head:
             return h
+        if select is not None:
+            h = h[torch.arange(b, device=h.device), select].unsqueeze(1)
         h = self.model.norm(h)
+        if select is not None:
+            h = h.squeeze(1)
         if self.head == "lm":
             return self.lm_head(h)[0]
         return self.score(h).squeeze(-1)

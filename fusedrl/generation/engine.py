@@ -1,0 +1,220 @@
+"""Native generation engine: batched sampling with a slot KV cache and continuous batching.
+
+Lifecycle::
+
+    engine = GenerationEngine(model, max_batch_size=64, max_seq_len=512, eos_token_ids=(2,))
+    samples = engine.generate(requests, params)          # all at once, or step by step:
+    engine.start(params); engine.add(requests)
+    while engine.has_unfinished():
+        for sample in engine.step(): ...                 # finished samples stream out
+    partial = engine.abort(sample_id)                    # for migration: resume elsewhere
+                                                          # with Request.resume(partial)
+
+The model is used in place: weights updated by training or reallocation between calls
+are picked up by the next call. A finished sample's slot is refilled from the queue at
+the next step (continuous batching, Yu et al. OSDI'22 "Orca").
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from fusedrl.generation.sampling import SamplingParams, sample_tokens
+from fusedrl.models.llama import gather_logits
+
+
+@dataclass
+class Request:
+    """One sample to generate. ``response_ids``/``logprobs`` continue a migrated sample."""
+
+    sample_id: int
+    prompt_ids: list[int]
+    max_new_tokens: int | None = None
+    """Per-sample cap (benchmark mode forces lengths with it plus ``ignore_eos``)."""
+    response_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+    @classmethod
+    def resume(cls, sample: "Sample") -> "Request":
+        return cls(sample.sample_id, list(sample.prompt_ids), sample.max_new_tokens,
+                   list(sample.response_ids), list(sample.logprobs))
+
+
+@dataclass
+class Sample:
+    """A generated (or, when aborted, partially generated) sample."""
+
+    sample_id: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "eos" | "length" | "aborted"
+    max_new_tokens: int | None = None
+
+
+@dataclass
+class _Slot:
+    req: Request
+    max_new: int
+    seq_len: int = 0  # tokens whose keys/values are in the cache
+
+
+class GenerationEngine:
+    """Generates on one model instance (one dp replica of the generation placement)."""
+
+    def __init__(self, model, *, max_batch_size: int = 64, max_seq_len: int | None = None,
+                 eos_token_ids: Iterable[int] = (), pad_token_id: int = 0):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len or model.config.max_position_embeddings
+        if self.max_seq_len > model.config.max_position_embeddings:
+            raise ValueError(f"max_seq_len={self.max_seq_len} exceeds the model's "
+                             f"max_position_embeddings={model.config.max_position_embeddings}")
+        self.eos = frozenset(int(t) for t in eos_token_ids)
+        self.pad = pad_token_id
+        self.cache = None
+        self.params = SamplingParams()
+        self.queue: deque[Request] = deque()
+        self.slots: list[_Slot | None] = [None] * max_batch_size
+        self.tokens_generated = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, params: SamplingParams) -> None:
+        if self.has_unfinished():
+            raise RuntimeError("start() while samples are still generating")
+        self.params = params
+        if self.cache is None:
+            self.cache = self.model.new_cache(self.max_batch_size, self.max_seq_len)
+
+    def release(self) -> None:
+        """Free the KV cache (e.g. before the devices are used for training)."""
+        self.cache = None
+
+    def add(self, requests: Request | Iterable[Request]) -> None:
+        if isinstance(requests, Request):
+            requests = [requests]
+        for r in requests:
+            max_new = r.max_new_tokens or self.params.max_new_tokens
+            total = len(r.prompt_ids) + max_new
+            if not r.prompt_ids:
+                raise ValueError(f"sample {r.sample_id}: empty prompt")
+            if total > self.max_seq_len:
+                raise ValueError(f"sample {r.sample_id}: prompt of {len(r.prompt_ids)} tokens + "
+                                 f"{max_new} new tokens exceeds max_seq_len={self.max_seq_len}")
+            self.queue.append(r)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.queue) or any(s is not None for s in self.slots)
+
+    def num_running(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    def running_ids(self) -> list[int]:
+        return [s.req.sample_id for s in self.slots if s is not None]
+
+    def abort(self, sample_id: int) -> Sample:
+        """Stop a queued or running sample and return it as generated so far."""
+        for i, s in enumerate(self.slots):
+            if s is not None and s.req.sample_id == sample_id:
+                self.slots[i] = None
+                return self._as_sample(s.req, "aborted")
+        for r in list(self.queue):
+            if r.sample_id == sample_id:
+                self.queue.remove(r)
+                return self._as_sample(r, "aborted")
+        raise KeyError(f"sample {sample_id} is not in this engine")
+
+    # ---------------------------------------------------------------------- steps
+
+    @torch.no_grad()
+    def step(self) -> list[Sample]:
+        """Admit queued samples into free slots (prefill), then decode one token for every
+        running sample. Returns the samples that finished in this step."""
+        finished: list[Sample] = []
+        decoding = [i for i, s in enumerate(self.slots) if s is not None]
+        admitted = []
+        for i, s in enumerate(self.slots):
+            if s is None and self.queue:
+                req = self.queue.popleft()
+                self.slots[i] = _Slot(req, req.max_new_tokens or self.params.max_new_tokens)
+                admitted.append(i)
+        if admitted:
+            self._prefill(admitted, finished)
+        if decoding:
+            self._decode(decoding, finished)
+        return finished
+
+    def generate(self, requests: Iterable[Request], params: SamplingParams,
+                 on_finish: Callable[[Sample], None] | None = None) -> list[Sample]:
+        """Generate every request; samples come back in the order of ``requests``."""
+        requests = list(requests)
+        self.start(params)
+        self.add(requests)
+        done: dict[int, Sample] = {}
+        while self.has_unfinished():
+            for s in self.step():
+                done[s.sample_id] = s
+                if on_finish is not None:
+                    on_finish(s)
+        return [done[r.sample_id] for r in requests]
+
+    # ------------------------------------------------------------------ internals
+
+    def _device(self):
+        return next(self.model.parameters()).device
+
+    def _prefill(self, slot_ids: list[int], finished: list[Sample]) -> None:
+        seqs = [self.slots[i].req.prompt_ids + self.slots[i].req.response_ids for i in slot_ids]
+        width = max(len(s) for s in seqs)
+        dev = self._device()
+        ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
+        for row, s in enumerate(seqs):
+            ids[row, :len(s)] = torch.tensor(s)
+        positions = torch.arange(width).expand(len(seqs), width)
+        last = torch.tensor([len(s) - 1 for s in seqs])
+        logits = self.model(ids.to(dev), positions.to(dev),
+                            self.cache.bind(torch.tensor(slot_ids, device=dev)),
+                            select=last.to(dev))
+        for i, s in zip(slot_ids, seqs):
+            self.slots[i].seq_len = len(s)
+        self._sample(slot_ids, logits, finished)
+
+    def _decode(self, slot_ids: list[int], finished: list[Sample]) -> None:
+        dev = self._device()
+        ids = torch.tensor([[self.slots[i].req.response_ids[-1]] for i in slot_ids])
+        positions = torch.tensor([[self.slots[i].seq_len] for i in slot_ids])
+        logits = self.model(ids.to(dev), positions.to(dev),
+                            self.cache.bind(torch.tensor(slot_ids, device=dev)),
+                            select=torch.zeros(len(slot_ids), dtype=torch.long, device=dev))
+        for i in slot_ids:
+            self.slots[i].seq_len += 1
+        self._sample(slot_ids, logits, finished)
+
+    def _sample(self, slot_ids: list[int], logits: torch.Tensor, finished: list[Sample]) -> None:
+        logits = gather_logits(logits, self.model.tp_group)
+        reqs = [self.slots[i].req for i in slot_ids]
+        tokens, logps = sample_tokens(logits, self.params, [r.sample_id for r in reqs],
+                                      [len(r.response_ids) for r in reqs])
+        for i, req, tok, lp in zip(slot_ids, reqs, tokens.tolist(), logps.tolist()):
+            req.response_ids.append(tok)
+            req.logprobs.append(lp)
+            self.tokens_generated += 1
+            reason = None
+            if tok in self.eos and not self.params.ignore_eos:
+                reason = "eos"
+            elif len(req.response_ids) >= self.slots[i].max_new:
+                reason = "length"
+            if reason is not None:
+                finished.append(self._as_sample(req, reason))
+                self.slots[i] = None
+
+    def _as_sample(self, req: Request, reason: str) -> Sample:
+        return Sample(req.sample_id, list(req.prompt_ids), list(req.response_ids),
+                      list(req.logprobs), reason, req.max_new_tokens)

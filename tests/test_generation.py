@@ -1,0 +1,147 @@
+"""Native generation engine: log-probs, per-sample streams, continuous batching."""
+
+import pytest
+import torch
+
+from fusedrl.generation import GenerationEngine, Request, SamplingParams, forced_lengths
+from fusedrl.generation.sampling import filter_probs, stream_uniform
+from fusedrl.models import ModelConfig
+from fusedrl.models.build import build_model
+from fusedrl.models.llama import token_logprobs
+
+CFG = ModelConfig(vocab_size=50, hidden_size=48, intermediate_size=96, num_layers=2,
+                  num_heads=4, num_kv_heads=2, max_position_embeddings=96)
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(CFG, "lm", seed=1).eval()
+
+
+def requests(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(1, 9, (1,), generator=g))
+        out.append(Request(i, torch.randint(3, CFG.vocab_size, (length,), generator=g).tolist()))
+    return out
+
+
+def fresh_logprobs(model, sample, temperature):
+    seq = torch.tensor([sample.prompt_ids + sample.response_ids])
+    with torch.no_grad():
+        logits = model(seq)
+    p = len(sample.prompt_ids)
+    lp = token_logprobs(logits[:, p - 1:-1], seq[:, p:], model.tp_group, temperature)
+    return lp[0]
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0, max_new_tokens=20, seed=3),
+    SamplingParams(temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=20, seed=4),
+    SamplingParams(temperature=0.0, max_new_tokens=12),
+])
+def test_logprobs_equal_fresh_forward(model, params):
+    engine = GenerationEngine(model, max_batch_size=4, max_seq_len=48, eos_token_ids=[EOS])
+    samples = engine.generate(requests(10), params)
+    temp = params.temperature or 1.0
+    for s in samples:
+        assert 1 <= len(s.response_ids) <= params.max_new_tokens
+        ref = fresh_logprobs(model, s, temp)
+        assert (torch.tensor(s.logprobs) - ref).abs().max().item() <= 1e-4
+
+
+def test_samples_do_not_depend_on_batch(model):
+    params = SamplingParams(temperature=1.0, max_new_tokens=16, seed=11)
+    reqs = requests(9, seed=5)
+    a = GenerationEngine(model, max_batch_size=9, max_seq_len=48).generate(reqs, params)
+    b = GenerationEngine(model, max_batch_size=2, max_seq_len=48).generate(
+        [Request(r.sample_id, r.prompt_ids) for r in reversed(reqs)], params)
+    by_id = {s.sample_id: s.response_ids for s in b}
+    for s in a:
+        assert s.response_ids == by_id[s.sample_id]
+    # a different seed changes the samples
+    c = GenerationEngine(model, max_batch_size=9, max_seq_len=48).generate(
+        [Request(r.sample_id, r.prompt_ids) for r in reqs],
+        SamplingParams(temperature=1.0, max_new_tokens=16, seed=12))
+    assert any(x.response_ids != y.response_ids for x, y in zip(a, c))
+
+
+def test_continuous_batching_refills_slots(model):
+    engine = GenerationEngine(model, max_batch_size=2, max_seq_len=48)
+    lengths = [1, 6, 2, 3]
+    reqs = [Request(i, [5, 6, 7], max_new_tokens=n) for i, n in enumerate(lengths)]
+    engine.start(SamplingParams(max_new_tokens=30, ignore_eos=True))
+    engine.add(reqs)
+    order, steps = [], 0
+    while engine.has_unfinished():
+        assert engine.num_running() <= 2
+        order += [s.sample_id for s in engine.step()]
+        steps += 1
+    assert order == [0, 2, 3, 1]
+    assert steps == 6  # the longest sample bounds the steps: slots were refilled at once
+
+
+def test_eos_stops_sample(model):
+    # Make EOS overwhelmingly likely after any token.
+    m = build_model(CFG, "lm", seed=1).eval()
+    with torch.no_grad():
+        m.lm_head.weight[EOS] = m.model.norm.weight * 0 + 5.0
+        m.model.norm.weight.fill_(1.0)
+    engine = GenerationEngine(m, max_batch_size=4, max_seq_len=48, eos_token_ids=[EOS])
+    out = engine.generate(requests(4), SamplingParams(temperature=0.0, max_new_tokens=10))
+    ignored = GenerationEngine(m, max_batch_size=4, max_seq_len=48, eos_token_ids=[EOS]).generate(
+        requests(4), SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True))
+    assert any(s.finish_reason == "eos" and s.response_ids[-1] == EOS for s in out)
+    assert all(len(s.response_ids) == 10 and s.finish_reason == "length" for s in ignored)
+
+
+def test_forced_lengths_benchmark_mode(model):
+    lengths = forced_lengths("lognormal:6,30", 12, seed=0, max_len=40)
+    reqs = [Request(i, [4, 5], max_new_tokens=n) for i, n in enumerate(lengths)]
+    out = GenerationEngine(model, max_batch_size=5, max_seq_len=48).generate(
+        reqs, SamplingParams(max_new_tokens=40, ignore_eos=True))
+    assert [len(s.response_ids) for s in out] == lengths
+
+
+def test_abort_and_resume_continue_the_same_stream(model):
+    params = SamplingParams(temperature=1.0, max_new_tokens=20, seed=7, ignore_eos=True)
+    reqs = requests(3, seed=9)
+    full = GenerationEngine(model, max_batch_size=3, max_seq_len=48).generate(reqs, params)
+    eng = GenerationEngine(model, max_batch_size=3, max_seq_len=48)
+    eng.start(params)
+    eng.add([Request(r.sample_id, r.prompt_ids) for r in reqs])
+    for _ in range(6):
+        eng.step()
+    partial = eng.abort(1)
+    assert partial.finish_reason == "aborted" and len(partial.response_ids) == 6
+    other = GenerationEngine(model, max_batch_size=2, max_seq_len=48)
+    resumed = other.generate([Request.resume(partial)], params)[0]
+    assert resumed.response_ids == full[1].response_ids
+    assert torch.allclose(torch.tensor(resumed.logprobs), torch.tensor(full[1].logprobs),
+                          atol=1e-5)
+
+
+def test_filters_and_streams():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    assert (filter_probs(probs, 2, 1.0) > 0).tolist() == [[True, True, False, False]]
+    assert (filter_probs(probs, 0, 0.8) > 0).tolist() == [[True, True, False, False]]
+    assert (filter_probs(probs, 0, 0.81) > 0).tolist() == [[True, True, True, False]]
+    assert filter_probs(probs, 0, 0.81)[0, 2].item() == probs[0, 2].item()
+    u = stream_uniform(0, [1, 1, 2], [0, 1, 0])
+    assert len(set(u.tolist())) == 3 and ((u >= 0) & (u < 1)).all()
+    assert stream_uniform(0, [1], [1])[0] == u[1]
+
+
+def test_bad_requests(model):
+    engine = GenerationEngine(model, max_batch_size=2, max_seq_len=10)
+    engine.start(SamplingParams(max_new_tokens=8))
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        engine.add(Request(0, [1, 2, 3]))
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.add(Request(1, []))
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="lognormal"):
+        forced_lengths("lognormal:5", 3)
