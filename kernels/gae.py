@@ -53,7 +53,9 @@ def _check_inputs(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
 ) -> None:
     if rewards.dim() != 2:
-        raise ValueError(f"compute_gae expects [B, T] tensors, got rewards of shape {tuple(rewards.shape)}")
+        raise ValueError(
+            f"compute_gae expects [B, T] tensors, got rewards of shape {tuple(rewards.shape)}"
+        )
     if values.shape != rewards.shape or mask.shape != rewards.shape:
         raise ValueError(
             "compute_gae: rewards, values and mask must have the same shape, got "
@@ -61,7 +63,8 @@ def _check_inputs(
         )
     if not (values.device == rewards.device == mask.device):
         raise ValueError(
-            f"compute_gae: tensors on different devices: {rewards.device}, {values.device}, {mask.device}"
+            "compute_gae: tensors on different devices: "
+            f"{rewards.device}, {values.device}, {mask.device}"
         )
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"compute_gae: gamma must be in [0, 1], got {gamma}")
@@ -73,9 +76,7 @@ def _check_right_padded(valid: torch.Tensor) -> None:
     """A 0 followed by a 1 in some row means the mask is not 1s-then-0s."""
     if valid.shape[1] > 1 and bool((valid[:, 1:] & ~valid[:, :-1]).any()):
         row = int((valid[:, 1:] & ~valid[:, :-1]).any(dim=1).nonzero()[0, 0])
-        raise ValueError(
-            f"compute_gae: mask row {row} is not right-padded (expected 1s then 0s)"
-        )
+        raise ValueError(f"compute_gae: mask row {row} is not right-padded (expected 1s then 0s)")
 
 
 # ----------------------------------------------------------------------------- torch
@@ -107,7 +108,9 @@ def _gae_torch(
         carry = torch.zeros_like(starts)
         carry[:, :-1] = starts[:, 1:]
         # A[j, i] = local[j, i] + c^(C-i) * A[j+1, 0]
-        tail = torch.tensor([c ** (C - i) for i in range(C)], dtype=delta.dtype, device=delta.device)
+        tail = torch.tensor(
+            [c ** (C - i) for i in range(C)], dtype=delta.dtype, device=delta.device
+        )
         adv = local + carry.unsqueeze(-1) * tail
     else:
         adv = local
@@ -117,11 +120,16 @@ def _gae_torch(
 
 
 def _discount_matrix(c: float, n: int, like: torch.Tensor) -> torch.Tensor:
-    """``D[k, i] = c**(k - i)`` for ``k >= i`` else 0, so ``(x @ D)[i] = sum_{k>=i} c^(k-i) x_k``."""
+    """``D[k, i] = c**(k - i)`` for ``k >= i``, else 0.
+
+    So ``(x @ D)[i] = sum_{k>=i} c^(k-i) x_k``: a discounted reverse cumulative sum.
+    """
     idx = torch.arange(n, dtype=torch.float64)
     expo = idx.view(n, 1) - idx.view(1, n)  # k - i
     # 0**0 == 1 keeps c == 0 (lam == 0) exact: A_t = delta_t.
-    d = torch.where(expo >= 0, torch.pow(torch.tensor(c, dtype=torch.float64), expo.clamp(min=0)), 0.0)
+    d = torch.where(
+        expo >= 0, torch.pow(torch.tensor(c, dtype=torch.float64), expo.clamp(min=0)), 0.0
+    )
     return d.to(dtype=like.dtype, device=like.device)
 
 
@@ -202,11 +210,16 @@ def compute_gae(
     if backend == "auto":
         backend = _pick(rewards.device)
     if backend not in BACKENDS:
-        raise ValueError(f"compute_gae: unknown backend {backend!r}, expected 'auto' or one of {sorted(BACKENDS)}")
+        raise ValueError(
+            f"compute_gae: unknown backend {backend!r}, "
+            f"expected 'auto' or one of {sorted(BACKENDS)}"
+        )
     dtype = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
     valid = mask != 0
     _check_right_padded(valid)
     if rewards.shape[1] == 0:
         empty = torch.zeros(rewards.shape, dtype=dtype, device=rewards.device)
         return empty, empty.clone()
-    return BACKENDS[backend](rewards.detach().to(dtype), values.detach().to(dtype), valid, gamma, lam)
+    return BACKENDS[backend](
+        rewards.detach().to(dtype), values.detach().to(dtype), valid, gamma, lam
+    )

@@ -34,7 +34,9 @@ def write(request, tmp_path):
 
 
 def test_load_prompt_and_label(write):
-    path = write([{"prompt": "What is 1+2?", "label": "3", "extra": 1}, {"prompt": "Hello", "label": "x"}])
+    path = write(
+        [{"prompt": "What is 1+2?", "label": "3", "extra": 1}, {"prompt": "Hello", "label": "x"}]
+    )
     assert load_prompts(path) == [PromptRecord("What is 1+2?", "3"), PromptRecord("Hello", "x")]
     ints = write([{"prompt": "a", "label": 3}, {"prompt": "b", "label": -7}], name="ints")
     assert [r.label for r in load_prompts(ints)] == ["3", "-7"]  # labels become strings
@@ -65,7 +67,10 @@ def test_chat_messages_kept(write):
 def test_custom_keys_and_blank_lines(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"q": "one", "a": 1}\n\n   \n{"q": "two", "a": 2}\n')
-    assert load_prompts(path, prompt_key="q", label_key="a") == [PromptRecord("one", "1"), PromptRecord("two", "2")]
+    assert load_prompts(path, prompt_key="q", label_key="a") == [
+        PromptRecord("one", "1"),
+        PromptRecord("two", "2"),
+    ]
 
 
 # ----------------------------------------------------------------------------- errors
@@ -200,7 +205,9 @@ def test_arithmetic_task_deterministic():
 def test_arithmetic_reward():
     assert arithmetic_reward("What is 37+58?", "37+58 = 95", "95") == 1.0
     assert arithmetic_reward("What is 37+58?", "The answer is 95.", " 95 ") == 1.0
-    assert arithmetic_reward("What is 37+58?", "95, no wait, 96", "95") == 0.0  # last integer counts
+    assert (
+        arithmetic_reward("What is 37+58?", "95, no wait, 96", "95") == 0.0
+    )  # last integer counts
     assert arithmetic_reward("What is 37+58?", "I don't know", "95") == 0.0
     assert arithmetic_reward("What is 1-3?", "1-3 = -2", "-2") == 1.0
     with pytest.raises(ValueError, match="needs a label"):

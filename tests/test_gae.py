@@ -40,7 +40,11 @@ def test_matches_reference_random_shapes(backend):
     gen = torch.Generator().manual_seed(0)
     # T straddles the torch backend's block length (64): 1 block, exact, ragged, many.
     shapes = [(1, 1), (3, 5), (4, 64), (5, 65), (2, 200), (3, 300)]
-    for (B, T), (gamma, lam) in zip(shapes, [(1.0, 0.95), (0.99, 0.9), (1.0, 1.0), (0.5, 0.0), (0.9, 0.7), (1.0, 0.95)]):
+    for (B, T), (gamma, lam) in zip(
+        shapes,
+        [(1.0, 0.95), (0.99, 0.9), (1.0, 1.0), (0.5, 0.0), (0.9, 0.7), (1.0, 0.95)],
+        strict=True,
+    ):
         rewards, values, mask = ragged_batch(B, T, gen)
         want_adv, want_ret = reference_gae(rewards, values, mask, gamma, lam)
         adv, ret = compute_gae(rewards, values, mask, gamma, lam, backend=backend)
@@ -65,7 +69,11 @@ def test_hand_computed(backend):
 def test_backends_agree_float64_and_mask_dtypes():
     gen = torch.Generator().manual_seed(1)
     rewards, values, mask = ragged_batch(8, 130, gen, dtype=torch.float64)
-    outs = [compute_gae(rewards, values, m, 0.99, 0.95, backend=b) for b in BACKENDS for m in (mask, mask.bool(), mask.float())]
+    outs = [
+        compute_gae(rewards, values, m, 0.99, 0.95, backend=b)
+        for b in BACKENDS
+        for m in (mask, mask.bool(), mask.float())
+    ]
     for adv, ret in outs:
         assert adv.dtype == torch.float64
         torch.testing.assert_close(adv, outs[0][0], atol=1e-10, rtol=1e-10)

@@ -26,7 +26,12 @@ NAN = float("nan")
 
 
 def close(actual, expected, tol=1e-6):
-    torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float64), torch.as_tensor(expected, dtype=torch.float64), atol=tol, rtol=0)
+    torch.testing.assert_close(
+        torch.as_tensor(actual, dtype=torch.float64),
+        torch.as_tensor(expected, dtype=torch.float64),
+        atol=tol,
+        rtol=0,
+    )
 
 
 # ----------------------------------------------------------------------------- masked statistics
@@ -47,7 +52,10 @@ def test_masked_whiten_hand_computed():
     x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, NAN]])
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
     close(masked_whiten(x, mask), [[-1.161895, -0.387298, 0.387298], [1.161895, 0.0, 0.0]])
-    close(masked_whiten(x, mask, shift_mean=False), [[1.338105, 2.112702, 2.887298], [3.661895, 0.0, 0.0]])
+    close(
+        masked_whiten(x, mask, shift_mean=False),
+        [[1.338105, 2.112702, 2.887298], [3.661895, 0.0, 0.0]],
+    )
     with pytest.raises(ValueError, match="at least 2"):
         masked_whiten(x, torch.tensor([[1, 0, 0], [0, 0, 0]]))
 
@@ -181,7 +189,9 @@ def test_entropy_hand_computed():
 
 
 def test_entropy_gradient_matches_definition():
-    logits = torch.randn(3, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(
+        3, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64, requires_grad=True
+    )
     entropy_from_logits(logits).sum().backward()
     ref = logits.detach().clone().requires_grad_()
     p = torch.softmax(ref, -1)

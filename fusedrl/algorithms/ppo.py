@@ -72,7 +72,9 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     if unbiased:
         n = float(mask.sum())
         if n < 2:
-            raise ValueError(f"masked_var: need at least 2 valid entries for an unbiased variance, got {n:g}")
+            raise ValueError(
+                f"masked_var: need at least 2 valid entries for an unbiased variance, got {n:g}"
+            )
         var = var * (n / (n - 1))
     return var
 
@@ -121,7 +123,9 @@ def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kind: str = "k1
     if kind == "low_var_kl":
         log_ratio = (-log_r).clamp(-20.0, 20.0)  # log(pi_ref / pi)
         return (log_ratio.exp() - log_ratio - 1.0).clamp(-10.0, 10.0)
-    raise ValueError(f"kl_penalty: unknown kind {kind!r}, expected one of {KL_KINDS} (or kl, k2, k3)")
+    raise ValueError(
+        f"kl_penalty: unknown kind {kind!r}, expected one of {KL_KINDS} (or kl, k2, k3)"
+    )
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -156,7 +160,9 @@ def token_level_rewards(
         ``[B, T]`` rewards, 0 on padding. Rows with no valid token get no score.
     """
     if score.dim() != 1 or score.shape[0] != mask.shape[0]:
-        raise ValueError(f"token_level_rewards: score must be [B={mask.shape[0]}], got {tuple(score.shape)}")
+        raise ValueError(
+            f"token_level_rewards: score must be [B={mask.shape[0]}], got {tuple(score.shape)}"
+        )
     valid = mask != 0
     kl = kl_penalty(_fill(logprob, valid), _fill(ref_logprob, valid), kl_kind)
     rewards = _fill(-kl_coef * kl, valid)
@@ -238,7 +244,9 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     gradient 0). ``[..., V] -> [...]``.
     """
     p = torch.softmax(logits, dim=-1)
-    finite = torch.where(torch.isneginf(logits), torch.zeros((), dtype=logits.dtype, device=logits.device), logits)
+    finite = torch.where(
+        torch.isneginf(logits), torch.zeros((), dtype=logits.dtype, device=logits.device), logits
+    )
     return torch.logsumexp(logits, dim=-1) - (p * finite).sum(dim=-1)
 
 
@@ -259,7 +267,8 @@ class AdaptiveKLController:
     def __init__(self, init_kl_coef: float, target_kl: float, horizon: float) -> None:
         if target_kl <= 0 or horizon <= 0:
             raise ValueError(
-                f"AdaptiveKLController: target_kl and horizon must be > 0, got {target_kl}, {horizon}"
+                "AdaptiveKLController: target_kl and horizon must be > 0, "
+                f"got {target_kl}, {horizon}"
             )
         self.value = float(init_kl_coef)
         self.target = float(target_kl)

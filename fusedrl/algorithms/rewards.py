@@ -15,9 +15,9 @@ import hashlib
 import importlib
 import importlib.util
 import re
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
 
 __all__ = ["RewardFn", "load_reward_fn", "arithmetic_reward", "last_integer", "BUILTIN_REWARDS"]
 
@@ -69,17 +69,23 @@ def _import_module(module_path: str, spec: str) -> ModuleType:
             try:
                 mod_spec.loader.exec_module(module)
             except Exception as e:
-                raise ValueError(f"reward function {spec!r}: importing {module_path!r} failed: {e!r}") from e
+                raise ValueError(
+                    f"reward function {spec!r}: importing {module_path!r} failed: {e!r}"
+                ) from e
             _FILE_MODULES[key] = module
         return _FILE_MODULES[key]
     try:
         return importlib.import_module(module_path)
     except ModuleNotFoundError as e:
-        if e.name is not None and (module_path + ".").startswith(e.name + "."):  # the module itself is missing
+        if e.name is not None and (module_path + ".").startswith(
+            e.name + "."
+        ):  # the module itself is missing
             raise ValueError(f"reward function {spec!r}: no module named {module_path!r}") from e
         raise ValueError(f"reward function {spec!r}: importing {module_path!r} failed: {e}") from e
     except Exception as e:
-        raise ValueError(f"reward function {spec!r}: importing {module_path!r} failed: {e!r}") from e
+        raise ValueError(
+            f"reward function {spec!r}: importing {module_path!r} failed: {e!r}"
+        ) from e
 
 
 def load_reward_fn(spec: str) -> RewardFn:
@@ -90,13 +96,17 @@ def load_reward_fn(spec: str) -> RewardFn:
     is not callable.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"reward function must be 'module:function' or one of {sorted(BUILTIN_REWARDS)}, got {spec!r}")
+        raise ValueError(
+            "reward function must be 'module:function' or one of "
+            f"{sorted(BUILTIN_REWARDS)}, got {spec!r}"
+        )
     spec = spec.strip()
     if ":" not in spec:
         if spec in BUILTIN_REWARDS:
             return BUILTIN_REWARDS[spec]
         raise ValueError(
-            f"reward function {spec!r} is not 'module:function' nor a built-in ({', '.join(sorted(BUILTIN_REWARDS))})"
+            f"reward function {spec!r} is not 'module:function' nor a built-in "
+            f"({', '.join(sorted(BUILTIN_REWARDS))})"
         )
     module_path, _, attr = spec.rpartition(":")
     if not module_path or not attr:
@@ -108,5 +118,7 @@ def load_reward_fn(spec: str) -> RewardFn:
             raise ValueError(f"reward function {spec!r}: {module_path!r} has no attribute {attr!r}")
         fn = getattr(fn, part)
     if not callable(fn):
-        raise ValueError(f"reward function {spec!r}: {attr!r} is a {type(fn).__name__}, not callable")
+        raise ValueError(
+            f"reward function {spec!r}: {attr!r} is a {type(fn).__name__}, not callable"
+        )
     return fn

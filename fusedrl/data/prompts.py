@@ -15,9 +15,10 @@ line (with its number), missing key (with its name), empty dataset.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 __all__ = ["DataError", "PromptRecord", "Prompt", "load_prompts", "format_prompt", "SUFFIXES"]
 
@@ -58,14 +59,20 @@ def _prompt_value(value: Any, where: str, key: str) -> Prompt:
     if isinstance(value, (list, tuple)) and value:
         messages = []
         for i, msg in enumerate(value):
-            if not (isinstance(msg, dict) and isinstance(msg.get("role"), str) and isinstance(msg.get("content"), str)):
+            if not (
+                isinstance(msg, dict)
+                and isinstance(msg.get("role"), str)
+                and isinstance(msg.get("content"), str)
+            ):
                 raise DataError(
-                    f"{where}: prompt {key!r} message {i} is not a {{'role': str, 'content': str}} dict"
+                    f"{where}: prompt {key!r} message {i} is not a "
+                    "{'role': str, 'content': str} dict"
                 )
             messages.append({"role": msg["role"], "content": msg["content"]})
         return messages
     raise DataError(
-        f"{where}: prompt {key!r} must be a non-empty string or list of chat messages, got {type(value).__name__}"
+        f"{where}: prompt {key!r} must be a non-empty string or list of chat messages, "
+        f"got {type(value).__name__}"
     )
 
 
@@ -84,7 +91,9 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{where}: line is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                raise DataError(
+                    f"{where}: line is not valid UTF-8 ({e.reason} at byte {e.start})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -109,7 +118,9 @@ def _iter_parquet(path: Path, prompt_key: str, label_key: str | None) -> Iterato
     try:
         names = pq.read_schema(path).names
         if _column(prompt_key, names) not in names:
-            raise DataError(f"{path}: missing prompt key {prompt_key!r} (columns: {', '.join(names)})")
+            raise DataError(
+                f"{path}: missing prompt key {prompt_key!r} (columns: {', '.join(names)})"
+            )
         # Read only the columns the keys live in (datasets often carry big extra columns).
         columns = {_column(prompt_key, names)}
         if label_key and _column(label_key, names) in names:
@@ -142,14 +153,21 @@ def load_prompts(
     """
     path = Path(path)
     if path.suffix not in SUFFIXES:
-        raise DataError(f"{path}: unknown dataset extension {path.suffix!r}, expected one of {', '.join(SUFFIXES)}")
+        raise DataError(
+            f"{path}: unknown dataset extension {path.suffix!r}, "
+            f"expected one of {', '.join(SUFFIXES)}"
+        )
     if not path.exists():
         raise DataError(f"{path}: no such file")
     if not path.is_file():
         raise DataError(f"{path}: not a regular file")
 
     try:
-        rows = _iter_jsonl(path) if path.suffix == ".jsonl" else _iter_parquet(path, prompt_key, label_key)
+        rows = (
+            _iter_jsonl(path)
+            if path.suffix == ".jsonl"
+            else _iter_parquet(path, prompt_key, label_key)
+        )
         records: list[tuple[str, Any, Any]] = []
         for where, row in rows:
             prompt = _get(row, prompt_key)
@@ -168,7 +186,8 @@ def load_prompts(
         where = records[has_label.index(False)][0]
         raise DataError(f"{where}: missing label key {label_key!r} (other records have it)")
     return [
-        PromptRecord(prompt, None if label is _MISSING else _label_value(label)) for _, prompt, label in records
+        PromptRecord(prompt, None if label is _MISSING else _label_value(label))
+        for _, prompt, label in records
     ]
 
 
@@ -183,5 +202,8 @@ def format_prompt(prompt: Prompt, tokenizer: Any = None, chat_template: bool = F
         return prompt
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise DataError("prompt needs a chat template but the tokenizer has none (chat messages or chat_template=True)")
+        raise DataError(
+            "prompt needs a chat template but the tokenizer has none "
+            "(chat messages or chat_template=True)"
+        )
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
