@@ -86,11 +86,13 @@ def _gae_torch(
     rewards: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, gamma: float, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, T = rewards.shape
-    m = valid.to(rewards.dtype)
+    zero = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+    # Padding may hold anything (even NaN): select instead of multiplying by the mask.
+    rewards, values = torch.where(valid, rewards, zero), torch.where(valid, values, zero)
     # V_{t+1}, with V = 0 after the last valid token (episode ends at EOS).
     next_values = torch.zeros_like(values)
-    next_values[:, :-1] = values[:, 1:] * m[:, 1:]
-    delta = (rewards + gamma * next_values - values) * m  # eq. 11, 0 on padding
+    next_values[:, :-1] = values[:, 1:]
+    delta = torch.where(valid, rewards + gamma * next_values - values, zero)  # eq. 11
 
     # A_t = sum_{k>=t} c^(k-t) delta_k  (eq. 16); delta is 0 past the end of each row.
     c = gamma * lam
@@ -100,11 +102,12 @@ def _gae_torch(
         delta = torch.nn.functional.pad(delta, (0, n * C - T))
     blocks = delta.view(B, n, C)
     local = blocks @ _discount_matrix(c, C, delta)  # within-block sums, [B, n, C]
-    # Carry into block j from the right: S_j = A at position 0 of block j+1,
-    # S_j = local[j+1, 0] + c^C * S_{j+1}  -> again a discounted reverse cumsum.
+    # Across blocks: A at the first token of block j is
+    #   starts_j = local[j, 0] + c^C * starts_{j+1},
+    # again a discounted reverse cumsum, over n block heads with factor c^C.
     heads = local[:, :, 0]  # [B, n]
     if n > 1:
-        starts = heads @ _discount_matrix(c**C, n, delta)  # A at each block start
+        starts = heads @ _discount_matrix(c**C, n, delta)
         carry = torch.zeros_like(starts)
         carry[:, :-1] = starts[:, 1:]
         # A[j, i] = local[j, i] + c^(C-i) * A[j+1, 0]
@@ -115,7 +118,7 @@ def _gae_torch(
     else:
         adv = local
     adv = adv.reshape(B, n * C)[:, :T]
-    returns = (adv + values) * m
+    returns = torch.where(valid, adv + values, zero)
     return adv, returns
 
 

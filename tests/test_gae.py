@@ -32,6 +32,9 @@ def ragged_batch(B, T, gen, dtype=torch.float32):
     lengths = torch.randint(0, T + 1, (B,), generator=gen)
     lengths[0] = T  # at least one full row, and (B > 1) usually an empty or short one
     mask = (torch.arange(T) < lengths[:, None]).to(torch.int64)
+    # Garbage on the padding must not leak into any output.
+    rewards[mask == 0] = float("nan")
+    values[mask == 0] = float("inf")
     return rewards, values, mask
 
 
