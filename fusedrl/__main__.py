@@ -1,0 +1,3 @@
+from fusedrl.cli import main
+
+main()

@@ -1,0 +1,69 @@
+"""``fusedrl`` command line (typer). Bad input exits with code 2 and one line on stderr."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="fusedrl: fast RLHF (PPO) with inter-/intra-stage fusion and "
+                       "parameter reallocation.")
+
+DEFAULT_CONFIG = Path(__file__).parent / "default.yaml"
+
+
+@app.callback()
+def _group() -> None:
+    """Keeps ``fusedrl`` a command group even while it has a single sub-command."""
+
+
+def fail(message: str) -> None:
+    """One-line error, exit code 2, no traceback."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _quiet() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+    warnings.filterwarnings("ignore", message=".*Apex.*")
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                          help="YAML config (default: the embedded default)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key: key=value."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)."),
+) -> None:
+    """Train with PPO; writes OUT/metrics.jsonl and OUT/checkpoints/iter_N/."""
+    _quiet()
+    import torch
+
+    from fusedrl.config import load_config
+    from fusedrl.run import train as run_train
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        cfg = load_config(config if config is not None else DEFAULT_CONFIG, set_)
+        out_dir = out if out is not None else Path(cfg.trainer.out_dir)
+        run_train(cfg, out_dir, resume=resume)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""Experiment configuration: dataclasses with a docstring per field, validated in
+``__post_init__``. A YAML file only gives values for them; ``--set a.b=v`` overrides any
+field. Unknown keys and wrong types are a :class:`ConfigError` naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message names the key (or file) and the problem."""
+
+
+def _require(cond: bool, key: str, value: Any, problem: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key {key}={value!r}: {problem}")
+
+
+@dataclass
+class ModelSection:
+    """Which networks the four PPO roles start from."""
+
+    path: str = ""
+    """Actor (and reference) checkpoint: a Hugging Face safetensors directory, a .gguf
+    file, or ``pkg:NAME`` for a model shipped in a Python package. Empty: train from
+    scratch with ``preset``."""
+    preset: str = "tiny"
+    """Shape of a from-scratch model (``fusedrl.models.PRESETS``)."""
+    vocab_size: int = 0
+    """From scratch only: vocabulary size; 0 takes the tokenizer's."""
+    critic_path: str = ""
+    """Critic initialisation; empty uses the actor's (a zero value head is added)."""
+    dtype: str = "float32"
+    """Parameter dtype: float32 or bfloat16."""
+
+    def __post_init__(self) -> None:
+        from fusedrl.models.config import PRESETS
+
+        _require(self.path != "" or self.preset in PRESETS, "model.preset", self.preset,
+                 f"unknown preset; known: {sorted(PRESETS)}")
+        _require(self.dtype in ("float32", "bfloat16"), "model.dtype", self.dtype,
+                 "must be float32 or bfloat16")
+        _require(self.vocab_size >= 0, "model.vocab_size", self.vocab_size, "must be >= 0")
+
+
+@dataclass
+class DataSection:
+    """Where prompts come from."""
+
+    task: str = "repeat"
+    """Built-in task (``repeat``, ``arithmetic``) or ``file`` to read ``path``."""
+    path: str = ""
+    """Prompt file (.jsonl or .parquet) when ``task: file``."""
+    prompt_key: str = "prompt"
+    """Key of the prompt in each record (dots for nested keys)."""
+    label_key: str = "label"
+    """Key of the optional label/ground truth passed to rule rewards."""
+    chat_template: bool = False
+    """Render prompts with the tokenizer's chat template."""
+    num_prompts: int = 4096
+    """Number of prompts a built-in task generates."""
+    max_prompt_len: int = 128
+    """Prompts longer than this many tokens are an error."""
+
+    def __post_init__(self) -> None:
+        from fusedrl.data.builtin import TASKS
+
+        _require(self.task == "file" or self.task in TASKS, "data.task", self.task,
+                 f"unknown task; known: {sorted(TASKS)} or 'file'")
+        _require(self.task != "file" or self.path != "", "data.path", self.path,
+                 "data.task is 'file' but no path is given")
+        _require(self.num_prompts >= 1, "data.num_prompts", self.num_prompts, "must be >= 1")
+        _require(self.max_prompt_len >= 1, "data.max_prompt_len", self.max_prompt_len,
+                 "must be >= 1")
+
+
+@dataclass
+class RewardSection:
+    """How a finished sample is scored."""
+
+    type: str = "rule"
+    """``rule`` (a Python function) or ``model`` (a reward model's value head)."""
+    function: str = ""
+    """Rule reward as ``module:function(prompt, response, label) -> float``; empty uses
+    the built-in task's reward."""
+    model_path: str = ""
+    """Reward model checkpoint when ``type: model``."""
+
+    def __post_init__(self) -> None:
+        _require(self.type in ("rule", "model"), "reward.type", self.type,
+                 "must be 'rule' or 'model'")
+        _require(self.type != "model" or self.model_path != "", "reward.model_path",
+                 self.model_path, "reward.type is 'model' but no model_path is given")
+
+
+@dataclass
+class GenerationSection:
+    """Rollout sampling."""
+
+    max_new_tokens: int = 16
+    """Longest response, in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature (also applied to the trainer's log-probs)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    top_k: int = 0
+    """Top-k truncation; 0 disables it."""
+    max_batch_size: int = 64
+    """Decode slots of the engine (continuous batching)."""
+    backend: str = "native"
+    """Generation backend."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_new_tokens >= 1, "generation.max_new_tokens", self.max_new_tokens,
+                 "must be >= 1")
+        _require(self.temperature > 0, "generation.temperature", self.temperature,
+                 "must be > 0 for PPO (sampling)")
+        _require(0 < self.top_p <= 1, "generation.top_p", self.top_p, "must be in (0, 1]")
+        _require(self.top_k >= 0, "generation.top_k", self.top_k, "must be >= 0")
+        _require(self.max_batch_size >= 1, "generation.max_batch_size", self.max_batch_size,
+                 "must be >= 1")
+        _require(self.backend in ("native",), "generation.backend", self.backend,
+                 "known backends: native")
+
+
+@dataclass
+class PPOSection:
+    """PPO hyper-parameters (names as in verl/OpenRLHF where they exist)."""
+
+    rollout_batch_size: int = 64
+    """Prompts per iteration."""
+    ppo_epochs: int = 1
+    """Passes over the rollout batch per iteration."""
+    mini_batch_size: int = 32
+    """Samples per optimizer step."""
+    micro_batch_size: int = 16
+    """Samples per forward/backward (gradient accumulation inside a mini-batch)."""
+    actor_lr: float = 1e-6
+    """AdamW learning rate of the actor."""
+    critic_lr: float = 1e-5
+    """AdamW learning rate of the critic."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    clip_ratio: float = 0.2
+    """PPO policy ratio clip epsilon."""
+    value_clip: float = 0.2
+    """Value clip range."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    kl_coef: float = 0.05
+    """Initial KL penalty coefficient (reward shaping against the reference)."""
+    kl_estimator: str = "k1"
+    """KL estimator in the reward: k1, abs, mse, low_var_kl."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards target_kl (Ziegler et al. 2019)."""
+    target_kl: float = 0.1
+    """Target KL of the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive controller."""
+    whiten_advantages: bool = True
+    """Normalise advantages over the batch."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient."""
+
+    def __post_init__(self) -> None:
+        for key in ("rollout_batch_size", "ppo_epochs", "mini_batch_size", "micro_batch_size"):
+            v = getattr(self, key)
+            _require(v >= 1, f"ppo.{key}", v, "must be >= 1")
+        _require(self.rollout_batch_size % self.mini_batch_size == 0, "ppo.mini_batch_size",
+                 self.mini_batch_size,
+                 f"must divide ppo.rollout_batch_size={self.rollout_batch_size}")
+        _require(self.mini_batch_size % self.micro_batch_size == 0, "ppo.micro_batch_size",
+                 self.micro_batch_size, f"must divide ppo.mini_batch_size={self.mini_batch_size}")
+        for key in ("actor_lr", "critic_lr"):
+            _require(getattr(self, key) > 0, f"ppo.{key}", getattr(self, key), "must be > 0")
+        for key in ("gamma", "lam"):
+            _require(0 <= getattr(self, key) <= 1, f"ppo.{key}", getattr(self, key),
+                     "must be in [0, 1]")
+        _require(self.kl_estimator in ("k1", "abs", "mse", "low_var_kl"), "ppo.kl_estimator",
+                 self.kl_estimator, "must be k1, abs, mse or low_var_kl")
+        _require(self.clip_ratio > 0, "ppo.clip_ratio", self.clip_ratio, "must be > 0")
+        _require(self.kl_coef >= 0, "ppo.kl_coef", self.kl_coef, "must be >= 0")
+
+
+@dataclass
+class TrainerSection:
+    """The outer loop."""
+
+    iterations: int = 10
+    """PPO iterations to run (in total, counting a resumed run's earlier ones)."""
+    seed: int = 0
+    """Seed of initialisation, prompt order and sampling."""
+    save_every: int = 0
+    """Write a checkpoint every N iterations (and at the end); 0: only at the end."""
+    out_dir: str = "runs/default"
+    """Output directory (metrics.jsonl, checkpoints/); ``--out`` overrides it."""
+
+    def __post_init__(self) -> None:
+        _require(self.iterations >= 1, "trainer.iterations", self.iterations, "must be >= 1")
+        _require(self.save_every >= 0, "trainer.save_every", self.save_every, "must be >= 0")
+
+
+@dataclass
+class Config:
+    """A whole experiment."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    """Networks."""
+    data: DataSection = field(default_factory=DataSection)
+    """Prompts."""
+    reward: RewardSection = field(default_factory=RewardSection)
+    """Scoring."""
+    generation: GenerationSection = field(default_factory=GenerationSection)
+    """Rollouts."""
+    ppo: PPOSection = field(default_factory=PPOSection)
+    """Algorithm."""
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    """Loop, seed, output."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------ loading
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key {key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key {key}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in values:
+        if k not in names:
+            raise ConfigError(f"unknown config key {prefix}{k} (known in this section: "
+                              f"{', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"config key {dotted}: {p} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` with the value parsed as YAML (``3``, ``1e-5``, ``true``, ``x``)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read ``path`` (YAML) if given, apply ``key=value`` overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") \
+                from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping")
+        tree = loaded or {}
+    for o in overrides:
+        k, v = parse_override(o)
+        _set_dotted(tree, k, v)
+    try:
+        return _build(Config, tree)
+    except TypeError as e:  # e.g. a section given a scalar
+        raise ConfigError(f"config: {e}") from None
+
+
+def config_to_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

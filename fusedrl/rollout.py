@@ -1,0 +1,94 @@
+"""Rollout batches: generated samples as right-padded tensors, and the per-token model
+outputs (log-probs, values) aligned to response tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from fusedrl.generation.engine import Sample
+from fusedrl.models.llama import token_logprobs
+
+
+@dataclass
+class RolloutBatch:
+    """``input_ids`` is prompt + response per row, right-padded; response token ``j`` of
+    row ``b`` sits at ``prompt_lens[b] + j`` and is predicted by position
+    ``prompt_lens[b] + j - 1``."""
+
+    input_ids: torch.Tensor  # [B, L]
+    prompt_lens: torch.Tensor  # [B]
+    response_lens: torch.Tensor  # [B]
+    response_mask: torch.Tensor  # [B, R] float
+    gen_logprobs: torch.Tensor  # [B, R] log-probs reported by the generation engine
+    sample_ids: torch.Tensor  # [B]
+
+    @classmethod
+    def from_samples(cls, samples: list[Sample], pad_id: int) -> "RolloutBatch":
+        plens = torch.tensor([len(s.prompt_ids) for s in samples])
+        rlens = torch.tensor([len(s.response_ids) for s in samples])
+        width = int((plens + rlens).max())
+        rmax = int(rlens.max())
+        ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(samples), rmax)
+        gen_lp = torch.zeros(len(samples), rmax)
+        for b, s in enumerate(samples):
+            seq = s.prompt_ids + s.response_ids
+            ids[b, :len(seq)] = torch.tensor(seq)
+            mask[b, :len(s.response_ids)] = 1.0
+            gen_lp[b, :len(s.logprobs)] = torch.tensor(s.logprobs)
+        return cls(ids, plens, rlens, mask, gen_lp,
+                   torch.tensor([s.sample_id for s in samples]))
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: torch.Tensor) -> "RolloutBatch":
+        """Rows ``index``, with padding trimmed to the longest selected row."""
+        plens, rlens = self.prompt_lens[index], self.response_lens[index]
+        width, rmax = int((plens + rlens).max()), int(rlens.max())
+        return RolloutBatch(self.input_ids[index, :width], plens, rlens,
+                            self.response_mask[index, :rmax], self.gen_logprobs[index, :rmax],
+                            self.sample_ids[index])
+
+    def predictor_index(self) -> torch.Tensor:
+        """[B, R] position whose output predicts (or values the state before) each
+        response token; padded entries point at position 0 and are masked."""
+        j = torch.arange(self.response_mask.shape[1])
+        idx = self.prompt_lens[:, None] - 1 + j[None, :]
+        return torch.where(self.response_mask > 0, idx, torch.zeros_like(idx))
+
+    def response_ids(self) -> torch.Tensor:
+        """[B, R] the response tokens (pad where masked)."""
+        idx = (self.predictor_index() + 1).clamp(max=self.input_ids.shape[1] - 1)
+        return self.input_ids.gather(1, idx)
+
+    def num_tokens(self) -> int:
+        return int((self.prompt_lens + self.response_lens).sum())
+
+    def to(self, device) -> "RolloutBatch":
+        return RolloutBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def response_logprobs(model, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
+    """[B, R] log-probs of the response tokens under ``model`` (differentiable)."""
+    logits = model(batch.input_ids)  # [B, L, V/tp]
+    idx = batch.predictor_index().to(logits.device)
+    picked = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))
+    return token_logprobs(picked, batch.response_ids().to(logits.device), model.tp_group,
+                          temperature) * batch.response_mask.to(logits.device)
+
+
+def response_values(model, batch: RolloutBatch) -> torch.Tensor:
+    """[B, R] value of the state before each response token (differentiable)."""
+    values = model(batch.input_ids)  # [B, L]
+    return values.gather(1, batch.predictor_index().to(values.device)) * \
+        batch.response_mask.to(values.device)
+
+
+def sequence_scores(model, batch: RolloutBatch) -> torch.Tensor:
+    """[B] reward-model score: the value head at the last token of each sequence."""
+    values = model(batch.input_ids)
+    last = (batch.prompt_lens + batch.response_lens - 1).to(values.device)
+    return values.gather(1, last[:, None]).squeeze(1)
