@@ -212,6 +212,73 @@ class TrainerSection:
 
 
 @dataclass
+class ClusterSection:
+    """The devices the run uses: one Ray worker per device (a GPU, or one CPU core)."""
+
+    devices: int = 1
+    """Number of devices (workers), ids ``0..devices-1``. 1 with trivial placements runs
+    the in-process single-device trainer; more starts the Ray runtime."""
+    address: str = ""
+    """Ray cluster to join (``ray start --head`` prints it, e.g. ``10.0.0.1:6379``);
+    empty starts a local Ray instance. ``fusedrl train --cluster`` overrides it."""
+
+    def __post_init__(self) -> None:
+        _require(self.devices >= 1, "cluster.devices", self.devices, "must be >= 1")
+
+
+PLACEMENT_ROLES = ("actor_train", "actor_gen", "critic_train", "critic_infer", "ref", "reward")
+"""Model function calls that each run on their own placement."""
+
+TRIVIAL_PLACEMENT = "dp1tp1pp1@0"
+
+
+@dataclass
+class PlacementSection:
+    """Device placement and parallel layout of every model function call, in the text
+    form of DESIGN.md (``dp2tp1pp2@0-3``: dp x tp x pp ranks on devices 0..3, Megatron
+    rank order). Empty fields take ``default``; an empty ``default`` is ``dp1tp1pp1@0``."""
+
+    default: str = ""
+    """Placement of every call not given below."""
+    actor_train: str = ""
+    """Actor training (PPO policy update); also computes the old log-probs."""
+    actor_gen: str = ""
+    """Rollout generation; weights are copied from ``actor_train`` after each update
+    when the two differ."""
+    critic_train: str = ""
+    """Critic training (value update)."""
+    critic_infer: str = ""
+    """Critic values of the rollouts; weights copied from ``critic_train`` when it differs."""
+    ref: str = ""
+    """Reference-model log-probs (KL penalty)."""
+    reward: str = ""
+    """Reward-model scores (``reward.type: model``)."""
+
+    def __post_init__(self) -> None:
+        from fusedrl.layout import Placement
+
+        for key in ("default",) + PLACEMENT_ROLES:
+            text = getattr(self, key)
+            if text:
+                try:
+                    Placement.parse(text)
+                except ValueError as e:
+                    raise ConfigError(f"config key placement.{key}={text!r}: {e}") from None
+
+    def of(self, role: str) -> "Placement":  # noqa: F821 - fusedrl.layout.Placement
+        """The placement of ``role`` (one of :data:`PLACEMENT_ROLES`), defaults resolved."""
+        from fusedrl.layout import Placement
+
+        if role not in PLACEMENT_ROLES:
+            raise ValueError(f"unknown placement role {role!r}; known: {PLACEMENT_ROLES}")
+        return Placement.parse(getattr(self, role) or self.default or TRIVIAL_PLACEMENT)
+
+    def is_trivial(self) -> bool:
+        """Every call on device 0 without parallelism."""
+        return all(str(self.of(r)) == TRIVIAL_PLACEMENT for r in PLACEMENT_ROLES)
+
+
+@dataclass
 class Config:
     """A whole experiment."""
 
@@ -227,6 +294,21 @@ class Config:
     """Algorithm."""
     trainer: TrainerSection = field(default_factory=TrainerSection)
     """Loop, seed, output."""
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    """Devices and Ray cluster."""
+    placement: PlacementSection = field(default_factory=PlacementSection)
+    """Where each model function call runs."""
+
+    def __post_init__(self) -> None:
+        # Fit to the cluster is checked here; fit to the model needs the ModelConfig and
+        # is checked by the runtime's setup, still before any worker starts.
+        for role in PLACEMENT_ROLES:
+            try:
+                self.placement.of(role).check_cluster(self.cluster.devices)
+            except ValueError as e:
+                key = role if getattr(self.placement, role) else "default"
+                raise ConfigError(f"config key placement.{key}: {e} (cluster.devices="
+                                  f"{self.cluster.devices})") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
