@@ -1,0 +1,133 @@
+"""Constructive schedules: 1F1B per pipeline (the baseline) and the greedy fused start.
+
+* :func:`one_f_one_b` -- each stage runs PipeDream-flush 1F1B (``min(S - s, M)``
+  warm-up forwards, then one backward / one forward, then the remaining
+  backwards) and each node runs the pipelines one after the other, in problem
+  order. Where a node holds several stages of one pipeline, their sequences are
+  merged in the order they would run if every stage had a device of its own.
+* :func:`greedy_fused` -- RLHFuse §5's bidirectional greedy start, a list
+  schedule (``fusedrl.kernels.schedule_eval.list_schedule``): all pipelines share
+  every node and a free node runs, among the tasks ready, the one its rule
+  prefers; ``inflight_slack`` caps how many micro-batches a stage holds, which
+  keeps the start's memory near two 1F1B schedules side by side.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fusedrl.kernels import schedule_eval as ke
+
+from .pipeline_problem import BACKWARD, FORWARD, FusedProblem, Schedule, TaskTable
+
+_NO_CAP = np.iinfo(np.int64).max // 4
+
+
+def stage_1f1b_sequence(num_stages: int, stage: int, microbatches: int) -> list[tuple[int, int]]:
+    """The ``(kind, microbatch)`` sequence of one stage under 1F1B (PipeDream-flush)."""
+    warm = min(num_stages - stage, microbatches)
+    seq = [(FORWARD, m) for m in range(warm)]
+    for m in range(microbatches - warm):
+        seq += [(BACKWARD, m), (FORWARD, warm + m)]
+    seq += [(BACKWARD, m) for m in range(microbatches - warm, microbatches)]
+    return seq
+
+
+def _pipeline_1f1b_times(problem: FusedProblem, table: TaskTable, p: int) -> np.ndarray:
+    """Start times of pipeline ``p``'s tasks under 1F1B with one device per stage."""
+    spec = problem.pipelines[p]
+    lo, hi = int(table.offset[p]), int(table.offset[p + 1])
+    seqs = [[table.task_id(p, m, s, k, problem) - lo for k, m in
+             stage_1f1b_sequence(spec.num_stages, s, spec.microbatches)] for s in range(spec.num_stages)]
+    sched = Schedule.from_node_orders(seqs)
+    dep = np.where(table.dep[lo:hi] >= 0, table.dep[lo:hi] - lo, -1)
+    succ = np.where(table.succ[lo:hi] >= 0, table.succ[lo:hi] - lo, -1)
+    start, end = np.zeros(hi - lo), np.zeros(hi - lo)
+    mk = ke.evaluate(sched.order, sched.positions(), sched.node_ptr, table.dur[lo:hi],
+                     table.stage[lo:hi], dep, succ, start, end)
+    assert mk >= 0, "1F1B deadlocked"
+    return start
+
+
+def pipeline_node_orders(problem: FusedProblem, table: TaskTable, p: int) -> list[np.ndarray]:
+    """Pipeline ``p``'s 1F1B task order on every node (empty where it has no stage)."""
+    lo = int(table.offset[p])
+    times = _pipeline_1f1b_times(problem, table, p)
+    ids = np.arange(lo, int(table.offset[p + 1]))
+    orders = []
+    for n in range(problem.nodes):
+        mine = ids[table.node[ids] == n]
+        orders.append(mine[np.argsort(times[mine - lo], kind="stable")])
+    return orders
+
+
+def one_f_one_b(problem: FusedProblem, table: TaskTable) -> Schedule:
+    """1F1B for each pipeline, the pipelines one after the other on every node."""
+    per_pipeline = [pipeline_node_orders(problem, table, p) for p in range(len(problem.pipelines))]
+    return Schedule.from_node_orders(
+        [np.concatenate([orders[n] for orders in per_pipeline]) for n in range(problem.nodes)])
+
+
+def _class_layout(table: TaskTable) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per class: node, paired backward class (forwards only, else -1); classes per node (CSR)."""
+    first = table.class_first
+    class_node = table.node[first]
+    kind = table.kind[first]
+    # The backward class of a forward class: same pipeline and stage, chain position mirrored.
+    pair = np.full(first.shape[0], -1, dtype=np.int64)
+    for c in np.flatnonzero(kind == FORWARD).tolist():
+        t = int(first[c])
+        p = int(table.pipeline[t])
+        chain = int(table.class_stride[c])
+        c0 = int(table.klass[table.offset[p]])
+        pos = t - int(table.offset[p])
+        pair[c] = c0 + chain - 1 - pos
+    by_node = np.argsort(class_node, kind="stable")
+    ptr = np.zeros(table.num_nodes + 1, dtype=np.int64)
+    ptr[1:] = np.cumsum(np.bincount(class_node, minlength=table.num_nodes))
+    return class_node, pair, ptr, by_node.astype(np.int64)
+
+
+def greedy_fused(problem: FusedProblem, table: TaskTable, rule: str = "ready",
+                 inflight_slack: int | None = 0, backward_first: bool = False) -> Schedule:
+    """RLHFuse §5's greedy bidirectional schedule and variants of its rule.
+
+    ``rule="ready"``: the task ready earliest first, ties to the larger model (more
+    work per micro-batch) -- the paper's rule. ``rule="tail"``: the task with the
+    most work left in its micro-batch chain first (critical path first; Jackson's
+    rule for the per-node bound). ``backward_first`` puts ready backwards before
+    forwards (1F1B's preference). ``inflight_slack``: a stage admits a forward only
+    while fewer than ``S - s + slack`` micro-batches are outstanding on it (1F1B
+    holds ``S - s``); ``None`` admits all.
+    """
+    if rule not in ("ready", "tail"):
+        raise ValueError(f"rule: expected 'ready' or 'tail', got {rule!r}")
+    class_node, pair, ptr, by_node = _class_layout(table)
+    num_stages = np.array([p.num_stages for p in problem.pipelines])[table.pipeline[table.class_first]]
+    stage = table.stage[table.class_first]
+    cap = (np.full(pair.shape[0], _NO_CAP, dtype=np.int64) if inflight_slack is None
+           else (num_stages - stage + inflight_slack).astype(np.int64))
+    work = np.array([sum(p.fwd) + sum(p.bwd) for p in problem.pipelines])[table.pipeline]
+    backward = (table.kind == BACKWARD).astype(np.float64)
+    major = -backward if backward_first else np.zeros(table.num_tasks)
+    if rule == "tail":
+        major = major * (table.dur.sum() + 1.0) - table.tails()
+    # Minor key: larger model first, then pipeline, backward first, micro-batch, stage.
+    minor = np.lexsort((table.stage, table.microbatch, -table.kind, table.pipeline, -work)).argsort()
+    order, node_ptr = ke.list_schedule(table.dur, table.node, table.succ, table.class_first,
+                                       table.class_stride, table.class_count, class_node, pair, cap, ptr,
+                                       by_node, np.ascontiguousarray(major, dtype=np.float64),
+                                       minor.astype(np.float64))
+    if order.shape[0] != table.num_tasks:
+        raise RuntimeError("greedy schedule: the in-flight caps deadlocked")
+    return Schedule(order, node_ptr)
+
+
+def greedy_candidates(problem: FusedProblem, table: TaskTable) -> list[Schedule]:
+    """The greedy start under each rule, memory admission and preference."""
+    return [greedy_fused(problem, table, rule=r, inflight_slack=c, backward_first=b)
+            for r in ("ready", "tail") for c in (0, 1, 2, None) for b in (False, True)]
+
+
+__all__ = ["greedy_candidates", "greedy_fused", "one_f_one_b", "pipeline_node_orders",
+           "stage_1f1b_sequence"]

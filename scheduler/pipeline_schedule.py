@@ -1,0 +1,166 @@
+"""Fused pipeline schedules end to end: problem in, timed schedule and report out.
+
+:func:`solve` is what ``fusedrl schedule`` and the runtime call: it validates the
+problem, computes the lower bound and the 1F1B baselines, builds the greedy
+fused start (RLHFuse §5), runs the search of :mod:`.pipeline_search`, and
+returns a :class:`ScheduleResult` whose :meth:`~ScheduleResult.to_dict` is the
+output format of DESIGN.md (plus a ``baseline`` and a ``search`` section).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from fusedrl.kernels import schedule_eval as ke
+
+from .pipeline_baselines import greedy_candidates, one_f_one_b, pipeline_node_orders
+from .pipeline_bounds import LowerBound, lower_bound
+from .pipeline_problem import FusedProblem, Schedule, TaskTable, tasks_to_records
+from .pipeline_search import SearchConfig, SearchOutcome, search
+
+
+@dataclass(frozen=True)
+class Timing:
+    """A schedule with its start/end times and memory."""
+
+    schedule: Schedule
+    start: np.ndarray
+    end: np.ndarray
+    makespan: float
+    node_peaks: np.ndarray
+
+    @property
+    def peak_memory(self) -> float:
+        return float(self.node_peaks.max()) if self.node_peaks.size else 0.0
+
+    def bubble_ratio(self, total_work: float, nodes: int) -> float:
+        """Share of node time left idle before the makespan."""
+        return 1.0 - total_work / (nodes * self.makespan) if self.makespan > 0 else 0.0
+
+
+def time_schedule(table: TaskTable, schedule: Schedule) -> Timing:
+    """Times a schedule; ``ValueError`` if its orders deadlock."""
+    T = table.num_tasks
+    start, end = np.zeros(T), np.zeros(T)
+    pos = schedule.positions()
+    mk = ke.evaluate(schedule.order, pos, schedule.node_ptr, table.dur, table.node, table.dep,
+                     table.succ, start, end)
+    if mk < 0:
+        raise ValueError("schedule: the task orders deadlock")
+    peaks = np.zeros(table.num_nodes)
+    ke.node_peaks(schedule.order, schedule.node_ptr, table.memd, np.zeros(T), peaks)
+    return Timing(schedule, start, end, float(mk), peaks)
+
+
+def side_by_side_peak(problem: FusedProblem, table: TaskTable) -> float:
+    """Peak memory of each pipeline's own 1F1B, summed per node (max over nodes).
+
+    The memory of running the pipelines' 1F1B schedules side by side on shared
+    nodes: the bar the fused schedule's peak is held to.
+    """
+    total = np.zeros(problem.nodes)
+    for p in range(len(problem.pipelines)):
+        for n, order in enumerate(pipeline_node_orders(problem, table, p)):
+            if order.size:
+                total[n] += max(0.0, float(np.cumsum(table.memd[order]).max()))
+    return float(total.max())
+
+
+def memory_floor(problem: FusedProblem) -> float:
+    """No schedule has a lower peak: a micro-batch's backward starts only after all
+    its forwards, so some node holds all of one micro-batch's stages there."""
+    per_node = np.zeros((problem.nodes, len(problem.pipelines)))
+    for p, spec in enumerate(problem.pipelines):
+        np.add.at(per_node[:, p], np.array(spec.stage_nodes), np.array(spec.mem))
+    return float(per_node.max())
+
+
+@dataclass(frozen=True)
+class ScheduleResult:
+    """A searched fused schedule, its bound and the sequential 1F1B baseline."""
+
+    problem: FusedProblem
+    table: TaskTable
+    timing: Timing
+    lower_bound: LowerBound
+    greedy: Timing
+    sequential_1f1b: Timing
+    side_by_side_peak: float
+    outcomes: list[SearchOutcome]
+    seconds: float
+
+    @property
+    def makespan(self) -> float:
+        return self.timing.makespan
+
+    @property
+    def peak_memory(self) -> float:
+        return self.timing.peak_memory
+
+    @property
+    def bubble_ratio(self) -> float:
+        return self.timing.bubble_ratio(self.problem.total_work, self.problem.nodes)
+
+    def tasks(self) -> list[dict[str, Any]]:
+        return tasks_to_records(self.problem, self.table, self.timing.schedule, self.timing.start,
+                                self.timing.end)
+
+    def to_dict(self) -> dict[str, Any]:
+        """DESIGN.md's output format, with ``baseline`` and ``search`` sections added."""
+        work, nodes = self.problem.total_work, self.problem.nodes
+        seq = self.sequential_1f1b
+        return {
+            "makespan": self.makespan,
+            "lower_bound": self.lower_bound.value,
+            "peak_memory": self.peak_memory,
+            "bubble_ratio": self.bubble_ratio,
+            "tasks": self.tasks(),
+            "baseline": {
+                "sequential_1f1b": {"makespan": seq.makespan, "peak_memory": seq.peak_memory,
+                                    "bubble_ratio": seq.bubble_ratio(work, nodes)},
+                "greedy": {"makespan": self.greedy.makespan, "peak_memory": self.greedy.peak_memory},
+                "side_by_side_1f1b_peak_memory": self.side_by_side_peak,
+            },
+            "search": {
+                "seconds": self.seconds,
+                "lower_bound_parts": self.lower_bound.to_dict(),
+                "workers": [{"seed": o.seed, "makespan": o.makespan, "peak_memory": o.peak_memory,
+                             "makespan_iters": o.makespan_iters, "memory_iters": o.memory_iters,
+                             "restarts": o.restarts, "seconds": o.seconds} for o in self.outcomes],
+            },
+        }
+
+
+def solve(problem: FusedProblem | dict, time_limit: float = 10.0, seed: int = 0,
+          workers: int | None = None, config: SearchConfig | None = None) -> ScheduleResult:
+    """Finds a fused schedule for ``problem`` within about ``time_limit`` seconds."""
+    import time
+
+    t0 = time.time()
+    if not isinstance(problem, FusedProblem):
+        problem = FusedProblem.from_dict(problem)
+    if time_limit < 0:
+        raise ValueError(f"time_limit: must be non-negative, got {time_limit!r}")
+    cfg = replace(config or SearchConfig(), time_limit=float(time_limit), seed=int(seed))
+    if workers is not None:
+        cfg = replace(cfg, workers=int(workers))
+    table = TaskTable.build(problem)
+    lb = lower_bound(problem)
+    seq = time_schedule(table, one_f_one_b(problem, table))
+    starts = [time_schedule(table, s) for s in greedy_candidates(problem, table)]
+    fits = [t for t in starts + [seq] if t.peak_memory <= cfg.memory_cap]
+    if not fits:
+        raise ValueError(f"memory_cap: no start schedule fits under {cfg.memory_cap}")
+    greedy = min(starts, key=lambda t: (t.makespan, t.peak_memory))
+    # The search starts from the best greedy start or sequential 1F1B within the cap.
+    first = min(fits, key=lambda t: (t.makespan, t.peak_memory))
+    remaining = max(0.0, cfg.time_limit - (time.time() - t0))
+    outcomes = search(table, first.schedule, lb.value, memory_floor(problem),
+                      replace(cfg, time_limit=remaining))
+    best = outcomes[0]
+    timing = time_schedule(table, Schedule(best.order, first.schedule.node_ptr))
+    return ScheduleResult(problem, table, timing, lb, greedy, seq, side_by_side_peak(problem, table),
+                          outcomes, time.time() - t0)
