@@ -97,3 +97,15 @@ def test_smollm2_gguf_matches_transformers(smollm2_path):
     with torch.no_grad():
         diff = (hf(ids).logits - model(ids)).abs().max().item()
     assert diff <= 1e-4
+
+
+def test_smollm2_tokenizer_chat_template(smollm2_path):
+    from fusedrl.models.tokenizer import load_hf_tokenizer
+
+    tok = load_hf_tokenizer(smollm2_path)
+    ids = tok.render_prompt("What is 2+2?", chat_template=True)
+    text = tok.tok.decode(ids)
+    assert text.rstrip().endswith("<|im_start|>assistant")
+    assert "What is 2+2?" in text
+    assert tok.tok.convert_tokens_to_ids("<|im_end|>") in tok.eos_token_ids
+    assert tok.decode(tok.encode("37+58")) == "37+58"

@@ -79,14 +79,11 @@ class HFTokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
     def render_prompt(self, prompt, chat_template: bool = False) -> list[int]:
+        from fusedrl.data.prompts import format_prompt
+
         if chat_template or not isinstance(prompt, str):
-            messages = prompt if not isinstance(prompt, str) else [
-                {"role": "user", "content": prompt}]
-            if self.tok.chat_template is None:
-                raise ValueError("chat_template requested but the tokenizer has none")
-            text = self.tok.apply_chat_template(messages, tokenize=False,
-                                                add_generation_prompt=True)
-            return self.encode(text)
+            # The rendered template already holds its special tokens.
+            return self.encode(format_prompt(prompt, self.tok, chat_template=True))
         return list(self.tok(prompt).input_ids)
 
     def save_pretrained(self, directory: str) -> None:
