@@ -39,7 +39,8 @@ from typing import Mapping, Protocol, Sequence
 import numpy as np
 
 from .gen_cost import GenCostModel
-from .migration import KV_TRANSFER, MigrationPlan, SampleState, plan_migration
+from .migration import (KV_TRANSFER, MigrationPlan, SampleState, plan_migration,
+                        validate_plan)
 
 
 class MigrationPlanner(Protocol):
@@ -275,8 +276,8 @@ class _Simulation:
             inst.version += 1  # their scheduled events predate the sync
         if plan is None:
             return
+        validate_plan(plan, remaining)
         self.plan, self.migration_at = plan, now
-        remaining_ids = {i: {s.sample_id for s in ss} for i, ss in remaining.items()}
         generated = {s.sample_id: s.generated for samples in remaining.values() for s in samples}
         for idx in plan.freed:
             inst = self.inst[idx]
@@ -287,9 +288,6 @@ class _Simulation:
         link_free = {idx: 0.0 for idx in plan.kept}
         for mv in sorted(plan.moves, key=lambda mv: (self.inst[mv.src].t, mv.sample_id)):
             depart = self.inst[mv.src].t
-            if mv.sample_id not in remaining_ids.get(mv.src, ()):
-                raise ValueError(f"plan moves sample {mv.sample_id} from instance {mv.src}, "
-                                 "which does not hold it")
             ctx = int(self.prompt_len[mv.sample_id]) + generated[mv.sample_id]
             if mv.method == KV_TRANSFER:
                 arrive = max(link_free[mv.dst], depart) + self.cost.kv_transfer_s(ctx)

@@ -36,11 +36,11 @@ import numpy as np
 from .gen_cost import GenCostModel
 from .gen_sim import GenSimResult, simulate
 from .migration import (KV_TRANSFER, REPREFILL, MigrationPlan, SampleMove, SampleState,
-                        choose_method, migration_instances, plan_migration)
+                        choose_method, migration_instances, plan_migration, validate_plan)
 
 __all__ = [
     "GenCostModel", "MigrationPlan", "SampleMove", "SampleState", "KV_TRANSFER", "REPREFILL",
-    "choose_method", "migration_instances", "plan_migration",
+    "choose_method", "migration_instances", "plan_migration", "validate_plan",
     "InterStagePolicy", "NoMigrationPolicy", "FixedThresholdPolicy", "RLHFusePolicy",
     "register_policy", "get_policy", "available_policies", "DEFAULT_POLICY",
 ]

@@ -173,3 +173,33 @@ def plan_migration(remaining_per_instance: Mapping[int, Sequence[SampleState]], 
     return MigrationPlan(threshold=threshold, num_instances=m, kept=tuple(kept),
                          freed=tuple(freed), moves=tuple(moves),
                          est_time_s=max(busy.values(), default=0.0))
+
+
+def validate_plan(plan: MigrationPlan,
+                  remaining_per_instance: Mapping[int, Sequence[SampleState]]) -> None:
+    """Raise ``ValueError`` unless ``plan`` is executable on this state: kept and
+    freed partition the instances, every sample of a freed instance moves exactly
+    once from where it is to a kept instance, and nothing on a kept instance moves.
+    (For plans from user policies; :func:`plan_migration` satisfies it.)"""
+    instances = set(remaining_per_instance)
+    kept, freed = set(plan.kept), set(plan.freed)
+    if kept & freed or kept | freed != instances:
+        raise ValueError(f"plan: kept {sorted(kept)} and freed {sorted(freed)} must "
+                         f"partition the instances {sorted(instances)}")
+    where = {s.sample_id: inst for inst, ss in remaining_per_instance.items() for s in ss}
+    moved: set[int] = set()
+    for mv in plan.moves:
+        if mv.sample_id in moved:
+            raise ValueError(f"plan moves sample {mv.sample_id} twice")
+        moved.add(mv.sample_id)
+        if where.get(mv.sample_id) != mv.src:
+            raise ValueError(f"plan moves sample {mv.sample_id} from instance {mv.src}, "
+                             f"but it is on {where.get(mv.sample_id)}")
+        if mv.src not in freed or mv.dst not in kept:
+            raise ValueError(f"plan moves sample {mv.sample_id} from {mv.src} to {mv.dst}: "
+                             "must go from a freed instance to a kept one")
+        if mv.method not in (KV_TRANSFER, REPREFILL):
+            raise ValueError(f"plan: sample {mv.sample_id} has unknown method {mv.method!r}")
+    stranded = sorted(sid for sid, inst in where.items() if inst in freed and sid not in moved)
+    if stranded:
+        raise ValueError(f"plan frees instances holding samples {stranded} without moving them")

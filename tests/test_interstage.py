@@ -3,6 +3,7 @@ policies. Pure numpy; the scheduler must not import torch."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from fusedrl.scheduler.gen_sim import simulate
 from fusedrl.scheduler.interstage import (KV_TRANSFER, REPREFILL, InterStagePolicy,
                                           SampleState, available_policies, choose_method,
                                           get_policy, migration_instances, plan_migration,
-                                          register_policy)
+                                          register_policy, validate_plan)
 from fusedrl.scheduler.length_dist import sample_lengths
 
 GB = 1e9
@@ -93,6 +94,21 @@ def test_plan_none_when_nothing_to_free():
     assert plan_migration(remaining, threshold=4, cost=cost, max_sample_tokens=10) is not None
 
 
+def test_validate_plan_rejects_stranded_and_misplaced_samples():
+    cost = GenCostModel(bs_max=8, kv_bytes_per_token=1.0)
+    remaining = _states({0: 3, 1: 7, 2: 1, 3: 5})
+    plan = plan_migration(remaining, threshold=16, cost=cost, max_sample_tokens=100)
+    stranded = dataclasses.replace(plan, moves=plan.moves[1:])
+    with pytest.raises(ValueError, match=f"samples \\[{plan.moves[0].sample_id}\\]"):
+        validate_plan(stranded, remaining)
+    wrong_src = dataclasses.replace(plan, moves=(dataclasses.replace(plan.moves[0], src=2),)
+                                    + plan.moves[1:])
+    with pytest.raises(ValueError, match="but it is on"):
+        validate_plan(wrong_src, remaining)
+    with pytest.raises(ValueError, match="partition"):
+        validate_plan(dataclasses.replace(plan, freed=(0,)), remaining)
+
+
 def test_plan_rejects_duplicate_sample():
     remaining = {0: [SampleState(3, 1, 1)], 1: [SampleState(3, 1, 1)]}
     with pytest.raises(ValueError, match="sample 3"):
@@ -117,6 +133,7 @@ def test_plan_assigns_every_sample_exactly_once(counts, bs_max, slack, seed):
     if plan is None:
         assert m >= len(counts)
         return
+    validate_plan(plan, remaining)
     assert sorted(plan.kept + plan.freed) == list(range(len(counts)))
     assert len(plan.kept) == m
     # kept = the m instances with the most remaining samples
@@ -402,11 +419,9 @@ def test_user_policy_plugs_in():
 
         def plan(self, remaining_per_instance, *, threshold, max_sample_tokens):
             calls.append(threshold)
-            # keep everything on instance 0, however many samples remain
-            moves = {i: s for i, s in remaining_per_instance.items() if i != 0}
-            plan = plan_migration({0: remaining_per_instance[0], **moves}, threshold=1,
-                                  cost=self.cost, max_sample_tokens=max_sample_tokens)
-            return plan
+            # consolidate the tail onto one instance, whatever Rt was
+            return plan_migration(remaining_per_instance, threshold=1, cost=self.cost,
+                                  max_sample_tokens=max_sample_tokens)
 
     assert "test-half-then-one" in available_policies()
     policy = get_policy("test-half-then-one", cost=SANE, num_instances=3, max_batch=8)
@@ -415,6 +430,21 @@ def test_user_policy_plugs_in():
     r = simulate(lengths, SANE, num_instances=3, max_batch=8, policy=policy)
     assert calls == [12] and r.threshold == 12
     assert len(r.plan.kept) == 1 and r.plan.freed == tuple(sorted(set(range(3)) - set(r.plan.kept)))
+
+    @register_policy("test-strands-samples")
+    class Strands(InterStagePolicy):
+        def threshold(self, batch_size):
+            return batch_size
+
+        def plan(self, remaining_per_instance, *, threshold, max_sample_tokens):
+            plan = plan_migration(remaining_per_instance, threshold=1, cost=self.cost,
+                                  max_sample_tokens=max_sample_tokens)
+            return dataclasses.replace(plan, moves=())
+
+    with pytest.raises(ValueError, match="without moving them"):
+        simulate(lengths, SANE, num_instances=3, max_batch=8,
+                 policy=get_policy("test-strands-samples", cost=SANE, num_instances=3,
+                                   max_batch=8))
     with pytest.raises(ValueError, match="already registered"):
         register_policy("test-half-then-one")(type("Other", (InterStagePolicy,), {}))
     with pytest.raises(TypeError, match="not an InterStagePolicy"):
