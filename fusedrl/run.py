@@ -66,17 +66,37 @@ def prepare_out_dir(out: Path, resume: bool) -> Path | None:
 def train(config: Config, out: Path, resume: bool = False, console: Console | None = None,
           show_progress: bool = True) -> list[dict]:
     """Run ``config`` into ``out``; returns the metrics of the iterations run here."""
-    from fusedrl.trainer import PPOTrainer, build_setup
+    from fusedrl.runtime.launch import make_trainer
+    from fusedrl.trainer import build_setup
 
     console = console or Console(stderr=True, soft_wrap=True)
     ckpt = prepare_out_dir(out, resume)
     torch.manual_seed(config.trainer.seed)
     setup = build_setup(config)  # validates data, models, rewards before writing anything
-    trainer = PPOTrainer(config, setup)
+    trainer = make_trainer(config, setup)  # in-process, or Ray workers per placement
+    try:
+        return _loop(config, trainer, out, ckpt, console, show_progress)
+    finally:
+        if hasattr(trainer, "close"):
+            trainer.close()
+
+
+def _save(out: Path, trainer) -> None:
+    if hasattr(trainer, "save_checkpoint"):  # distributed: workers write their shards
+        trainer.save_checkpoint(out)
+    else:
+        save_training_checkpoint(out, trainer)
+
+
+def _loop(config: Config, trainer, out: Path, ckpt: Path | None, console: Console,
+          show_progress: bool) -> list[dict]:
     writer = MetricsWriter(out / "metrics.jsonl")
     out.mkdir(parents=True, exist_ok=True)
     if ckpt is not None:
-        load_training_checkpoint(ckpt, trainer)
+        if hasattr(trainer, "load_checkpoint"):
+            trainer.load_checkpoint(ckpt)
+        else:
+            load_training_checkpoint(ckpt, trainer)
         writer.truncate_after(trainer.iteration)
         console.print(f"resumed from {ckpt} at iteration {trainer.iteration}")
     (out / "config.yaml").write_text(config_to_yaml(config))
@@ -95,5 +115,5 @@ def train(config: Config, out: Path, resume: bool = False, console: Console | No
             progress.update(task, completed=trainer.iteration)
             every = config.trainer.save_every
             if (every and trainer.iteration % every == 0) or trainer.iteration == total:
-                save_training_checkpoint(out, trainer)
+                _save(out, trainer)
     return history

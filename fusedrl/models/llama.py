@@ -283,11 +283,33 @@ def _init_method(config: ModelConfig):
     return init
 
 
+class _GatherLastDim(torch.autograd.Function):
+    """All-gather along the last dimension; backward keeps this rank's slice (megatron's
+    ``_GatherFromModelParallelRegion``, whose implementation allocates on CUDA)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(group.size())]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+
+        size = grad.shape[-1] // ctx.group.size()
+        rank = dist.get_rank(ctx.group)
+        return grad[..., rank * size:(rank + 1) * size].contiguous(), None
+
+
 def gather_logits(logits: torch.Tensor, tp_group) -> torch.Tensor:
     """Full-vocab logits from vocab-parallel ones (identity at tp=1), differentiable."""
     if tp_group.size() == 1:
         return logits
-    return tensor_parallel.gather_from_tensor_model_parallel_region(logits, group=tp_group)
+    return _GatherLastDim.apply(logits, tp_group)
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, tp_group,

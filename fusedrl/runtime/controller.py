@@ -1,0 +1,283 @@
+"""The distributed PPO trainer: the single controller of DESIGN.md's data flow.
+
+:class:`DistributedPPOTrainer` is a :class:`~fusedrl.trainer.PPOTrainer` whose model
+function calls run on Ray workers, each call on its own placement (``placement.*`` of
+the config). The iteration itself (prompt order, scoring, token rewards, GAE,
+whitening, KL control, metrics) is the reference trainer's ``step``, unchanged; this
+class replaces where the calls run:
+
+- generate on ``actor_gen`` (engine on stage 0 of each dp replica, requests ``j``
+  to replica ``j % dp``),
+- old log-probs on ``actor_train``, reference log-probs on ``ref``, values on
+  ``critic_infer``, reward-model scores on ``reward`` (micro-batch ``k`` to dp rank
+  ``k % dp``; the three inference calls run concurrently where their devices differ),
+- actor and critic updates on ``actor_train``/``critic_train`` (same mini-batch
+  shuffle and micro-batches as the reference, 1F1B per dp replica, summed gradients),
+- then weights copied ``actor_train -> actor_gen`` and ``critic_train -> critic_infer``
+  where those placements differ (timed as ``timing_s/realloc``).
+
+Token ids and per-token scalars travel through the controller as Ray objects; weights
+and activations only between workers. Lifecycle: ``t = DistributedPPOTrainer(config)``
+(validates placements against the model before starting any worker), ``t.step()``
+per iteration, ``t.save_checkpoint(out)`` / ``t.load_checkpoint(path)``, ``t.close()``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from fusedrl.algorithms import ppo
+from fusedrl.config import PLACEMENT_ROLES, ConfigError
+from fusedrl.layout import Placement
+from fusedrl.runtime.launch import ensure_ray
+from fusedrl.runtime.worker import ALIASES, RemoteWorker, RunSpec
+from fusedrl.trainer import PPOTrainer, build_setup
+
+
+def _model_config_of(path: str):
+    from fusedrl.models.checkpoint import config_from_hf, load_checkpoint
+
+    p = Path(path)
+    if p.is_dir() and (p / "config.json").exists():
+        return config_from_hf(json.loads((p / "config.json").read_text()), p / "config.json")
+    return load_checkpoint(p)[0]
+
+
+def check_placements(config, model_config, reward_config=None) -> dict[str, Placement]:
+    """Resolve every call's placement and check it against the cluster and the model;
+    a :class:`ConfigError` naming the key otherwise."""
+    from fusedrl.runtime.groups import check_tp_order
+
+    out = {}
+    for role in PLACEMENT_ROLES:
+        key = role if getattr(config.placement, role) else "default"
+        p = config.placement.of(role)
+        mc = reward_config if role == "reward" else model_config
+        try:
+            p.check_cluster(config.cluster.devices)
+            if mc is not None:
+                p.layout.check_model(mc)
+            check_tp_order(p, key)
+        except ValueError as e:
+            raise ConfigError(f"config key placement.{key}={p}: {e}") from None
+        out[role] = p
+    return out
+
+
+class RemoteModel:
+    """Stands for a model whose shards live on workers (the reference ``step`` switches
+    train/eval modes; the sharded Llama has no mode-dependent layers)."""
+
+    def __init__(self, role: str):
+        self.role = role
+
+    def eval(self) -> "RemoteModel":
+        return self
+
+    def train(self, mode: bool = True) -> "RemoteModel":
+        return self
+
+
+class _Generation:
+    """The engine interface of the reference trainer, over the ``actor_gen`` workers."""
+
+    def __init__(self, trainer: "DistributedPPOTrainer"):
+        self.t = trainer
+
+    def generate(self, requests, params):
+        dp = self.t.placements["actor_gen"].layout.dp
+        by_dp = [requests[d::dp] for d in range(dp)]
+        outs = self.t._run("actor_gen", "generate", "actor_gen", by_dp, params)
+        done = {s.sample_id: s for out in outs if out for s in out}
+        return [done[r.sample_id] for r in requests]
+
+
+class DistributedPPOTrainer(PPOTrainer):
+    """PPO with every model function call on its own placement of Ray workers."""
+
+    def __init__(self, config, setup=None):
+        from fusedrl.models.hub import resolve_model_path
+
+        self.config = config
+        self.setup = setup or build_setup(config)
+        c, s = config, self.setup
+        reward_config = reward_path = None
+        if c.reward.type == "model":
+            reward_path = str(resolve_model_path(c.reward.model_path))
+            reward_config = _model_config_of(reward_path)
+        self.placements = check_placements(c, s.model_config, reward_config)
+        roles = [r for r in PLACEMENT_ROLES if r != "reward" or reward_config is not None]
+        spec = RunSpec(
+            config=c, model_config=s.model_config, reward_config=reward_config,
+            placements={r: str(self.placements[r]) for r in roles},
+            actor_path=str(resolve_model_path(c.model.path)) if c.model.path else "",
+            critic_path=str(resolve_model_path(c.model.critic_path)) if c.model.critic_path
+            else "",
+            reward_path=reward_path or "", eos_token_ids=tuple(s.tokenizer.eos_token_ids),
+            pad_token_id=s.tokenizer.pad_token_id, roles=tuple(roles))
+        self.spec = spec
+        # Workers load their own shards; the controller keeps no weights.
+        s.actor_state = s.critic_state = None
+        self.kl_ctl = (ppo.AdaptiveKLController(c.ppo.kl_coef, c.ppo.target_kl, c.ppo.kl_horizon)
+                       if c.ppo.adaptive_kl else ppo.FixedKLController(c.ppo.kl_coef))
+        self.iteration = 0
+        self.reward_model = None  # rule rewards: the reference score(); model: see score()
+        self.actor, self.critic = RemoteModel("actor_train"), RemoteModel("critic_train")
+        self.engine = _Generation(self)
+
+        self._owns_ray = ensure_ray(c.cluster.address, c.cluster.devices)
+        n = c.cluster.devices
+        self.workers = [RemoteWorker.options(num_cpus=1).remote(d, n) for d in range(n)]
+        host, port = ray.get(self.workers[0].address.remote())
+        ray.get([w.init_distributed.remote(host, port) for w in self.workers])
+        ray.get([w.setup.remote(spec) for w in self.workers])
+
+    # ------------------------------------------------------------ dispatch
+
+    def _devices(self, *roles: str) -> list[int]:
+        return sorted({d for r in roles for d in self.placements[r].devices})
+
+    def _submit(self, role: str, method: str, *args, devices=None):
+        devices = devices if devices is not None else self._devices(role)
+        return [getattr(self.workers[d], method).remote(*args) for d in devices]
+
+    def _run(self, role: str, method: str, *args):
+        return ray.get(self._submit(role, method, *args))
+
+    @staticmethod
+    def _ordered(outs) -> list:
+        """Per-micro-batch results of all dp replicas, in micro-batch order."""
+        pairs = sorted((k, r) for out in outs if out for k, r in out)
+        return [r for _, r in pairs]
+
+    # ------------------------------------------------------------ calls
+
+    def score(self, batch, records):
+        if self.spec.reward_config is None:
+            return super().score(batch, records)
+        micros = self._micro_indices(len(batch))
+        ref = ray.put(batch)
+        return torch.cat(self._ordered(self._run("reward", "infer", "reward", "score", ref,
+                                                 micros, 1.0)))
+
+    def infer(self, batch):
+        temp = self.config.generation.temperature
+        micros = self._micro_indices(len(batch))
+        ref = ray.put(batch)
+        futures = [self._submit(role, "infer", role, kind, ref, micros, temp)
+                   for role, kind in (("actor_train", "logp"), ("ref", "logp"),
+                                      ("critic_infer", "values"))]
+        return tuple(torch.cat(self._ordered(ray.get(f))) for f in futures)
+
+    def train(self, batch, old_logp, old_values, advantages, returns) -> dict:
+        c = self.config.ppo
+        gen = torch.Generator().manual_seed(self.config.trainer.seed * 7919 + self.iteration)
+        schedule = []  # the reference's shuffle: per mini-batch, its micro-batch indices
+        for _ in range(c.ppo_epochs):
+            perm = torch.randperm(len(batch), generator=gen)
+            for start in range(0, len(batch), c.mini_batch_size):
+                mini = perm[start:start + c.mini_batch_size]
+                schedule.append([mini[k:k + c.micro_batch_size]
+                                 for k in range(0, len(mini), c.micro_batch_size)])
+        bref = ray.put(batch)
+        data = ray.put({"old_logp": old_logp, "values": old_values, "advantages": advantages,
+                        "returns": returns})
+        futures = {kind: self._submit(role, "train", role, kind, bref, data, schedule)
+                   for kind, role in (("actor", "actor_train"), ("critic", "critic_train"))}
+        stats: dict[str, list[float]] = {}
+        for kind, f in futures.items():
+            outs = [o for o in ray.get(f) if o]
+            for _, _, st in sorted((m, k, st) for o in outs for m, k, st in o["micro"]):
+                for key, v in st.items():
+                    stats.setdefault(key, []).append(v)
+            stats[f"{kind}/grad_norm"] = outs[0]["grad_norm"]
+        return {k: sum(v) / len(v) for k, v in stats.items()}
+
+    def sync_weights(self) -> None:
+        """Copy trained weights to the inference/generation copies placed elsewhere."""
+        for dst, src in ALIASES.items():
+            if self.spec.placements[dst] != self.spec.placements[src]:
+                ray.get(self._submit(src, "copy_weights", src, dst,
+                                     devices=self._devices(src, dst)))
+
+    def step(self) -> dict:
+        metrics = super().step()
+        t0 = time.perf_counter()
+        self.sync_weights()
+        dt = time.perf_counter() - t0
+        metrics["timing_s/realloc"] = dt
+        metrics["timing_s/step"] += dt
+        metrics["perf/throughput"] = metrics["perf/total_num_tokens"] / metrics["timing_s/step"]
+        return metrics
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """Controller state; optimizer shards are written by the workers (save_checkpoint)."""
+        return {"iteration": self.iteration, "kl_ctl": self.kl_ctl.state_dict(),
+                "torch_rng": torch.get_rng_state(), "placements": self.spec.placements}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = int(state["iteration"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        torch.set_rng_state(state["torch_rng"])
+
+    def save_checkpoint(self, out: Path) -> Path:
+        """``out/checkpoints/iter_N/``: Hugging Face ``actor/`` and ``critic/`` (gathered
+        and written by the training placements' rank 0; the directory must be reachable
+        from those workers, i.e. shared storage on a multi-node cluster), per-rank
+        optimizer shards in ``optim/`` and ``trainer_state.pt``; written atomically."""
+        from fusedrl.checkpointing import checkpoint_dir
+        from fusedrl.models.checkpoint import atomic_dir
+
+        final = checkpoint_dir(Path(out), self.iteration)
+        with atomic_dir(final) as tmp:
+            (tmp / "optim").mkdir()
+            for role, name in (("actor_train", "actor"), ("critic_train", "critic")):
+                ray.get(self._submit(role, "save_model", role, str(tmp / name)))
+                ray.get([self.workers[d].save_optimizer.remote(
+                    role, str(tmp / "optim" / f"{role}_device{d}.pt"))
+                    for d in self._devices(role)])
+            tok = self.setup.tokenizer
+            if hasattr(tok, "save_pretrained"):
+                tok.save_pretrained(str(tmp / "actor"))
+            torch.save(self.state_dict(), tmp / "trainer_state.pt")
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore weights (each worker reads its shard), optimizer shards (the run must
+        use the placements it was saved with), KL controller, RNG and iteration."""
+        path = Path(path)
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        if state.get("placements") != self.spec.placements:
+            raise ConfigError(f"{path}: saved with placements {state.get('placements')}, this "
+                              f"run uses {self.spec.placements}; resume with the same placement.*")
+        for roles, name in ((("actor_train", "actor_gen"), "actor"),
+                            (("critic_train", "critic_infer"), "critic")):
+            for role in roles:
+                if role == roles[0] or self.spec.placements[role] != \
+                        self.spec.placements[roles[0]]:
+                    ray.get(self._submit(role, "load_model", role, str(path / name)))
+            ray.get([self.workers[d].load_optimizer.remote(
+                roles[0], str(path / "optim" / f"{roles[0]}_device{d}.pt"))
+                for d in self._devices(roles[0])])
+        self.load_state_dict(state)
+
+    def close(self) -> None:
+        """Stop the workers (and Ray, if this trainer started it)."""
+        if getattr(self, "workers", None):
+            try:
+                ray.get([w.shutdown.remote() for w in self.workers], timeout=60)
+            except Exception:  # a dead worker must not hide the run's own error
+                pass
+            for w in self.workers:
+                ray.kill(w)
+            self.workers = []
+        if getattr(self, "_owns_ray", False):
+            ray.shutdown()
+            self._owns_ray = False

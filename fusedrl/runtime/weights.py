@@ -1,0 +1,149 @@
+"""Weights of sharded models: loading a rank's shard, copying weights between the
+placements of two calls, and gathering a full checkpoint.
+
+Loading reads only the rank's shard (safetensors slices, regions from
+:mod:`fusedrl.models.sharding`); a GGUF file is quantized per tensor and cannot be
+sliced, so it is dequantized whole and cut. A model trained from scratch is
+initialised on every worker exactly as the single-device trainer does (the full model
+from the seed, then cut), so every layout starts from the same weights.
+
+Copying between placements uses the simple path of the parallelism issue until the
+reallocation executor lands: the ranks of dp replica 0 of the source send their shards
+to the source's rank 0, which merges them and broadcasts the full weights to the
+destination ranks; each keeps its own shard. :func:`copy_weights` is the one function
+the reallocation executor replaces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fusedrl.models.build import adapt_state_for_head, build_model
+from fusedrl.models.sharding import (EMBED, LM_HEAD, VALUE_HEAD, merge_shards, param_shapes,
+                                     region_shape, region_slices, shard_regions,
+                                     shard_state_dict)
+
+
+def full_initial_state(config, head: str, seed: int, dtype, singleton_group) -> dict:
+    """The full from-scratch weights the single-device trainer builds with ``seed``."""
+    model = build_model(config, head, None, seed=seed, tp_group=singleton_group, dtype=dtype)
+    return {k: v.clone() for k, v in model.hf_state_dict().items()}
+
+
+def load_shard(path: str | Path, config, layout, rank: int, head: str) -> dict:
+    """This rank's shard of the checkpoint at ``path`` (adapted to ``head``: a value model
+    from a language model gets a zero ``score`` head)."""
+    path = Path(path)
+    if path.is_dir():
+        from safetensors import safe_open
+
+        from fusedrl.models.checkpoint import _safetensor_files
+
+        handles = [safe_open(str(f), framework="pt") for f in _safetensor_files(path)]
+        where = {k: h for h in handles for k in h.keys()}
+        out = {}
+        for name, region in shard_regions(config, layout, rank, head).items():
+            src = name
+            if name == LM_HEAD and name not in where:
+                src = EMBED  # tied embeddings are untied on load (DESIGN.md)
+            if name == VALUE_HEAD and name not in where:
+                out[name] = torch.zeros(region_shape(region))
+                continue
+            if src not in where:
+                raise KeyError(f"{path}: checkpoint has no {src!r}")
+            out[name] = where[src].get_slice(src)[region_slices(region)].contiguous()
+        return out
+    from fusedrl.models.checkpoint import load_checkpoint
+
+    _, full = load_checkpoint(path)
+    full = adapt_state_for_head(full, config, head)
+    return shard_state_dict(full, config, layout, rank, head)
+
+
+@torch.no_grad()
+def load_into(model: torch.nn.Module, shard: dict) -> None:
+    own = dict(model.named_parameters())
+    missing = [k for k in own if k not in shard]
+    if missing:
+        raise ValueError(f"shard lacks {len(missing)} parameters, e.g. {missing[0]!r}")
+    for name, p in own.items():
+        if tuple(shard[name].shape) != tuple(p.shape):
+            raise ValueError(f"{name}: shard shape {tuple(shard[name].shape)}, "
+                             f"model {tuple(p.shape)}")
+        p.copy_(shard[name].to(p.dtype))
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def _unflat(flat: torch.Tensor, shapes: dict) -> dict:
+    out, offset = {}, 0
+    for name, shape in shapes.items():
+        n = 1
+        for s in shape:
+            n *= s
+        out[name] = flat[offset:offset + n].view(shape)
+        offset += n
+    return out
+
+
+def gather_full(model, groups, head: str) -> dict | None:
+    """Merge the shards of dp replica 0 on the placement's rank 0; returns the full state
+    there and ``None`` on the other ranks (which only send)."""
+    p = groups.placement
+    L = p.layout
+    root = p.devices[0]
+    replica0 = [L.rank(0, t, s) for s in range(L.pp) for t in range(L.tp)]
+    if groups.rank == 0:
+        dtype = next(model.parameters()).dtype
+        shards = {0: model.hf_state_dict()}
+        for r in replica0[1:]:
+            regions = shard_regions(model.config, L, r, head)
+            shapes = {n: region_shape(reg) for n, reg in regions.items()}
+            flat = torch.empty(sum(torch.Size(s).numel() for s in shapes.values()), dtype=dtype)
+            dist.recv(flat, p.devices[r])
+            shards[r] = _unflat(flat, shapes)
+        return merge_shards(shards, model.config, L, head)
+    if groups.rank in replica0:
+        state = model.hf_state_dict()
+        names = shard_regions(model.config, L, groups.rank, head)
+        dist.send(_flat(state[n] for n in names).contiguous(), root)
+    return None
+
+
+def broadcast_group_ranks(src, dst) -> tuple[int, ...]:
+    """Devices of the broadcast of :func:`copy_weights`: the source's rank 0 and the
+    destination."""
+    return tuple(sorted({src.devices[0], *dst.devices}))
+
+
+def copy_weights(src_model, src_groups, dst_model, dst_groups, registry, config, head: str,
+                 src_placement, dst_placement, device: int) -> None:
+    """Make ``dst`` hold the weights of ``src`` (called on every device of either).
+
+    Gather on the source's rank 0, broadcast the full weights to the destination, each
+    destination rank keeps its shard. (Replaced by the reallocation executor, which
+    moves only what the destination lacks.)
+    """
+    full = None
+    if src_groups is not None:
+        full = gather_full(src_model, src_groups, head)
+    group_ranks = broadcast_group_ranks(src_placement, dst_placement)
+    if device not in group_ranks:
+        return
+    shapes = param_shapes(config, head)
+    root = src_placement.devices[0]
+    if device == root:
+        flat = _flat(full[n] for n in shapes).contiguous()
+    else:
+        dtype = next(dst_model.parameters()).dtype
+        flat = torch.empty(sum(torch.Size(s).numel() for s in shapes.values()), dtype=dtype)
+    dist.broadcast(flat, src=root, group=registry.get(group_ranks))
+    if dst_groups is not None:
+        full = _unflat(flat, shapes)
+        load_into(dst_model, shard_state_dict(full, config, dst_placement.layout,
+                                              dst_groups.rank, head))

@@ -1,0 +1,312 @@
+"""The Ray actor of one device: holds this device's shards of every model whose
+placement includes it, and runs its part of each model function call.
+
+Lifecycle (driven by :class:`fusedrl.runtime.controller.DistributedPPOTrainer`)::
+
+    w = Worker.options(num_cpus=1).remote(device, world_size)
+    w.init_distributed.remote(host, port)        # all workers: one gloo world, rank = device
+    w.setup.remote(spec)                         # all workers: groups, model shards, optimizers
+    ... generate / infer / train / copy_weights / save_shards  (called on every device of
+        the call's placement, in the same order on each, so collectives line up)
+    w.shutdown.remote()
+
+A Ray actor runs one method at a time, in submission order; the controller submits a
+call to all its workers before the next call, so two calls sharing devices never
+interleave their collectives.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+import ray
+import torch
+
+ROLE_HEAD = {"actor_train": "lm", "actor_gen": "lm", "ref": "lm", "critic_train": "value",
+             "critic_infer": "value", "reward": "value"}
+ALIASES = {"actor_gen": "actor_train", "critic_infer": "critic_train"}
+"""A call placed exactly like its training counterpart uses the training copy itself."""
+
+
+@dataclass
+class RunSpec:
+    """What every worker needs to build its shards (picklable, sent once)."""
+
+    config: object  # fusedrl.config.Config
+    model_config: object  # ModelConfig of actor/ref/critic
+    reward_config: object | None
+    placements: dict[str, str]  # role -> placement text, defaults resolved
+    actor_path: str = ""  # resolved checkpoint path ("" = from scratch with the seed)
+    critic_path: str = ""
+    reward_path: str = ""
+    eos_token_ids: tuple = ()
+    pad_token_id: int = 0
+    roles: tuple = field(default=())  # roles with a model in this run
+
+
+@dataclass
+class Shard:
+    """One model on this device: its stage module, groups and (if trained) optimizer."""
+
+    role: str
+    head: str
+    model: torch.nn.Module
+    groups: object
+    optimizer: torch.optim.Optimizer | None = None
+    reducer: object | None = None
+    engine: object | None = None
+    proxy: object | None = None
+    serve_cache: object | None = None
+
+
+class Worker:
+    def __init__(self, device: int, world_size: int):
+        torch.set_num_threads(1)  # one device = one core (DESIGN.md "Measuring")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import warnings
+
+        warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+        warnings.filterwarnings("ignore", message=".*Apex.*")
+        self.device = device
+        self.world_size = world_size
+        self.shards: dict[str, Shard] = {}
+
+    # --------------------------------------------------------------- lifecycle
+
+    def address(self) -> tuple[str, int]:
+        """Host and a free port for the rendezvous store (asked of device 0)."""
+        host = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return host, s.getsockname()[1]
+
+    def init_distributed(self, host: str, port: int) -> None:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=self.device,
+                                world_size=self.world_size)
+
+    def setup(self, spec: RunSpec) -> None:
+        from fusedrl.layout import Placement
+        from fusedrl.runtime.groups import GroupRegistry, placement_groups, rank_lists
+        from fusedrl.runtime.weights import broadcast_group_ranks
+
+        self.spec = spec
+        c = spec.config
+        self.placements = {r: Placement.parse(t) for r, t in spec.placements.items()}
+        self.registry = GroupRegistry(self.device)
+        # The same list on every worker, in the same order (see groups.py).
+        extra = [broadcast_group_ranks(self.placements[ALIASES[r]], self.placements[r])
+                 for r in spec.roles if r in ALIASES and not self.is_alias(r)]
+        self.registry.create_all(rank_lists(
+            [(self.placements[r], spec.reward_config if r == "reward" else spec.model_config)
+             for r in spec.roles], self.world_size, extra))
+
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[c.model.dtype]
+        full_cache: dict = {}
+        for role in spec.roles:
+            p = self.placements[role]
+            if p.rank_of(self.device) is None:
+                continue
+            if self.is_alias(role):
+                self.shards[role] = self.shards[ALIASES[role]]
+                continue
+            mc = spec.reward_config if role == "reward" else spec.model_config
+            groups = placement_groups(self.registry, p, self.device, mc)
+            model = self._build(role, mc, p, groups, dtype, full_cache)
+            shard = Shard(role, ROLE_HEAD[role], model, groups)
+            if role in ("actor_train", "critic_train"):
+                from fusedrl.runtime.grads import GradReducer
+
+                lr = c.ppo.actor_lr if role == "actor_train" else c.ppo.critic_lr
+                shard.optimizer = torch.optim.AdamW(model.parameters(), lr=lr,
+                                                    weight_decay=c.ppo.weight_decay)
+                shard.reducer = GradReducer(model, groups)
+            else:
+                model.requires_grad_(False)
+            self.shards[role] = shard
+
+    def is_alias(self, role: str) -> bool:
+        return role in ALIASES and self.spec.placements[role] == \
+            self.spec.placements[ALIASES[role]]
+
+    def _build(self, role, mc, p, groups, dtype, full_cache):
+        from fusedrl.models.build import build_model
+        from fusedrl.models.llama import StageSpec
+        from fusedrl.models.sharding import stage_layers
+        from fusedrl.runtime.weights import full_initial_state, load_into, load_shard
+
+        c, spec = self.spec.config, self.spec
+        L, coord = p.layout, groups.coord
+        head = ROLE_HEAD[role]
+        stage = StageSpec(stage_layers(mc.num_layers, L.pp)[coord.pp], coord.pp == 0,
+                          coord.pp == L.pp - 1)
+        model = build_model(mc, head, None, seed=c.trainer.seed, stage=stage,
+                            tp_group=groups.tp_group, dtype=dtype)
+        # Same sources and seeds as the single-device PPOTrainer.
+        if role == "reward":
+            path, seed = spec.reward_path, 0
+        elif head == "value":
+            path, seed = spec.critic_path or spec.actor_path, c.trainer.seed + 1
+        else:
+            path, seed = spec.actor_path, c.trainer.seed
+        if path:
+            shard = load_shard(path, mc, L, groups.rank, head)
+        else:
+            key = (head, seed)
+            if key not in full_cache:
+                full_cache[key] = full_initial_state(mc, head, seed, dtype,
+                                                     self.registry.get([self.device]))
+            from fusedrl.models.sharding import shard_state_dict
+
+            shard = shard_state_dict(full_cache[key], mc, L, groups.rank, head)
+        load_into(model, shard)
+        return model
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ------------------------------------------------------------------- calls
+
+    def _reporting(self, shard: Shard) -> bool:
+        """The rank that returns a replica's results: last stage, tp rank 0."""
+        return shard.groups.is_last and shard.groups.coord.tp == 0
+
+    def _mine(self, shard: Shard, micros: list) -> list[tuple[int, torch.Tensor]]:
+        """Micro-batch ``k`` goes to dp rank ``k % dp``."""
+        dp, d = shard.groups.placement.layout.dp, shard.groups.coord.dp
+        return [(k, idx) for k, idx in enumerate(micros) if k % dp == d]
+
+    def generate(self, role: str, requests_by_dp: list, params):
+        """Generate this dp replica's requests; returns its samples on stage 0, tp rank 0."""
+        from fusedrl.generation import GenerationEngine
+        from fusedrl.pipeline.generate import StageProxy, serve
+
+        shard = self.shards[role]
+        g = shard.groups
+        c = self.spec.config
+        max_len = c.data.max_prompt_len + c.generation.max_new_tokens
+        if not g.is_first:
+            if shard.serve_cache is None:
+                shard.serve_cache = shard.model.new_cache(c.generation.max_batch_size, max_len)
+            serve(shard.model, g, shard.serve_cache)
+            return None
+        if shard.engine is None:
+            if not g.is_last:
+                shard.proxy = StageProxy(shard.model, g)
+            shard.engine = GenerationEngine(
+                shard.proxy or shard.model, max_batch_size=c.generation.max_batch_size,
+                max_seq_len=max_len, eos_token_ids=self.spec.eos_token_ids,
+                pad_token_id=self.spec.pad_token_id)
+        try:
+            samples = shard.engine.generate(requests_by_dp[g.coord.dp], params)
+        finally:
+            if shard.proxy is not None:
+                shard.proxy.stop()
+        return samples if g.coord.tp == 0 else None
+
+    def infer(self, role: str, kind: str, batch, micros: list, temperature: float):
+        """Pipelined forward of this replica's micro-batches; ``[(k, result)]`` from the
+        reporting rank (``kind``: logp, values or score)."""
+        from fusedrl.pipeline.schedule import pipelined_forward
+        from fusedrl.runtime.calls import infer_head
+
+        shard = self.shards[role]
+        mine = self._mine(shard, micros)
+        mbs = [batch.select(idx) for _, idx in mine]
+        width = batch.response_mask.shape[1]
+        tp_group = shard.model.tp_group
+        results = pipelined_forward(
+            shard.model, shard.groups, [mb.input_ids for mb in mbs],
+            lambda out, i: infer_head(kind, out, mbs[i], tp_group, width, temperature))
+        return [(k, r) for (k, _), r in zip(mine, results)] if self._reporting(shard) else None
+
+    def train(self, role: str, kind: str, batch, data: dict, schedule: list[list]):
+        """PPO updates of one model: for each mini-batch (a list of micro-batch index
+        tensors), 1F1B over this replica's micro-batches, gradient all-reduce, clip, step.
+
+        Returns ``{"micro": [(mini, k, stats)], "grad_norm": [...]}`` on reporting ranks.
+        """
+        from fusedrl.pipeline.schedule import train_1f1b
+        from fusedrl.runtime.calls import LOSSES
+        from fusedrl.runtime.grads import clip_grad_norm
+
+        c = self.spec.config
+        shard = self.shards[role]
+        model, g = shard.model, shard.groups
+        loss_of = LOSSES[kind]
+        temp = c.generation.temperature
+        micro_stats, norms = [], []
+        for m, micros in enumerate(schedule):
+            n_micro = len(micros)  # global count: every micro loss is divided by it
+            mine = self._mine(shard, micros)
+            mbs = [batch.select(idx) for _, idx in mine]
+            shard.reducer.zero_grad()
+
+            def loss_fn(out, i, m=m, mine=mine, mbs=mbs, n_micro=n_micro):
+                loss, stats = loss_of(out, mbs[i], mine[i][1], data, model.tp_group, c.ppo, temp)
+                micro_stats.append((m, mine[i][0], stats))
+                return loss / n_micro
+
+            train_1f1b(model, g, [mb.input_ids for mb in mbs], loss_fn,
+                       shard.reducer.arm if g.dp_group is not None else None)
+            shard.reducer.finish()
+            norms.append(clip_grad_norm(model, g, c.ppo.grad_clip))
+            shard.optimizer.step()
+        if not self._reporting(shard):
+            return None
+        return {"micro": micro_stats, "grad_norm": norms}
+
+    # ----------------------------------------------------------------- weights
+
+    def copy_weights(self, src_role: str, dst_role: str) -> None:
+        from fusedrl.runtime.weights import copy_weights
+
+        src, dst = self.shards.get(src_role), self.shards.get(dst_role)
+        copy_weights(src.model if src else None, src.groups if src else None,
+                     dst.model if dst else None, dst.groups if dst else None, self.registry,
+                     self.spec.model_config, ROLE_HEAD[dst_role], self.placements[src_role],
+                     self.placements[dst_role], self.device)
+
+    def save_model(self, role: str, directory: str) -> bool:
+        """Write a normal Hugging Face checkpoint of ``role`` into ``directory`` (on the
+        placement's rank 0, after gathering); True where it was written."""
+        from pathlib import Path
+
+        from fusedrl.models.checkpoint import save_hf_checkpoint
+        from fusedrl.runtime.weights import gather_full
+
+        shard = self.shards[role]
+        full = gather_full(shard.model, shard.groups, shard.head)
+        if full is None:
+            return False
+        save_hf_checkpoint(Path(directory), shard.model.config, full, shard.head)
+        return True
+
+    def load_model(self, role: str, directory: str) -> None:
+        """Load this rank's shard of a checkpoint into ``role`` (and its alias)."""
+        from fusedrl.runtime.weights import load_into, load_shard
+
+        shard = self.shards[role]
+        g = shard.groups
+        load_into(shard.model, load_shard(directory, shard.model.config, g.placement.layout,
+                                          g.rank, shard.head))
+
+    def save_optimizer(self, role: str, path: str) -> None:
+        """This rank's optimizer shard (only meaningful for the same placement on resume)."""
+        torch.save(self.shards[role].optimizer.state_dict(), path)
+
+    def load_optimizer(self, role: str, path: str) -> None:
+        self.shards[role].optimizer.load_state_dict(
+            torch.load(path, map_location="cpu", weights_only=False))
+
+    def ping(self) -> int:
+        return self.device
+
+
+RemoteWorker = ray.remote(Worker)
