@@ -43,6 +43,9 @@ def train(
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)."),
+    cluster: Optional[str] = typer.Option(
+        None, "--cluster", help="Join this Ray cluster (the address `ray start --head` "
+                                "printed) instead of starting a local one; sets cluster.address."),
 ) -> None:
     """Train with PPO; writes OUT/metrics.jsonl and OUT/checkpoints/iter_N/."""
     _quiet()
@@ -54,7 +57,8 @@ def train(
     if threads:
         torch.set_num_threads(threads)
     try:
-        cfg = load_config(config if config is not None else DEFAULT_CONFIG, set_)
+        overrides = list(set_) + ([f"cluster.address={cluster}"] if cluster else [])
+        cfg = load_config(config if config is not None else DEFAULT_CONFIG, overrides)
         out_dir = out if out is not None else Path(cfg.trainer.out_dir)
         run_train(cfg, out_dir, resume=resume)
     except (ValueError, FileNotFoundError) as e:
