@@ -163,8 +163,7 @@ class _Simulation:
         self.migration_at: float | None = None
         self.migration_tried = False
         self.plan: MigrationPlan | None = None
-        self.resumed: dict[int, float] = {}
-        self.moved: set[int] = set()
+        self.resumed: dict[int, float] = {}  # moved sample -> decoding resumes
         self.timeline: list[Interval] = []
 
     # -- per-instance mechanics ---------------------------------------------------------
@@ -220,11 +219,8 @@ class _Simulation:
     def _schedule(self, inst: _Instance) -> None:
         inst.version += 1
         future = [a[0] for a in inst.arrivals if a[0] > inst.t]
-        if inst.batch == 0:
-            ready = any(a[0] <= inst.t for a in inst.arrivals)
-            if ready:  # arrived while idle: admit now
-                when, k = inst.t, 0
-            elif future:
+        if inst.batch == 0:  # (arrivals already due were admitted by _admit)
+            if future:  # idle until the next migrated sample arrives
                 when, k = min(future), 0
             else:  # nothing left: this instance's generation is over (for now)
                 inst.stop_s = inst.t
@@ -297,7 +293,6 @@ class _Simulation:
                 arrive = depart
             self.inst[mv.dst].arrivals.append((arrive, mv.sample_id, ctx,
                                                mv.method != KV_TRANSFER))
-            self.moved.add(mv.sample_id)
 
     # -- main loop --------------------------------------------------------------------------
 

@@ -429,7 +429,8 @@ def test_user_policy_plugs_in():
     lengths = sample_lengths("lognormal:32,320", 24, seed=1)
     r = simulate(lengths, SANE, num_instances=3, max_batch=8, policy=policy)
     assert calls == [12] and r.threshold == 12
-    assert len(r.plan.kept) == 1 and r.plan.freed == tuple(sorted(set(range(3)) - set(r.plan.kept)))
+    assert len(r.plan.kept) == 1
+    assert r.plan.freed == tuple(sorted(set(range(3)) - set(r.plan.kept)))
 
     @register_policy("test-strands-samples")
     class Strands(InterStagePolicy):
