@@ -16,6 +16,7 @@ from fusedrl.layout import Placement
 from fusedrl.models.config import PRESETS
 from fusedrl.models.sharding import intersect, region_numel, shard_regions
 from fusedrl.realloc import ReallocExecutor, build_schedule, plan_realloc, split_region
+from fusedrl.realloc.executor import is_contiguous_in
 from fusedrl.realloc.local import ReallocJob, launch, run_jobs
 
 TINY = PRESETS["tiny"]  # 4 heads, 2 kv heads, 4 layers
@@ -31,6 +32,9 @@ CASES = {
     "identical": ("dp2tp2pp1@0-3", "dp2tp2pp1@0-3", {}),
     # 1000 B < every weight matrix of tiny: parameters are cut into several messages.
     "small bucket": ("dp1tp2pp2@0-3", "dp4tp1pp1@0-3", {"bucket_bytes": 1000, "inflight": 2}),
+    # pieces of >= 1 KiB contiguous on both ends travel in place (no staging copy)
+    "direct tp2pp2->dp4": ("dp1tp2pp2@0-3", "dp4tp1pp1@0-3", {"direct_min_bytes": 1024}),
+    "direct gqa": ("dp1tp4pp1@0-3", "dp2tp2pp1@1,0,3,2", {"direct_min_bytes": 1024}),
     # 200 B < one row (64 floats): rows are cut along dim 1 as well.
     "sub-row bucket": ("dp1tp2pp1@0-1", "dp1tp1pp2@2,0", {"bucket_bytes": 200}),
 }
@@ -58,6 +62,14 @@ def test_every_destination_shard_exact(results, case):
             continue
         expected = sum(t.numel * 4 for t in plan.remote_transfers if t.dst == rank)
         assert r["device_stats"]["bytes_received"] == expected
+
+
+def test_direct_messages_skip_staging(results):
+    for case in ("direct tp2pp2->dp4", "direct gqa"):
+        stats = [r["device_stats"] for r in results[case]]
+        assert all(s["staged_messages"] < s["messages"] for s in stats), case
+    packed = [r["device_stats"] for r in results["tp2pp2->dp4"]]
+    assert all(s["staged_messages"] == s["messages"] for s in packed)
 
 
 def test_small_bucket_splits_messages(results):
@@ -96,9 +108,10 @@ def test_split_region_rejects_empty_bucket():
 
 @pytest.mark.parametrize("src,dst", [(s, d) for s, d, _ in CASES.values()])
 @pytest.mark.parametrize("bucket", [37, 1000, 1 << 20])
-def test_schedule_covers_remote_transfers_exactly(src, dst, bucket):
+@pytest.mark.parametrize("direct_min", [None, 64])
+def test_schedule_covers_remote_transfers_exactly(src, dst, bucket, direct_min):
     plan = plan_realloc(TINY, Placement.parse(src), Placement.parse(dst))
-    schedule = build_schedule(plan, bucket)
+    schedule = build_schedule(plan, bucket, direct_min)
     assert [m.index for m in schedule] == list(range(len(schedule)))
     assert all(0 < m.numel <= bucket for m in schedule)
     got: dict[tuple[str, int], int] = defaultdict(int)
@@ -114,7 +127,45 @@ def test_schedule_covers_remote_transfers_exactly(src, dst, bucket):
     for t in plan.remote_transfers:
         want[(t.param, t.dst)] += t.numel
     assert dict(got) == dict(want)
-    assert build_schedule(plan, bucket) == schedule  # deterministic
+    assert build_schedule(plan, bucket, direct_min) == schedule  # deterministic
+    for m in schedule:
+        if m.direct:  # in place on both ends: one contiguous chunk everywhere
+            (c,) = m.chunks
+            assert c.numel >= (direct_min or bucket)
+            for dev, placement in [(m.src, plan.src)] + [(d, plan.dst) for d in m.dsts]:
+                shard = shard_regions(TINY, placement.layout, placement.rank_of(dev))[c.param]
+                full = torch.zeros([b - a for a, b in shard])
+                view = full[tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(c.region, shard))]
+                assert view.is_contiguous()
+
+
+def test_large_contiguous_pieces_go_direct():
+    plan = plan_realloc(TINY, Placement.parse("dp1tp2pp2@0-3"), Placement.parse("dp4tp1pp1@0-3"))
+    packed = build_schedule(plan, 1 << 20)
+    assert not any(m.direct for m in packed)
+    mixed = build_schedule(plan, 1 << 20, direct_min_numel=1024)
+    # column-parallel halves (q/gate/up/embed/head rows) are contiguous on both ends;
+    # row-parallel halves (o_proj/down_proj columns) and norms are packed.
+    direct = {c.param for m in mixed if m.direct for c in m.chunks}
+    packed_params = {c.param for m in mixed if not m.direct for c in m.chunks}
+    assert "model.layers.0.mlp.gate_proj.weight" in direct
+    assert "model.layers.0.mlp.down_proj.weight" in packed_params
+    assert "model.layers.0.mlp.down_proj.weight" not in direct
+
+
+@pytest.mark.parametrize("region,shard,expected", [
+    (((0, 4), (0, 8)), ((0, 8), (0, 8)), True),     # whole rows
+    (((2, 3), (1, 5)), ((0, 8), (0, 8)), True),     # part of one row
+    (((0, 4), (0, 4)), ((0, 8), (0, 8)), False),    # left half of rows
+    (((0, 1), (0, 1), (2, 6)), ((0, 2), (0, 3), (0, 8)), True),
+    (((0, 1), (0, 2), (2, 6)), ((0, 2), (0, 3), (0, 8)), False),
+    (((4, 6),), ((0, 8),), True),
+])
+def test_is_contiguous_in_matches_torch(region, shard, expected):
+    assert is_contiguous_in(region, shard) is expected
+    full = torch.zeros([b - a for a, b in shard])
+    view = full[tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(region, shard))]
+    assert view.is_contiguous() is expected
 
 
 def test_broadcast_when_several_receivers():

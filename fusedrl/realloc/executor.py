@@ -79,6 +79,7 @@ from fusedrl.models.sharding import (
 
 DEFAULT_BUCKET_BYTES = 32 << 20
 DEFAULT_INFLIGHT = 4
+DEFAULT_DIRECT_MIN_BYTES = 256 << 10
 
 
 # ------------------------------------------------------------------------ schedule
@@ -104,6 +105,9 @@ class Message:
     src: int
     dsts: tuple[int, ...]
     chunks: tuple[Chunk, ...]
+    direct: bool = False
+    """One chunk, contiguous in the sender's and every receiver's shard: sent and
+    received in place, without a staging copy."""
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -137,31 +141,55 @@ def split_region(region: Region, max_numel: int) -> list[Region]:
     return [((i, i + 1),) + tail for i in range(a, b) for tail in split_region(rest, max_numel)]
 
 
-def build_schedule(plan: ReallocPlan, bucket_numel: int) -> list[Message]:
+def is_contiguous_in(region: Region, shard_region: Region) -> bool:
+    """Whether ``region`` is one contiguous run of a row-major shard of ``shard_region``."""
+    ext, full = region_shape(region), region_shape(shard_region)
+    first = next((i for i, e in enumerate(ext) if e > 1), len(ext))
+    return all(ext[j] == full[j] for j in range(first + 1, len(ext)))
+
+
+def _device_regions(plan: ReallocPlan, placement) -> dict[int, dict[str, Region]]:
+    return {dev: shard_regions(plan.config, placement.layout, rank, plan.head)
+            for rank, dev in enumerate(placement.devices)}
+
+
+def build_schedule(plan: ReallocPlan, bucket_numel: int,
+                   direct_min_numel: int | None = None) -> list[Message]:
     """The global, deterministic list of messages that executes ``plan``'s remote part.
 
-    Pure function of the plan: every process computes the same list. Messages of one
-    ``(src, dsts)`` stream keep plan order; streams are interleaved round-robin
-    (sorted by ``(src, dsts)``) so that all senders start at once.
+    Pure function of the plan: every process computes the same list. A chunk of at
+    least ``direct_min_numel`` elements (default: a bucket, i.e. never) that is
+    contiguous in the sender's and every receiver's shard travels alone and in place
+    (``Message.direct``); the others are packed, in plan order, into messages of at
+    most ``bucket_numel``. Messages of one ``(src, dsts)`` stream keep plan order;
+    streams are interleaved round-robin (sorted by ``(src, dsts)``) so that all
+    senders start at once.
     """
     if bucket_numel < 1:
         raise ValueError(f"bucket must hold at least one element, got {bucket_numel}")
-    streams: dict[tuple[int, tuple[int, ...]], list[list[Chunk]]] = {}
+    direct_min = bucket_numel if direct_min_numel is None else max(1, direct_min_numel)
+    held, wanted = _device_regions(plan, plan.src), _device_regions(plan, plan.dst)
+    streams: dict[tuple[int, tuple[int, ...]], list[tuple[list[Chunk], bool]]] = {}
     for group in plan.broadcast_groups():  # plan order within each stream
         msgs = streams.setdefault((group.src, group.dsts), [])
         for sub in split_region(group.region, bucket_numel):
             chunk = Chunk(group.param, sub)
-            if msgs and sum(c.numel for c in msgs[-1]) + chunk.numel <= bucket_numel:
-                msgs[-1].append(chunk)
+            if (chunk.numel >= direct_min
+                    and is_contiguous_in(sub, held[group.src][group.param])
+                    and all(is_contiguous_in(sub, wanted[d][group.param]) for d in group.dsts)):
+                msgs.append(([chunk], True))
+            elif (msgs and not msgs[-1][1]
+                    and sum(c.numel for c in msgs[-1][0]) + chunk.numel <= bucket_numel):
+                msgs[-1][0].append(chunk)
             else:
-                msgs.append([chunk])
+                msgs.append(([chunk], False))
     keys = sorted(streams)
     schedule: list[Message] = []
     for i in range(max((len(v) for v in streams.values()), default=0)):
         for key in keys:
             if i < len(streams[key]):
-                src, dsts = key
-                schedule.append(Message(len(schedule), src, dsts, tuple(streams[key][i])))
+                (src, dsts), (chunks, direct) = key, streams[key][i]
+                schedule.append(Message(len(schedule), src, dsts, tuple(chunks), direct))
     return schedule
 
 
@@ -207,7 +235,8 @@ class ReallocExecutor:
 
     ``bucket_bytes`` bounds every message and staging buffer; ``inflight`` bounds how
     many messages (hence staging buffers) are outstanding at once, so the extra
-    memory is at most ``inflight * bucket_bytes``. ``groups`` optionally maps a
+    memory is at most ``inflight * bucket_bytes``. Pieces of at least
+    ``direct_min_bytes`` that are contiguous on both ends skip the staging copies. ``groups`` optionally maps a
     sorted rank tuple to an existing process group (a runtime's registry); by
     default the executor creates and caches them (:meth:`build_groups`).
     """
@@ -220,6 +249,7 @@ class ReallocExecutor:
         dtype: torch.dtype = torch.float32,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         inflight: int = DEFAULT_INFLIGHT,
+        direct_min_bytes: int = DEFAULT_DIRECT_MIN_BYTES,
         groups: Callable[[tuple[int, ...]], Any] | None = None,
     ):
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -242,7 +272,8 @@ class ReallocExecutor:
                             if self.src_rank is not None else None)
         self.dst_regions = (shard_regions(plan.config, plan.dst.layout, self.dst_rank, plan.head)
                             if self.dst_rank is not None else None)
-        self.schedule = build_schedule(plan, self.bucket_numel)
+        self.schedule = build_schedule(plan, self.bucket_numel,
+                                       max(1, direct_min_bytes // itemsize))
         self.my_messages = [m for m in self.schedule
                             if m.src == self.device_id or self.device_id in m.dsts]
         self.local_transfers = [t for t in plan.local_transfers if t.dst == self.device_id]
@@ -344,7 +375,7 @@ class ReallocExecutor:
                 raise ValueError(f"CUDA shards need the NCCL backend, got {backend}")
         stats = self.stats = ReallocStats()
         t_start = time.perf_counter()
-        self._ensure_buffers(device)
+        self._ensure_buffers(device, all(t.is_contiguous() for t in tensors))
         free = list(self._buffers)
         pending: deque = deque()  # (message, works, staging buffer or None)
         local_done = False
@@ -369,11 +400,11 @@ class ReallocExecutor:
         for msg in self.my_messages:
             sending = msg.src == self.device_id
             direct = None
-            if len(msg.chunks) == 1:
+            if msg.direct:
                 view = (self._views(src_shards, self.src_regions, msg.chunks[0]) if sending
                         else self._views(dst_shards, self.dst_regions, msg.chunks[0]))
-                if view.is_contiguous():
-                    direct = view.reshape(-1)
+                if view.is_contiguous():  # false only for a non-contiguous shard tensor
+                    direct = view.view(-1)
             while len(pending) >= self.inflight or (direct is None and not free):
                 if not local_done:  # overlap the local copies with the first messages
                     self._local_copies(src_shards, dst_shards)
@@ -434,10 +465,12 @@ class ReallocExecutor:
             dst.copy_(src)
         self.stats.local_s += time.perf_counter() - t0
 
-    def _ensure_buffers(self, device: torch.device) -> None:
+    def _ensure_buffers(self, device: torch.device, contiguous: bool) -> None:
         """Staging buffers: ``inflight`` flat buckets, kept across runs (bounded memory),
-        sized to the largest staged message of this device (not more than a bucket)."""
-        need = max((m.numel for m in self.my_messages), default=0)
+        sized to the largest message of this device that may be staged (at most a
+        bucket; a direct message is staged only when its shard tensor is not contiguous)."""
+        need = max((m.numel for m in self.my_messages if not (m.direct and contiguous)),
+                   default=0)
         if not need:
             return
         if (len(self._buffers) == self.inflight and self._buffers[0].device == device

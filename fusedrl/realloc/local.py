@@ -38,7 +38,12 @@ import torch.multiprocessing as mp
 from fusedrl.layout import Placement
 from fusedrl.models.config import PRESETS, ModelConfig
 from fusedrl.models.sharding import param_shapes, shard_state_dict
-from fusedrl.realloc.executor import DEFAULT_BUCKET_BYTES, DEFAULT_INFLIGHT, ReallocExecutor
+from fusedrl.realloc.executor import (
+    DEFAULT_BUCKET_BYTES,
+    DEFAULT_DIRECT_MIN_BYTES,
+    DEFAULT_INFLIGHT,
+    ReallocExecutor,
+)
 from fusedrl.realloc.plan import plan_realloc
 
 
@@ -174,6 +179,7 @@ class ReallocJob:
     verify: bool = True
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     inflight: int = DEFAULT_INFLIGHT
+    direct_min_bytes: int = DEFAULT_DIRECT_MIN_BYTES
     repeats: int = 1
     memcpy_mb: int = 0
     seed: int = 0
@@ -231,7 +237,8 @@ def run_jobs(rank: int, jobs: list[ReallocJob]) -> list[dict[str, Any]]:
         config = resolve_model(job.model)
         src, dst = Placement.parse(job.src), Placement.parse(job.dst)
         plan = plan_realloc(config, src, dst, num_devices=world)
-        ex = ReallocExecutor(plan, rank, bucket_bytes=job.bucket_bytes, inflight=job.inflight)
+        ex = ReallocExecutor(plan, rank, bucket_bytes=job.bucket_bytes, inflight=job.inflight,
+                             direct_min_bytes=job.direct_min_bytes)
         ex.build_groups()
         src_shards, expected = _inputs(job, config, src, dst, rank)
         dst_shards = ex.allocate_dst_shards()
