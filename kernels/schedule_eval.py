@@ -1,9 +1,10 @@
 """Evaluation and local search of fused pipeline schedules (RLHFuse §5).
 
 A schedule is one task order per node (``order[node_ptr[n]:node_ptr[n+1]]`` for
-node ``n``); every task ``t`` has a duration ``dur[t]``, a node ``node[t]`` and at
-most one cross-stage predecessor ``dep[t]`` (its micro-batch chain; ``succ`` is the
-inverse, ``-1`` for none). RLHFuse §5 evaluates a schedule by the recursion::
+node ``n``; ``pos`` is the inverse permutation); every task ``t`` has a duration
+``dur[t]``, a node ``node[t]`` and at most one cross-stage predecessor ``dep[t]``
+(its micro-batch chain; ``succ`` is the inverse, ``-1`` for none). RLHFuse §5
+evaluates a schedule by the recursion::
 
     start[t] = max(end[previous task on node[t]], end[dep[t]]),  end[t] = start[t] + dur[t]
 
@@ -12,14 +13,17 @@ recursion in O(T) with a work-list of nodes (a node advances while the dependenc
 of its next task is done, and is woken when that dependency finishes); tasks it
 could not reach are a deadlock.
 
-The search moves of :func:`anneal_makespan` and :func:`anneal_memory` swap two
-adjacent tasks on one node, and are evaluated *incrementally*: a swap of the tasks
-at positions ``i, i+1`` whose first started at ``t0`` cannot change any task that
-started before ``t0`` (durations are positive, so a task depending on the swapped
-pair started after ``t0``), so only the tasks starting at ``t0`` or later are
-recomputed, from a per-node frontier found by binary search; the old times are
-kept in an undo log to reject the move. An acceptance threshold is drawn before
-evaluating, so a move is abandoned as soon as one task ends past it.
+Moves rearrange a segment ``[lo, hi]`` of one node's order and are evaluated
+*incrementally*: no task that started before the segment's first task (at
+``t0``) can change -- durations are positive, so anything depending on the
+segment starts after ``t0`` -- so only tasks starting at ``t0`` or later are
+re-timed, from a per-node frontier found by binary search. The old times go to an
+undo log, the old segment to a buffer, so a rejected move is reverted at the
+cost of what it touched. The acceptance threshold is drawn before evaluating, so a
+move is abandoned as soon as one task ends past it.
+
+Memory is a running sum per node (``prefix``): a forward adds its ``memd > 0``,
+a backward releases it; a node's peak is the highest running sum.
 
 All functions work on flat int64/float64 arrays and are compiled with numba
 (``njit(cache=True)``); without numba the same code runs as plain Python/numpy
@@ -63,10 +67,10 @@ def _propagate(order, pos, node_ptr, dur, node, dep, succ, start, end, head,
     Tasks before ``head[n]`` are done and keep their times; a task is done iff
     ``pos[t] < head[node[t]]``. If ``due`` is not empty, ``late[0]`` is kept equal
     to the total tardiness ``sum(max(0, end - due))``. Returns
-    ``(makespan, n_logged)``; makespan is
-    ``DEADLOCK`` if some task could not be scheduled, ``EXCEEDED`` if a task ended
-    after ``threshold`` (evaluation stopped there). With ``log`` the previous
-    ``(start, end)`` of each rescheduled task is appended to the undo log.
+    ``(makespan, n_logged)``; makespan is ``DEADLOCK`` if some task could not be
+    scheduled, ``EXCEEDED`` if a task ended after ``threshold`` (evaluation
+    stopped there). With ``log`` the previous ``(start, end)`` of each rescheduled
+    task is appended to the undo log.
     """
     n_nodes = node_ptr.shape[0] - 1
     remaining = 0
@@ -77,6 +81,7 @@ def _propagate(order, pos, node_ptr, dur, node, dep, succ, start, end, head,
         sp += 1
         in_stack[n] = 1
     n_log = 0
+    track = due.shape[0] > 0
     while sp > 0:
         sp -= 1
         n = stack[sp]
@@ -99,7 +104,7 @@ def _propagate(order, pos, node_ptr, dur, node, dep, succ, start, end, head,
                 undo_val[2 * n_log] = start[t]
                 undo_val[2 * n_log + 1] = end[t]
                 n_log += 1
-            if due.shape[0] > 0:
+            if track:
                 late[0] += max(0.0, e - due[t]) - max(0.0, end[t] - due[t])
             start[t] = s
             end[t] = e
@@ -145,8 +150,7 @@ def evaluate(order, pos, node_ptr, dur, node, dep, succ, start, end):
 def node_peaks(order, node_ptr, memd, prefix, peaks):
     """Per-node peak activation memory of the orders (``prefix`` = running sums).
 
-    A forward adds its ``mem`` and a backward releases it; a node's peak is the
-    highest running sum over its order. Returns the highest peak over nodes.
+    Returns the highest peak over nodes.
     """
     best = 0.0
     for n in range(node_ptr.shape[0] - 1):
@@ -164,38 +168,70 @@ def node_peaks(order, node_ptr, memd, prefix, peaks):
 
 
 @njit(cache=True)
-def _set_frontier(order, node_ptr, start, t0, head, swap_node, swap_pos):
-    """``head[n]`` = first position on node ``n`` whose task starts at ``t0`` or later.
+def tardiness(end, due):
+    """``sum(max(0, end - due))``: how far the tasks end past their due dates."""
+    tot = 0.0
+    for t in range(end.shape[0]):
+        if end[t] > due[t]:
+            tot += end[t] - due[t]
+    return tot
 
-    On ``swap_node`` the orders were just changed at ``swap_pos``; it restarts there.
+
+@njit(cache=True)
+def _workspace(num_tasks, num_nodes):
+    # head, stack, in_stack, undo_task, undo_val, saved segment
+    return (np.empty(num_nodes, np.int64), np.empty(num_nodes, np.int64),
+            np.zeros(num_nodes, np.uint8), np.empty(num_tasks, np.int64),
+            np.empty(2 * num_tasks, np.float64), np.empty(num_tasks, np.int64))
+
+
+@njit(cache=True)
+def _save(order, lo, hi, ws):
+    saved = ws[5]
+    for k in range(lo, hi + 1):
+        saved[k - lo] = order[k]
+
+
+@njit(cache=True)
+def _retime(order, pos, node_ptr, dur, node, dep, succ, start, end, lo, hi, threshold, ws, due, late):
+    """Re-times after the segment ``[lo, hi]`` of one node was rearranged.
+
+    The segment's previous contents must be in the workspace (:func:`_save`);
+    fixes ``pos`` for the segment. Returns ``(makespan, n_logged)`` as
+    :func:`_propagate`.
     """
+    head = ws[0]
+    saved = ws[5]
+    for k in range(lo, hi + 1):
+        pos[order[k]] = k
+    t0 = start[saved[0]]  # the segment's first task started first
+    n_seg = node[order[lo]]
     for n in range(node_ptr.shape[0] - 1):
-        if n == swap_node:
-            head[n] = swap_pos
+        if n == n_seg:
+            head[n] = lo
             continue
-        lo = node_ptr[n]
-        hi = node_ptr[n + 1]
-        while lo < hi:  # starts increase along a node's order
-            mid = (lo + hi) // 2
+        a = node_ptr[n]
+        b = node_ptr[n + 1]
+        while a < b:  # starts increase along a node's order
+            mid = (a + b) // 2
             if start[order[mid]] < t0:
-                lo = mid + 1
+                a = mid + 1
             else:
-                hi = mid
-        head[n] = lo
+                b = mid
+        head[n] = a
+    return _propagate(order, pos, node_ptr, dur, node, dep, succ, start, end, head,
+                      ws[1], ws[2], threshold, True, ws[3], ws[4], due, late)
 
 
 @njit(cache=True)
-def _swap(order, pos, i):
-    a = order[i]
-    b = order[i + 1]
-    order[i] = b
-    order[i + 1] = a
-    pos[b] = i
-    pos[a] = i + 1
-
-
-@njit(cache=True)
-def _undo(start, end, undo_task, undo_val, n_log):
+def _revert(order, pos, start, end, lo, hi, n_log, ws):
+    """Undoes :func:`_retime`: old segment back, old times back."""
+    saved = ws[5]
+    for k in range(lo, hi + 1):
+        order[k] = saved[k - lo]
+        pos[order[k]] = k
+    undo_task = ws[3]
+    undo_val = ws[4]
     for j in range(n_log):
         t = undo_task[j]
         start[t] = undo_val[2 * j]
@@ -203,27 +239,21 @@ def _undo(start, end, undo_task, undo_val, n_log):
 
 
 @njit(cache=True)
-def swap_and_time(order, pos, node_ptr, dur, node, dep, succ, start, end, i, threshold,
-                  head, stack, in_stack, undo_task, undo_val, due, late):
-    """Swaps the tasks at positions ``i`` and ``i+1`` (same node) and re-times them.
+def try_swap(order, pos, node_ptr, dur, node, dep, succ, start, end, i, threshold, ws):
+    """Swaps positions ``i``/``i+1`` and keeps it if valid and within ``threshold``.
 
-    Returns ``(makespan, n_logged)``; the makespan is ``DEADLOCK`` or ``EXCEEDED``
-    (past ``threshold``) when the move is invalid, and the caller must then (or
-    to reject it) call :func:`unswap`. ``due``/``late``: see :func:`_propagate`.
+    Returns the new makespan, or ``DEADLOCK``/``EXCEEDED`` (then nothing changed).
     """
-    a = order[i]
-    t0 = start[a]
-    _swap(order, pos, i)
-    _set_frontier(order, node_ptr, start, t0, head, node[a], i)
-    return _propagate(order, pos, node_ptr, dur, node, dep, succ, start, end, head,
-                      stack, in_stack, threshold, True, undo_task, undo_val, due, late)
-
-
-@njit(cache=True)
-def unswap(order, pos, start, end, i, undo_task, undo_val, n_log):
-    """Reverts :func:`swap_and_time` (the caller restores its tardiness)."""
-    _undo(start, end, undo_task, undo_val, n_log)
-    _swap(order, pos, i)
+    _save(order, i, i + 1, ws)
+    order[i] = ws[5][1]
+    order[i + 1] = ws[5][0]
+    no_due = np.empty(0, np.float64)
+    late = np.zeros(1)
+    mk, n_log = _retime(order, pos, node_ptr, dur, node, dep, succ, start, end, i, i + 1, threshold,
+                        ws, no_due, late)
+    if mk < 0.0:
+        _revert(order, pos, start, end, i, i + 1, n_log, ws)
+    return mk
 
 
 @njit(cache=True)
@@ -281,41 +311,84 @@ def critical_arcs(order, pos, node_ptr, node, dep, klass, start, end, eps, arcs)
 
 
 @njit(cache=True)
-def tardiness(end, due):
-    """``sum(max(0, end - due))``: how far the tasks end past their due dates."""
-    tot = 0.0
-    for t in range(end.shape[0]):
-        if end[t] > due[t]:
-            tot += end[t] - due[t]
-    return tot
+def _critical_move(order, node_ptr, node, memd, prefix, i, cap, eps, ws):
+    """Builds the move that puts ``order[i+1]`` before ``order[i]`` within ``cap``.
+
+    Plain swap when memory allows. Otherwise the task moving up is a forward that
+    would lift the node's running memory past ``cap`` at position ``i``; then one
+    of the nearest earlier forwards on the node that holds enough memory is moved
+    to just after the pair (van Laarhoven's critical swap plus the one move that
+    makes room for it -- the memory cap is a constraint the critical path does
+    not show). Saves the segment and writes the new one in place; returns its
+    ``(lo, hi)``, or ``(-1, -1)`` if no such forward exists.
+    """
+    n = node[order[i]]
+    a = order[i]
+    b = order[i + 1]
+    base = prefix[i - 1] if i > node_ptr[n] else 0.0
+    need = base + memd[b] - cap
+    if need <= eps:
+        _save(order, i, i + 1, ws)
+        order[i] = b
+        order[i + 1] = a
+        return i, i + 1
+    j = -1
+    for k in range(i - 1, node_ptr[n] - 1, -1):
+        if memd[order[k]] >= need - eps:
+            j = k
+            if np.random.random() < 0.5:
+                break
+    if j < 0:
+        return -1, -1
+    _save(order, j, i + 1, ws)
+    f = order[j]
+    for k in range(j, i - 1):
+        order[k] = order[k + 1]
+    order[i - 1] = b
+    order[i] = a
+    order[i + 1] = f
+    return j, i + 1
+
+
+@njit(cache=True)
+def _segment_fits(order, node_ptr, node, memd, prefix, lo, hi, cap, eps):
+    """Whether the running memory over the (rearranged) segment stays within ``cap``."""
+    acc = prefix[lo - 1] if lo > node_ptr[node[order[lo]]] else 0.0
+    for k in range(lo, hi + 1):
+        acc += memd[order[k]]
+        if acc > cap + eps:
+            return False
+    return True
+
+
+@njit(cache=True)
+def _refresh_prefix(order, node_ptr, node, memd, prefix, lo, hi):
+    acc = prefix[lo - 1] if lo > node_ptr[node[order[lo]]] else 0.0
+    for k in range(lo, hi + 1):
+        acc += memd[order[k]]
+        prefix[k] = acc
 
 
 @njit(cache=True)
 def anneal_makespan(order, pos, node_ptr, dur, node, dep, succ, memd, klass, start, end, prefix,
                     best_order, due, state, n_iters, cooling, w_makespan, w_late, cap, target, eps):
-    """Simulated annealing on the makespan over critical adjacent swaps (RLHFuse §5).
+    """Simulated annealing on the makespan over critical moves (RLHFuse §5).
 
     Energy: ``w_makespan * makespan + w_late * tardiness(end, due)``. With due
     dates ``due[t] = target - tail[t]`` the tardiness is zero exactly when the
-    makespan meets ``target``, and unlike the makespan it counts every late task,
-    so moves that help some of several critical paths are rewarded.
+    makespan meets ``target``, and unlike the makespan it counts every late task.
 
     ``state`` = ``[energy, best makespan, temperature, iterations, makespan,
     tardiness]`` (float64[6]) is read and updated, so the search runs in chunks;
     ``start``/``end`` must hold the times of ``order`` and ``prefix`` its running
-    memory sums (:func:`node_peaks`). Each iteration swaps the two tasks of a
-    random critical node arc, rejects it if the node's memory would pass ``cap``,
-    and accepts by the Metropolis rule; the temperature is multiplied by
-    ``cooling``. ``best_order`` receives the order of the best makespan. Stops once
-    the best makespan is within ``eps`` of ``target`` (the lower bound).
+    memory sums (:func:`node_peaks`), within ``cap``. Each iteration makes the
+    critical move (:func:`_critical_move`) of a random critical arc and accepts
+    it by the Metropolis rule; the temperature is multiplied by ``cooling``.
+    ``best_order`` receives the order of the best makespan. Stops once the best
+    makespan is within ``eps`` of ``target`` (a lower bound).
     """
-    n_nodes = node_ptr.shape[0] - 1
     T = order.shape[0]
-    head = np.empty(n_nodes, np.int64)
-    stack = np.empty(n_nodes, np.int64)
-    in_stack = np.zeros(n_nodes, np.uint8)
-    undo_task = np.empty(T, np.int64)
-    undo_val = np.empty(2 * T, np.float64)
+    ws = _workspace(T, node_ptr.shape[0] - 1)
     arcs = np.empty(T, np.int64)
     late = np.zeros(1)
     no_due = np.empty(0, np.float64)
@@ -328,40 +401,39 @@ def anneal_makespan(order, pos, node_ptr, dur, node, dep, succ, memd, klass, sta
     done = 0
     while done < n_iters and best > target + eps:
         done += 1
-        na = critical_arcs(order, pos, node_ptr, node, dep, klass, start, end, eps, arcs)
         temp *= cooling
+        na = critical_arcs(order, pos, node_ptr, node, dep, klass, start, end, eps, arcs)
         if na == 0:
             break  # the makespan is one chain: nothing can shorten it
         i = arcs[np.random.randint(0, na)]
-        a = order[i]
-        b = order[i + 1]
-        n = node[a]
-        new_prefix = (prefix[i - 1] if i > node_ptr[n] else 0.0) + memd[b]
-        if new_prefix > cap + eps:
+        lo, hi = _critical_move(order, node_ptr, node, memd, prefix, i, cap, eps, ws)
+        if lo < 0:
+            continue
+        if not _segment_fits(order, node_ptr, node, memd, prefix, lo, hi, cap, eps):
+            _revert(order, pos, start, end, lo, hi, 0, ws)
             continue
         slack = eps
         if temp > 0.0:
             slack -= temp * math.log(1.0 - np.random.random())
         late_before = late[0]
         if use_late:
-            mk, n_log = swap_and_time(order, pos, node_ptr, dur, node, dep, succ, start, end, i, np.inf,
-                                      head, stack, in_stack, undo_task, undo_val, due, late)
+            mk, n_log = _retime(order, pos, node_ptr, dur, node, dep, succ, start, end, lo, hi, np.inf,
+                                ws, due, late)
             energy = w_makespan * mk + w_late * late[0]
             if mk < 0.0 or energy > cur + slack:  # invalid, or rejected by the Metropolis rule
-                unswap(order, pos, start, end, i, undo_task, undo_val, n_log)
+                _revert(order, pos, start, end, lo, hi, n_log, ws)
                 late[0] = late_before
                 continue
         else:
-            mk, n_log = swap_and_time(order, pos, node_ptr, dur, node, dep, succ, start, end, i,
-                                      (cur + slack) / w_makespan, head, stack, in_stack, undo_task,
-                                      undo_val, no_due, late)
+            mk, n_log = _retime(order, pos, node_ptr, dur, node, dep, succ, start, end, lo, hi,
+                                (cur + slack) / w_makespan, ws, no_due, late)
             if mk < 0.0:
-                unswap(order, pos, start, end, i, undo_task, undo_val, n_log)
+                _revert(order, pos, start, end, lo, hi, n_log, ws)
                 continue
             energy = w_makespan * mk
+        _refresh_prefix(order, node_ptr, node, memd, prefix, lo, hi)
         cur = energy
         mk_cur = mk
-        prefix[i] = new_prefix
         if mk < best - eps:
             best = mk
             best_order[:] = order
@@ -400,13 +472,7 @@ def anneal_memory(order, pos, node_ptr, dur, node, dep, succ, memd, start, end, 
     """
     n_nodes = node_ptr.shape[0] - 1
     T = order.shape[0]
-    head = np.empty(n_nodes, np.int64)
-    stack = np.empty(n_nodes, np.int64)
-    in_stack = np.zeros(n_nodes, np.uint8)
-    undo_task = np.empty(T, np.int64)
-    undo_val = np.empty(2 * T, np.float64)
-    no_due = np.empty(0, np.float64)
-    late = np.zeros(1)
+    ws = _workspace(T, n_nodes)
     cur = state[0]
     best = state[1]
     temp = state[2]
@@ -434,10 +500,8 @@ def anneal_memory(order, pos, node_ptr, dur, node, dep, succ, memd, start, end, 
         if delta > eps and (temp <= 0.0 or np.random.random() >= math.exp(-delta / temp)):
             peaks[n] = old_pk
             continue
-        mk, n_log = swap_and_time(order, pos, node_ptr, dur, node, dep, succ, start, end, k,
-                                  mk_limit + eps, head, stack, in_stack, undo_task, undo_val, no_due, late)
+        mk = try_swap(order, pos, node_ptr, dur, node, dep, succ, start, end, k, mk_limit + eps, ws)
         if mk < 0.0:
-            unswap(order, pos, start, end, k, undo_task, undo_val, n_log)
             peaks[n] = old_pk
             continue
         prefix[k] = new_prefix
@@ -459,7 +523,8 @@ def anneal_memory(order, pos, node_ptr, dur, node, dep, succ, memd, start, end, 
 
 @njit(cache=True)
 def list_schedule(dur, node, succ, class_first, class_stride, class_count, class_node,
-                  class_pair, class_cap, node_class_ptr, node_classes, key_major, key_minor):
+                  class_pair, class_cap, class_mem, node_cap, node_class_ptr, node_classes,
+                  key_major, key_minor):
     """Non-delay list scheduling over first-in-first-out task classes.
 
     Tasks of one class (``class_first[c] + k * class_stride[c]`` for ``k <
@@ -469,8 +534,9 @@ def list_schedule(dur, node, succ, class_first, class_stride, class_count, class
     candidates ready by then, the one with the lowest ``(key_major, release time,
     key_minor)``. A forward class ``c`` (``class_pair[c] >= 0`` names the backward
     class of its stage) admits a task only while fewer than ``class_cap[c]`` of its
-    micro-batches are outstanding. Returns ``(order, node_ptr)``; ``order`` is
-    empty if the admission caps deadlock.
+    micro-batches are outstanding, and only while its node's memory (``class_mem``
+    per outstanding task) stays within ``node_cap``. Returns ``(order,
+    node_ptr)``; ``order`` is empty if the admission caps deadlock.
     """
     T = dur.shape[0]
     C = class_first.shape[0]
@@ -479,6 +545,7 @@ def list_schedule(dur, node, succ, class_first, class_stride, class_count, class
     taken = np.zeros(C, np.int64)  # tasks of the class scheduled
     release_time = np.zeros(T)
     node_free = np.zeros(n_nodes)
+    node_mem = np.zeros(n_nodes)
     cls_of = np.empty(T, np.int64)
     for c in range(C):
         for k in range(class_count[c]):
@@ -498,36 +565,34 @@ def list_schedule(dur, node, succ, class_first, class_stride, class_count, class
     fill = node_ptr[:-1].copy()
     order = np.empty(T, np.int64)
     for _ in range(T):
-        best_start = np.inf
+        best_key = np.inf  # earliest start of any candidate
         best_node = -1
         for n in range(n_nodes):
-            earliest = np.inf
             for j in range(node_class_ptr[n], node_class_ptr[n + 1]):
                 c = node_classes[j]
                 if taken[c] >= released[c]:
                     continue
-                if class_pair[c] >= 0 and taken[c] - taken[class_pair[c]] >= class_cap[c]:
+                if class_pair[c] >= 0 and (taken[c] - taken[class_pair[c]] >= class_cap[c]
+                                           or node_mem[n] + class_mem[c] > node_cap[n]):
                     continue
-                r = release_time[class_first[c] + taken[c] * class_stride[c]]
-                if r < earliest:
-                    earliest = r
-            if earliest < np.inf:
-                s = earliest if earliest > node_free[n] else node_free[n]
-                if s < best_start:
-                    best_start = s
+                t = class_first[c] + taken[c] * class_stride[c]
+                s = release_time[t] if release_time[t] > node_free[n] else node_free[n]
+                if s < best_key:
+                    best_key = s
                     best_node = n
         if best_node < 0:
             return np.empty(0, np.int64), node_ptr
         n = best_node
-        pick = -1
+        pick = -1  # among the candidates ready by then
         for j in range(node_class_ptr[n], node_class_ptr[n + 1]):
             c = node_classes[j]
             if taken[c] >= released[c]:
                 continue
-            if class_pair[c] >= 0 and taken[c] - taken[class_pair[c]] >= class_cap[c]:
+            if class_pair[c] >= 0 and (taken[c] - taken[class_pair[c]] >= class_cap[c]
+                                       or node_mem[n] + class_mem[c] > node_cap[n]):
                 continue
             t = class_first[c] + taken[c] * class_stride[c]
-            if release_time[t] > best_start:
+            if release_time[t] > best_key:
                 continue
             if pick < 0:
                 pick = t
@@ -536,11 +601,13 @@ def list_schedule(dur, node, succ, class_first, class_stride, class_count, class
                     release_time[t] < release_time[pick] or (release_time[t] == release_time[pick]
                                                              and key_minor[t] < key_minor[pick]))):
                 pick = t
+        begin = release_time[pick] if release_time[pick] > node_free[n] else node_free[n]
         c = cls_of[pick]
         taken[c] += 1
+        node_mem[n] += class_mem[c]
         order[fill[n]] = pick
         fill[n] += 1
-        node_free[n] = best_start + dur[pick]
+        node_free[n] = begin + dur[pick]
         u = succ[pick]
         if u >= 0:
             release_time[u] = node_free[n]

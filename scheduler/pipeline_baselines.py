@@ -88,46 +88,108 @@ def _class_layout(table: TaskTable) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     return class_node, pair, ptr, by_node.astype(np.int64)
 
 
-def greedy_fused(problem: FusedProblem, table: TaskTable, rule: str = "ready",
-                 inflight_slack: int | None = 0, backward_first: bool = False) -> Schedule:
-    """RLHFuse §5's greedy bidirectional schedule and variants of its rule.
+def list_schedule(problem: FusedProblem, table: TaskTable, priority: np.ndarray,
+                  inflight_slack: int | None = 0, node_cap: float = np.inf) -> Schedule | None:
+    """Non-delay list schedule: a free node runs its ready task of lowest ``priority``.
 
-    ``rule="ready"``: the task ready earliest first, ties to the larger model (more
-    work per micro-batch) -- the paper's rule. ``rule="tail"``: the task with the
-    most work left in its micro-batch chain first (critical path first; Jackson's
-    rule for the per-node bound). ``backward_first`` puts ready backwards before
-    forwards (1F1B's preference). ``inflight_slack``: a stage admits a forward only
-    while fewer than ``S - s + slack`` micro-batches are outstanding on it (1F1B
-    holds ``S - s``); ``None`` admits all.
+    Ties go to the task released first, then to the larger model (more work per
+    micro-batch), the lower pipeline index, backwards, lower micro-batch and stage.
+    ``inflight_slack``: a stage admits a forward only while fewer than
+    ``S - s + slack`` micro-batches are outstanding on it (1F1B holds ``S - s``);
+    ``None`` admits all. ``node_cap`` caps the memory of the micro-batches
+    outstanding on each node. Returns ``None`` if the caps deadlock.
     """
-    if rule not in ("ready", "tail"):
-        raise ValueError(f"rule: expected 'ready' or 'tail', got {rule!r}")
     class_node, pair, ptr, by_node = _class_layout(table)
     num_stages = np.array([p.num_stages for p in problem.pipelines])[table.pipeline[table.class_first]]
     stage = table.stage[table.class_first]
     cap = (np.full(pair.shape[0], _NO_CAP, dtype=np.int64) if inflight_slack is None
            else (num_stages - stage + inflight_slack).astype(np.int64))
     work = np.array([sum(p.fwd) + sum(p.bwd) for p in problem.pipelines])[table.pipeline]
+    minor = np.lexsort((table.stage, table.microbatch, -table.kind, table.pipeline, -work)).argsort()
+    order, node_ptr = ke.list_schedule(table.dur, table.node, table.succ, table.class_first,
+                                       table.class_stride, table.class_count, class_node, pair, cap,
+                                       table.memd[table.class_first], np.full(table.num_nodes, float(node_cap)),
+                                       ptr, by_node, np.ascontiguousarray(priority, dtype=np.float64),
+                                       minor.astype(np.float64))
+    if order.shape[0] != table.num_tasks:
+        return None
+    return Schedule(order, node_ptr)
+
+
+def paced_due_dates(problem: FusedProblem, table: TaskTable, target: float,
+                    pace: np.ndarray) -> np.ndarray:
+    """Due dates that spread each pipeline's micro-batches evenly over ``target``.
+
+    Micro-batch ``k`` of pipeline ``p`` (``M`` in all) must leave task ``t`` by
+    ``target - tail[t] - (M - 1 - k) * P_p``: the later micro-batches follow it at
+    the pipeline's pace ``P_p = pace[p] * (target - chain_p) / M``, where
+    ``chain_p`` is one micro-batch's work. ``pace = 1`` spreads a pipeline over
+    the whole makespan; smaller values front-load it.
+    """
+    chain = np.array([sum(p.fwd) + sum(p.bwd) for p in problem.pipelines])
+    M = np.array([p.microbatches for p in problem.pipelines])
+    period = np.asarray(pace, dtype=np.float64) * np.maximum(target - chain, 0.0) / M
+    p = table.pipeline
+    return target - table.tails() - (M[p] - 1 - table.microbatch) * period[p]
+
+
+def greedy_fused(problem: FusedProblem, table: TaskTable, rule: str = "ready",
+                 inflight_slack: int | None = 0, backward_first: bool = False,
+                 node_cap: float = np.inf) -> Schedule | None:
+    """RLHFuse §5's greedy bidirectional schedule and a critical-path variant.
+
+    ``rule="ready"``: the task ready earliest first, ties to the larger model (more
+    work per micro-batch) -- the paper's rule. ``rule="tail"``: the task with the
+    most work left in its micro-batch chain first (critical path first).
+    ``backward_first`` puts ready backwards before forwards (1F1B's preference).
+    Caps as in :func:`list_schedule`.
+    """
+    if rule not in ("ready", "tail"):
+        raise ValueError(f"rule: expected 'ready' or 'tail', got {rule!r}")
     backward = (table.kind == BACKWARD).astype(np.float64)
     major = -backward if backward_first else np.zeros(table.num_tasks)
     if rule == "tail":
         major = major * (table.dur.sum() + 1.0) - table.tails()
-    # Minor key: larger model first, then pipeline, backward first, micro-batch, stage.
-    minor = np.lexsort((table.stage, table.microbatch, -table.kind, table.pipeline, -work)).argsort()
-    order, node_ptr = ke.list_schedule(table.dur, table.node, table.succ, table.class_first,
-                                       table.class_stride, table.class_count, class_node, pair, cap, ptr,
-                                       by_node, np.ascontiguousarray(major, dtype=np.float64),
-                                       minor.astype(np.float64))
-    if order.shape[0] != table.num_tasks:
-        raise RuntimeError("greedy schedule: the in-flight caps deadlocked")
-    return Schedule(order, node_ptr)
+    return list_schedule(problem, table, major, inflight_slack, node_cap)
 
 
-def greedy_candidates(problem: FusedProblem, table: TaskTable) -> list[Schedule]:
-    """The greedy start under each rule, memory admission and preference."""
-    return [greedy_fused(problem, table, rule=r, inflight_slack=c, backward_first=b)
-            for r in ("ready", "tail") for c in (0, 1, 2, None) for b in (False, True)]
+_PACES = (0.2, 0.4, 0.5, 0.6, 0.8, 1.0)
 
 
-__all__ = ["greedy_candidates", "greedy_fused", "one_f_one_b", "pipeline_node_orders",
-           "stage_1f1b_sequence"]
+def start_candidates(problem: FusedProblem, table: TaskTable, target: float,
+                     memory_cap: float = np.inf) -> list[tuple[str, Schedule]]:
+    """Starting schedules for the search, named by how they were built.
+
+    The paper's greedy (``ready``) and the critical-path rule (``tail``), each
+    backward-first or not; and earliest-due-date list schedules under
+    :func:`paced_due_dates` (``pace``), over a grid of paces for the pipelines
+    with the most work per micro-batch and for the others. Each with 1F1B's
+    in-flight counts per stage plus 0, 1, 2 or 4, or none, and with the node
+    memory capped at ``memory_cap`` or not. Variants whose caps deadlock are left
+    out. Last, ``serial``: one micro-batch at a time, which needs the least memory
+    any schedule can have and so fits every feasible cap.
+    """
+    admissions = [(slack, cap) for slack in (0, 1, 2, 4, None) for cap in dict.fromkeys((np.inf, memory_cap))]
+    out = []
+    for rule in ("ready", "tail"):
+        for backward_first in (False, True):
+            for slack, cap in admissions:
+                s = greedy_fused(problem, table, rule, slack, backward_first, cap)
+                if s is not None:
+                    out.append((f"{rule}{'/bwd-first' if backward_first else ''}/slack={slack}/cap={cap}", s))
+    work = np.array([sum(p.fwd) + sum(p.bwd) for p in problem.pipelines])
+    big = work >= work.max()
+    paces = [(a, b) for a in _PACES for b in (_PACES if not big.all() else (a,))]
+    for a, b in dict.fromkeys(paces):
+        due = paced_due_dates(problem, table, target, np.where(big, a, b))
+        for slack, cap in admissions:
+            s = list_schedule(problem, table, due, slack, cap)
+            if s is not None:
+                out.append((f"pace={a},{b}/slack={slack}/cap={cap}", s))
+    ids = np.arange(table.num_tasks)  # ids run pipeline by pipeline, micro-batch by micro-batch
+    out.append(("serial", Schedule.from_node_orders([ids[table.node == n] for n in range(table.num_nodes)])))
+    return out
+
+
+__all__ = ["greedy_fused", "list_schedule", "one_f_one_b", "paced_due_dates", "pipeline_node_orders",
+           "stage_1f1b_sequence", "start_candidates"]

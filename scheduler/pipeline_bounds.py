@@ -16,10 +16,25 @@ kind)`` share ``r`` and ``q``, so the maximum over subsets only needs the
 threshold pairs ``(r0, q0)`` of those classes. It contains the per-node bound
 (all tasks) and each pipeline's critical path (one stage's forwards and
 backwards), and can be larger than both.
+
+**Memory.** Under a per-node memory cap ``C`` a node can run only forwards until
+the earliest head ``a_B`` of its backwards, and no more of them than ``C`` holds
+(a fractional knapsack of forward work under ``C`` bounds that work, ``WF``);
+symmetrically, after ``makespan - b_F`` (``b_F``: the shortest tail of its
+forwards) it runs only backwards, at most the ``C`` outstanding ones (``WB``).
+So the node's other work must fit between ``a_B`` and ``makespan - b_F``::
+
+    makespan >= a_B + b_F + W - min(a_B - a_F, WF) - min(b_F - b_B, WB)
+
+E.g. a 16-stage actor fused with a reversed 16-stage critic (64 micro-batches
+each, b = 2f) has a plain bound of 405f, but within the memory of two 1F1B
+schedules side by side (17 micro-batches per node) no schedule beats 411f: the
+middle nodes cannot fill the 23f before their first backward with 17 forwards.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .pipeline_problem import FusedProblem
@@ -34,24 +49,68 @@ class LowerBound:
     critical_path: float  # max over pipelines
     average_work: float  # total work / nodes
     node_subsets: float  # Jackson subset bound, max over nodes
+    memory: float  # bound under the memory cap (0 without one)
+    memory_cap: float
 
     def to_dict(self) -> dict[str, float]:
         return dict(value=self.value, node=self.node, critical_path=self.critical_path,
-                    average_work=self.average_work, node_subsets=self.node_subsets)
+                    average_work=self.average_work, node_subsets=self.node_subsets,
+                    memory=self.memory, memory_cap=self.memory_cap)
 
 
-def _task_classes(problem: FusedProblem) -> list[list[tuple[float, float, float]]]:
-    """Per node: ``(head, total work, tail)`` of each (pipeline, stage, kind) class."""
-    classes: list[list[tuple[float, float, float]]] = [[] for _ in range(problem.nodes)]
+@dataclass(frozen=True)
+class _Class:
+    """The ``count`` tasks of one (pipeline, stage, kind) on a node."""
+
+    head: float
+    tail: float
+    dur: float
+    count: int
+    mem: float
+    forward: bool
+
+    @property
+    def work(self) -> float:
+        return self.count * self.dur
+
+
+def _task_classes(problem: FusedProblem) -> list[list[_Class]]:
+    """Per node, its task classes with their heads and tails."""
+    classes: list[list[_Class]] = [[] for _ in range(problem.nodes)]
     for spec in problem.pipelines:
         f, b, M = spec.fwd, spec.bwd, spec.microbatches
         total_f, total_b = sum(f), sum(b)
         for s, n in enumerate(spec.stage_nodes):
             f_before, b_before = sum(f[:s]), sum(b[:s])
             f_after, b_after = total_f - f_before - f[s], total_b - b_before - b[s]
-            classes[n].append((f_before, M * f[s], f_after + total_b))  # forward of stage s
-            classes[n].append((total_f + b_after, M * b[s], b_before))  # backward of stage s
+            classes[n].append(_Class(f_before, f_after + total_b, f[s], M, spec.mem[s], True))
+            classes[n].append(_Class(total_f + b_after, b_before, b[s], M, spec.mem[s], False))
     return classes
+
+
+def _knapsack_work(classes: list[_Class], cap: float) -> float:
+    """Most work of these tasks whose memory fits in ``cap`` (fractional: an upper bound)."""
+    free = sum(c.work for c in classes if c.mem <= 0)
+    left = cap
+    for c in sorted((c for c in classes if c.mem > 0), key=lambda c: c.dur / c.mem, reverse=True):
+        take = min(c.count, left / c.mem)
+        free += take * c.dur
+        left -= take * c.mem
+        if left <= 0:
+            break
+    return free
+
+
+def _memory_bound(cls: list[_Class], cap: float) -> float:
+    """The node bound under a memory cap (module doc)."""
+    fwd = [c for c in cls if c.forward]
+    bwd = [c for c in cls if not c.forward]
+    a_f, a_b = min(c.head for c in fwd), min(c.head for c in bwd)
+    b_f, b_b = min(c.tail for c in fwd), min(c.tail for c in bwd)
+    work = sum(c.work for c in cls)
+    early = min(a_b - a_f, _knapsack_work(fwd, cap))
+    late = min(b_f - b_b, _knapsack_work(bwd, cap))
+    return a_b + b_f + work - early - late
 
 
 def critical_path(problem: FusedProblem) -> float:
@@ -64,19 +123,24 @@ def critical_path(problem: FusedProblem) -> float:
     return best
 
 
-def lower_bound(problem: FusedProblem) -> LowerBound:
-    """All bounds of the module doc; ``value`` is the largest."""
-    node_lb = subset_lb = 0.0
+def lower_bound(problem: FusedProblem, memory_cap: float = math.inf) -> LowerBound:
+    """All bounds of the module doc; ``value`` is the largest.
+
+    ``memory_cap``: the peak memory every schedule considered must stay within.
+    """
+    node_lb = subset_lb = mem_lb = 0.0
     for cls in _task_classes(problem):
         if not cls:
             continue
-        node_lb = max(node_lb, min(c[0] for c in cls) + sum(c[1] for c in cls) + min(c[2] for c in cls))
-        for r0 in {c[0] for c in cls}:
-            for q0 in {c[2] for c in cls}:
-                work = sum(c[1] for c in cls if c[0] >= r0 and c[2] >= q0)
+        node_lb = max(node_lb, min(c.head for c in cls) + sum(c.work for c in cls) + min(c.tail for c in cls))
+        for r0 in {c.head for c in cls}:
+            for q0 in {c.tail for c in cls}:
+                work = sum(c.work for c in cls if c.head >= r0 and c.tail >= q0)
                 if work > 0:
                     subset_lb = max(subset_lb, r0 + work + q0)
+        if math.isfinite(memory_cap):
+            mem_lb = max(mem_lb, _memory_bound(cls, memory_cap))
     cp = critical_path(problem)
     avg = problem.total_work / problem.nodes
-    return LowerBound(value=max(node_lb, cp, avg, subset_lb), node=node_lb, critical_path=cp,
-                      average_work=avg, node_subsets=subset_lb)
+    return LowerBound(value=max(node_lb, cp, avg, subset_lb, mem_lb), node=node_lb, critical_path=cp,
+                      average_work=avg, node_subsets=subset_lb, memory=mem_lb, memory_cap=memory_cap)

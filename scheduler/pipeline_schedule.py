@@ -9,6 +9,7 @@ output format of DESIGN.md (plus a ``baseline`` and a ``search`` section).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from fusedrl.kernels import schedule_eval as ke
 
-from .pipeline_baselines import greedy_candidates, one_f_one_b, pipeline_node_orders
+from .pipeline_baselines import one_f_one_b, pipeline_node_orders, start_candidates
 from .pipeline_bounds import LowerBound, lower_bound
 from .pipeline_problem import FusedProblem, Schedule, TaskTable, tasks_to_records
 from .pipeline_search import SearchConfig, SearchOutcome, search
@@ -135,32 +136,48 @@ class ScheduleResult:
 
 
 def solve(problem: FusedProblem | dict, time_limit: float = 10.0, seed: int = 0,
-          workers: int | None = None, config: SearchConfig | None = None) -> ScheduleResult:
-    """Finds a fused schedule for ``problem`` within about ``time_limit`` seconds."""
+          workers: int | None = None, memory_cap: float | None = None,
+          config: SearchConfig | None = None) -> ScheduleResult:
+    """Finds a fused schedule for ``problem`` within about ``time_limit`` seconds.
+
+    ``memory_cap``: the highest peak memory a node may reach. ``None`` (default)
+    caps it at the peak of the pipelines' 1F1B schedules side by side, so fusion
+    never costs memory over running them unfused on shared nodes; ``math.inf``
+    searches the makespan alone (RLHFuse's objective), then lowers the memory.
+    A cap below the memory of one micro-batch's stages on a node is a
+    ``ValueError`` (no schedule fits).
+    """
     import time
 
     t0 = time.time()
     if not isinstance(problem, FusedProblem):
         problem = FusedProblem.from_dict(problem)
-    if time_limit < 0:
-        raise ValueError(f"time_limit: must be non-negative, got {time_limit!r}")
-    cfg = replace(config or SearchConfig(), time_limit=float(time_limit), seed=int(seed))
+    if time_limit < 0 or not math.isfinite(time_limit):
+        raise ValueError(f"time_limit: must be a non-negative number of seconds, got {time_limit!r}")
+    table = TaskTable.build(problem)
+    sbs = side_by_side_peak(problem, table)
+    cap = sbs if memory_cap is None else float(memory_cap)
+    floor = memory_floor(problem)
+    if not cap >= floor:
+        raise ValueError(f"memory_cap: {memory_cap} is below {floor}, the memory one micro-batch "
+                         "holds on some node; no schedule fits")
+    cfg = replace(config or SearchConfig(), time_limit=float(time_limit), seed=int(seed), memory_cap=cap)
     if workers is not None:
         cfg = replace(cfg, workers=int(workers))
-    table = TaskTable.build(problem)
-    lb = lower_bound(problem)
+    lb = lower_bound(problem, cfg.memory_cap)
     seq = time_schedule(table, one_f_one_b(problem, table))
-    starts = [time_schedule(table, s) for s in greedy_candidates(problem, table)]
-    fits = [t for t in starts + [seq] if t.peak_memory <= cfg.memory_cap]
+    starts = {name: time_schedule(table, s) for name, s in start_candidates(problem, table, lb.value,
+                                                                           cfg.memory_cap)}
+    fits = [t for t in list(starts.values()) + [seq] if t.peak_memory <= cfg.memory_cap]
     if not fits:
         raise ValueError(f"memory_cap: no start schedule fits under {cfg.memory_cap}")
-    greedy = min(starts, key=lambda t: (t.makespan, t.peak_memory))
+    paper = [t for n, t in starts.items() if n.startswith("ready")]
+    greedy = min([t for t in paper if t.peak_memory <= cfg.memory_cap] or paper,
+                 key=lambda t: (t.makespan, t.peak_memory))
     # The search starts from the best greedy start or sequential 1F1B within the cap.
     first = min(fits, key=lambda t: (t.makespan, t.peak_memory))
     remaining = max(0.0, cfg.time_limit - (time.time() - t0))
-    outcomes = search(table, first.schedule, lb.value, memory_floor(problem),
-                      replace(cfg, time_limit=remaining))
+    outcomes = search(table, first.schedule, lb.value, floor, replace(cfg, time_limit=remaining))
     best = outcomes[0]
     timing = time_schedule(table, Schedule(best.order, first.schedule.node_ptr))
-    return ScheduleResult(problem, table, timing, lb, greedy, seq, side_by_side_peak(problem, table),
-                          outcomes, time.time() - t0)
+    return ScheduleResult(problem, table, timing, lb, greedy, seq, sbs, outcomes, time.time() - t0)
