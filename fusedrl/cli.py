@@ -69,6 +69,10 @@ from fusedrl.realloc_cli import realloc  # noqa: E402
 
 app.command("realloc")(realloc)
 
+from fusedrl.schedule_cli import schedule  # noqa: E402
+
+app.command("schedule")(schedule)
+
 
 def main() -> None:
     app()
