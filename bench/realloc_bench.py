@@ -1,6 +1,6 @@
 """Reallocation bandwidth vs this machine's own copy bandwidth, and where the time goes.
 
-    python bench/realloc_bench.py [--model base100m] [--bucket-mb 8 32 128] [--inflight 4]
+    python bench/realloc_bench.py [--model base100m] [--bucket-mb 8 32] [--inflight 8]
                                   [--repeats 3] [--out bench/results/realloc_bench.json]
 
 Four local gloo workers (rank == device id, one thread each) reshard a >=100M
@@ -74,8 +74,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="base100m", choices=sorted(PRESETS))
-    ap.add_argument("--bucket-mb", type=float, nargs="+", default=[8, 32, 128])
-    ap.add_argument("--inflight", type=int, default=4)
+    ap.add_argument("--bucket-mb", type=float, nargs="+", default=[8, 32])
+    ap.add_argument("--inflight", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("bench/results/realloc_bench.json"))
     args = ap.parse_args()

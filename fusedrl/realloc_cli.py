@@ -29,8 +29,8 @@ def realloc(
     src: str = typer.Option(..., "--src", help="Source placement, e.g. dp1tp2pp2@0-3."),
     dst: str = typer.Option(..., "--dst", help="Destination placement, e.g. dp4tp1pp1@0-3."),
     verify: bool = typer.Option(False, "--verify", help="Check every destination shard."),
-    bucket_mb: float = typer.Option(32.0, "--bucket-mb", help="Message / staging bucket (MiB)."),
-    inflight: int = typer.Option(4, "--inflight", help="Outstanding messages per worker."),
+    bucket_mb: float = typer.Option(8.0, "--bucket-mb", help="Message / staging bucket (MiB)."),
+    inflight: int = typer.Option(8, "--inflight", help="Outstanding messages per worker."),
     repeats: int = typer.Option(3, "--repeats", help="Runs; the best time is reported."),
     num_devices: int = typer.Option(8, "--num-devices", help="Devices of the local cluster."),
     weights: str = typer.Option("auto", "--weights", help="auto | random | synthetic | checkpoint "

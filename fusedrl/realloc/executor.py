@@ -77,8 +77,8 @@ from fusedrl.models.sharding import (
     shard_regions,
 )
 
-DEFAULT_BUCKET_BYTES = 32 << 20
-DEFAULT_INFLIGHT = 4
+DEFAULT_BUCKET_BYTES = 8 << 20
+DEFAULT_INFLIGHT = 8
 DEFAULT_DIRECT_MIN_BYTES = 256 << 10
 
 
