@@ -211,3 +211,37 @@ def test_bad_shards_rejected_before_communication():
     assert outsider.allocate_dst_shards() is None
     with pytest.raises(ValueError, match="not in the source placement"):
         outsider.run(src, None)
+
+
+# ---------------------------------------------------------------- non-contiguous shards
+
+
+def _column_major(t: torch.Tensor) -> torch.Tensor:
+    """Same values, transposed strides (non-contiguous for a 2-D tensor)."""
+    return t.t().contiguous().t() if t.dim() == 2 else t
+
+
+def _noncontiguous_worker(rank: int) -> bool:
+    import torch.distributed as dist
+
+    from fusedrl.models.sharding import shard_state_dict
+    from fusedrl.realloc.local import random_state_dict
+
+    src, dst = Placement.parse("dp1tp2pp2@0-3"), Placement.parse("dp2tp2pp1@1,0,3,2")
+    plan = plan_realloc(TINY, src, dst)
+    ex = ReallocExecutor(plan, rank, direct_min_bytes=1024, inflight=3)
+    assert any(m.direct for m in ex.my_messages)  # in-place candidates must fall back
+    ex.build_groups()
+    full = random_state_dict(TINY, seed=5)
+    src_shards = {k: _column_major(v) for k, v in
+                  shard_state_dict(full, TINY, src.layout, src.rank_of(rank)).items()}
+    expected = shard_state_dict(full, TINY, dst.layout, dst.rank_of(rank))
+    dst_shards = {k: _column_major(torch.full_like(v, float("nan"))) for k, v in expected.items()}
+    ex.run(src_shards, dst_shards)
+    ok = torch.tensor([int(all(torch.equal(dst_shards[k], expected[k]) for k in expected))])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def test_noncontiguous_shards_are_staged():
+    assert launch(_noncontiguous_worker, 4, timeout=120) == [True] * 4
