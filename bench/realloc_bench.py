@@ -18,7 +18,9 @@ receiver counted) / seconds of the slowest worker, best of ``--repeats``, and
 idle; both in 1e9 bytes/s counting each payload byte once. Also the transport's own
 ceiling (a 256 MiB gloo send between two workers, alone and as two concurrent
 pairs), and each worker's time split into pack / unpack (staging copies), local
-copies, issue and wait (blocked on communication). The machine has fewer cores than
+copies, issue and wait (blocked on communication). Two transports side by side:
+``collective`` (gloo broadcast / isend-irecv over TCP loopback, the path NCCL takes
+on GPUs) and ``shm`` (shared-memory staging slots, :mod:`fusedrl.realloc.shm`). The machine has fewer cores than
 workers when ``os.cpu_count() < 4``: the table says so.
 """
 
@@ -76,15 +78,18 @@ def main() -> None:
     ap.add_argument("--model", default="base100m", choices=sorted(PRESETS))
     ap.add_argument("--bucket-mb", type=float, nargs="+", default=[8, 32])
     ap.add_argument("--inflight", type=int, default=8)
+    ap.add_argument("--transport", nargs="+", default=["collective", "shm"],
+                    choices=["collective", "shm"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("bench/results/realloc_bench.json"))
     args = ap.parse_args()
 
     config = PRESETS[args.model]
-    jobs = [ReallocJob(args.model, src, dst, weights="synthetic", verify=True,
+    grid = [(name, tr, mb) for name in PAIRS for tr in args.transport for mb in args.bucket_mb]
+    jobs = [ReallocJob(args.model, *PAIRS[name], weights="synthetic", verify=True,
                        bucket_bytes=int(mb * (1 << 20)), inflight=args.inflight,
-                       repeats=args.repeats, memcpy_mb=256)
-            for src, dst in PAIRS.values() for mb in args.bucket_mb]
+                       transport=tr, repeats=args.repeats, memcpy_mb=256)
+            for name, tr, mb in grid]
     t0 = time.perf_counter()
     per_rank = launch(_worker, 4, (jobs, 256, args.repeats), timeout=1800)
     wall = time.perf_counter() - t0
@@ -98,26 +103,25 @@ def main() -> None:
           f"{ceiling['one_pair']:.2f} GB/s ({ceiling['one_pair'] / base_copy:.2f} of memcpy), "
           f"two concurrent pairs {ceiling['two_pairs']:.2f} GB/s "
           f"({ceiling['two_pairs'] / base_copy:.2f})")
-    header = (f"{'case':<13}{'bucket':>8}{'moved MB':>10}{'s':>8}{'GB/s':>7}{'memcpy':>8}"
+    header = (f"{'case':<13}{'transport':>11}{'bucket':>8}{'moved MB':>10}{'s':>8}{'GB/s':>7}{'memcpy':>8}"
               f"{'frac':>6}  {'pack':>6}{'unpack':>7}{'local':>7}{'issue':>7}{'wait':>7}  ok")
     print(header)
     rows = []
-    names = [name for name in PAIRS for _ in args.bucket_mb]
-    for i, (name, job) in enumerate(zip(names, jobs)):
+    for i, ((name, _, _), job) in enumerate(zip(grid, jobs)):
         results = [per_rank[r]["jobs"][i] for r in range(4)]
         r0 = results[0]
         stats = [r["device_stats"] for r in results if r["device_stats"]]
         split = {k: max(s[k] for s in stats) for k in
                  ("seconds", "pack_s", "unpack_s", "local_s", "issue_s", "wait_s")}
         frac = r0["gbps"] / r0["memcpy_gbps"]
-        rows.append({"case": name, "src": job.src, "dst": job.dst,
+        rows.append({"case": name, "transport": job.transport, "src": job.src, "dst": job.dst,
                      "bucket_mb": job.bucket_bytes / (1 << 20), "inflight": job.inflight,
                      "bytes_moved": r0["bytes_moved"], "bytes_minimum": r0["bytes_minimum"],
                      "seconds": r0["seconds"], "gbps": r0["gbps"],
                      "memcpy_gbps": r0["memcpy_gbps"], "fraction": frac,
                      "verified": r0["verified"], "max_per_device_s": split,
                      "device_stats": [r["device_stats"] for r in results]})
-        print(f"{name:<13}{job.bucket_bytes / (1 << 20):>7.0f}M{r0['bytes_moved'] / 1e6:>10.0f}"
+        print(f"{name:<13}{job.transport:>11}{job.bucket_bytes / (1 << 20):>7.0f}M{r0['bytes_moved'] / 1e6:>10.0f}"
               f"{r0['seconds']:>8.3f}{r0['gbps']:>7.2f}{r0['memcpy_gbps']:>8.2f}{frac:>6.2f}  "
               f"{split['pack_s']:>6.3f}{split['unpack_s']:>7.3f}{split['local_s']:>7.3f}"
               f"{split['issue_s']:>7.3f}{split['wait_s']:>7.3f}  {r0['verified']}")

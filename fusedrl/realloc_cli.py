@@ -36,6 +36,8 @@ def realloc(
     weights: str = typer.Option("auto", "--weights", help="auto | random | synthetic | checkpoint "
                                 "(auto: checkpoint for a path, random for tiny/small presets, "
                                 "synthetic otherwise)."),
+    transport: str = typer.Option("collective", "--transport", help="collective (gloo "
+                                  "broadcast/p2p) | shm (shared-memory slots, one host)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Reshard MODEL from placement SRC to DST on local workers and report the bandwidth."""
@@ -75,6 +77,8 @@ def realloc(
                                                 else "synthetic")
     if weights not in ("random", "synthetic", "checkpoint"):
         fail(f"--weights must be auto, random, synthetic or checkpoint, got {weights!r}")
+    if transport not in ("collective", "shm"):
+        fail(f"--transport must be collective or shm, got {transport!r}")
     if weights == "checkpoint" and not is_path:
         fail("--weights checkpoint needs --model to be a checkpoint path")
 
@@ -84,7 +88,7 @@ def realloc(
     world = max(plan.src.devices + plan.dst.devices) + 1
     job = ReallocJob(model, str(src_p), str(dst_p), weights=weights, verify=verify,
                      bucket_bytes=max(1, int(bucket_mb * (1 << 20))), inflight=inflight,
-                     repeats=repeats, memcpy_mb=256)
+                     transport=transport, repeats=repeats, memcpy_mb=256)
     try:
         per_rank = launch(run_jobs, world, ([job],))
     except (RuntimeError, TimeoutError) as e:

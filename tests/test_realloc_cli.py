@@ -39,6 +39,8 @@ def test_realloc_tiny_verified():
     (["--src", "dp1tp2pp1", "--dst", "dp2tp1pp1@0-1"], "is not of the form"),
     (["--src", "dp1tp2pp1@0-2", "--dst", "dp2tp1pp1@0-1"], "needs 2 devices, got 3"),
     (["--src", "dp1tp2pp1@0-1", "--dst", "dp2tp1pp1@0-1", "--bucket-mb", "0"], "--bucket-mb"),
+    (["--src", "dp1tp2pp1@0-1", "--dst", "dp2tp1pp1@0-1", "--transport", "mpi"],
+     "--transport must be collective or shm"),
     (["--src", "dp1tp2pp1@0-1", "--dst", "dp2tp1pp1@0-1", "--weights", "checkpoint"],
      "needs --model to be a checkpoint path"),
 ])

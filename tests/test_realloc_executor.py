@@ -35,6 +35,11 @@ CASES = {
     # pieces of >= 1 KiB contiguous on both ends travel in place (no staging copy)
     "direct tp2pp2->dp4": ("dp1tp2pp2@0-3", "dp4tp1pp1@0-3", {"direct_min_bytes": 1024}),
     "direct gqa": ("dp1tp4pp1@0-3", "dp2tp2pp1@1,0,3,2", {"direct_min_bytes": 1024}),
+    # shared-memory transport: same results, slots reused (small bucket, 2 in flight)
+    "shm tp2pp2->dp4": ("dp1tp2pp2@0-3", "dp4tp1pp1@0-3", {"transport": "shm"}),
+    "shm disjoint": ("dp1tp2pp1@0-1", "dp2tp1pp1@2-3", {"transport": "shm"}),
+    "shm gqa small bucket": ("dp1tp4pp1@0-3", "dp2tp1pp2@3,2,1,0",
+                             {"transport": "shm", "bucket_bytes": 1000, "inflight": 2}),
     # 200 B < one row (64 floats): rows are cut along dim 1 as well.
     "sub-row bucket": ("dp1tp2pp1@0-1", "dp1tp1pp2@2,0", {"bucket_bytes": 200}),
 }

@@ -44,6 +44,12 @@ names and wait for each other forever. A runtime that owns its groups can pass
 ``groups=`` (rank tuple -> group) and create :meth:`ReallocExecutor.group_rank_lists`
 itself.
 
+Transports. ``transport="collective"`` (default) is the above: gloo on CPU, NCCL on
+GPU. ``transport="shm"`` is for CPU workers on one host: pieces go through
+shared-memory staging slots (:mod:`fusedrl.realloc.shm`; one pack by the sender, one
+copy by each receiver) and only tiny ready/done tokens cross gloo. On this
+repository's CPU machines it is the faster path for broadcasts (``bench/realloc_bench.py``).
+
 Lifecycle::
 
     plan = plan_realloc(config, src, dst, dtype_bytes=2)
@@ -251,6 +257,7 @@ class ReallocExecutor:
         inflight: int = DEFAULT_INFLIGHT,
         direct_min_bytes: int = DEFAULT_DIRECT_MIN_BYTES,
         groups: Callable[[tuple[int, ...]], Any] | None = None,
+        transport: str = "collective",
     ):
         itemsize = torch.empty((), dtype=dtype).element_size()
         if plan.dtype_bytes != itemsize:
@@ -260,10 +267,15 @@ class ReallocExecutor:
             raise ValueError(f"bucket_bytes={bucket_bytes} is smaller than one element")
         if inflight < 1:
             raise ValueError(f"inflight={inflight} must be at least 1")
+        if transport not in ("collective", "shm"):
+            raise ValueError(f"transport must be 'collective' or 'shm', got {transport!r}")
+        self.transport = transport
+        self._shm = None
         self.plan = plan
         self.device_id = int(device_id)
         self.dtype = dtype
         self.bucket_numel = bucket_bytes // itemsize
+        self._itemsize = itemsize
         self.inflight = inflight
         self._external_groups = groups
         self.src_rank = plan.src.rank_of(self.device_id)
@@ -277,6 +289,12 @@ class ReallocExecutor:
         self.my_messages = [m for m in self.schedule
                             if m.src == self.device_id or self.device_id in m.dsts]
         self.local_transfers = [t for t in plan.local_transfers if t.dst == self.device_id]
+        # ordinal of each message among its sender's messages (its shm slot)
+        counts: dict[int, int] = {}
+        self._ordinal: dict[int, int] = {}
+        for m in self.schedule:
+            self._ordinal[m.index] = counts.get(m.src, 0)
+            counts[m.src] = self._ordinal[m.index] + 1
         self._buffers: list[torch.Tensor] = []
         self.stats = ReallocStats()
 
@@ -287,7 +305,10 @@ class ReallocExecutor:
         return tuple(sorted(set(self.plan.src.devices) | set(self.plan.dst.devices)))
 
     def group_rank_lists(self) -> list[tuple[int, ...]]:
-        """Rank sets of every group the schedule uses, sorted (same on every process)."""
+        """Rank sets of every group the schedule uses, sorted (same on every process):
+        broadcast and pair groups, or only (sender, receiver) pairs with ``transport="shm"``."""
+        if self.transport == "shm":
+            return sorted({tuple(sorted((m.src, d))) for m in self.schedule for d in m.dsts})
         return sorted({m.ranks for m in self.schedule})
 
     def build_groups(self) -> None:
@@ -295,8 +316,18 @@ class ReallocExecutor:
 
         Collective over the *world* (torch's ``new_group`` contract): every process
         calls it for the same plans in the same order, members and non-members alike.
-        A no-op with ``groups=``.
+        With ``groups=`` no group is created; with ``transport="shm"`` the shared
+        staging slots are set up here too (also collective over the world).
         """
+        if self.transport == "shm" and self._shm is None:
+            from fusedrl.realloc.shm import ShmSlots
+
+            slot_numel: dict[int, int] = {}
+            for m in self.schedule:
+                slot_numel[m.src] = max(slot_numel.get(m.src, 0), m.numel)
+            peers = {m.src for m in self.my_messages if m.src != self.device_id}
+            self._shm = ShmSlots.create(self.device_id, slot_numel, peers, self.inflight,
+                                        self.dtype)
         if self._external_groups is not None:
             return
         world = dist.get_world_size()
@@ -375,6 +406,15 @@ class ReallocExecutor:
                 raise ValueError(f"CUDA shards need the NCCL backend, got {backend}")
         stats = self.stats = ReallocStats()
         t_start = time.perf_counter()
+        if self.transport == "shm":
+            if device.type != "cpu":
+                raise ValueError("transport='shm' is for CPU shards")
+            if self._shm is None and self.my_messages:
+                raise RuntimeError("shared-memory slots do not exist: call build_groups() on "
+                                   "every process first")
+            self._run_shm(src_shards, dst_shards, stats)
+            stats.seconds = time.perf_counter() - t_start
+            return stats
         self._ensure_buffers(device, all(t.is_contiguous() for t in tensors))
         free = list(self._buffers)
         pending: deque = deque()  # (message, works, staging buffer or None)
@@ -443,6 +483,92 @@ class ReallocExecutor:
             torch.cuda.current_stream(device).synchronize()
         stats.seconds = time.perf_counter() - t_start
         return stats
+
+    def _run_shm(self, src_shards, dst_shards, stats: ReallocStats) -> None:
+        """Shared-memory execution (:mod:`fusedrl.realloc.shm`): the sender packs a
+        message once into its slot and sends a *ready* token to each receiver; a
+        receiver copies the slot into its shard and answers *done*, which frees the
+        slot for the sender's message ``j + inflight``.
+
+        Deadlock-free like the collective path: receipts retire in global order, and
+        a sender drains its own pending receipts before it waits for *done* tokens,
+        so the earliest unfinished message always finishes.
+        """
+        me = self.device_id
+        ready = torch.zeros(1, dtype=torch.int32)  # tokens: only their arrival matters
+        receipts: deque = deque()  # (message, ready work, token buffer)
+        slot_waits: dict[int, tuple[list, list]] = {}  # slot -> (works, token buffers)
+        acks_sent: list = []
+        local_done = False
+
+        def pair(peer: int) -> Any:
+            return self._group((min(me, peer), max(me, peer)))
+
+        def retire_oldest() -> None:
+            msg, work, _ = receipts.popleft()
+            t0 = time.perf_counter()
+            work.wait()
+            stats.wait_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            slot = self._shm.slot(msg.src, self._ordinal[msg.index])
+            off = 0
+            for chunk in msg.chunks:
+                view = self._views(dst_shards, self.dst_regions, chunk)
+                view.copy_(slot[off:off + chunk.numel].view(view.shape))
+                off += chunk.numel
+            stats.unpack_s += time.perf_counter() - t0
+            acks_sent.append(dist.isend(ready, msg.src, group=pair(msg.src)))
+
+        for msg in self.my_messages:
+            if not local_done and (receipts or slot_waits):
+                self._local_copies(src_shards, dst_shards)  # overlap with the first messages
+                local_done = True
+            if msg.src == me:
+                j = self._ordinal[msg.index]
+                k = j % self.inflight
+                if k in slot_waits:
+                    while receipts:
+                        retire_oldest()
+                    t0 = time.perf_counter()
+                    for w in slot_waits.pop(k)[0]:
+                        w.wait()
+                    stats.wait_s += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                slot = self._shm.slot(me, j)
+                off = 0
+                for chunk in msg.chunks:
+                    view = self._views(src_shards, self.src_regions, chunk)
+                    slot[off:off + chunk.numel].view(view.shape).copy_(view)
+                    off += chunk.numel
+                stats.pack_s += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                works = [dist.isend(ready, d, group=pair(d)) for d in msg.dsts]
+                dones = [torch.zeros(1, dtype=torch.int32) for _ in msg.dsts]
+                works += [dist.irecv(t, d, group=pair(d)) for t, d in zip(dones, msg.dsts)]
+                slot_waits[k] = (works, dones)  # token buffers live as long as their works
+                stats.issue_s += time.perf_counter() - t0
+                stats.bytes_sent += msg.numel * self._itemsize * len(msg.dsts)
+            else:
+                while len(receipts) >= self.inflight:
+                    retire_oldest()
+                t0 = time.perf_counter()
+                token = torch.zeros(1, dtype=torch.int32)
+                receipts.append((msg, dist.irecv(token, msg.src, group=pair(msg.src)), token))
+                stats.issue_s += time.perf_counter() - t0
+                stats.bytes_received += msg.numel * self._itemsize
+            stats.messages += 1
+            stats.staged_messages += 1
+        if not local_done:
+            self._local_copies(src_shards, dst_shards)
+        while receipts:
+            retire_oldest()
+        t0 = time.perf_counter()
+        for works, _ in slot_waits.values():
+            for w in works:
+                w.wait()
+        for w in acks_sent:
+            w.wait()
+        stats.wait_s += time.perf_counter() - t0
 
     def _issue(self, msg: Message, tensor: torch.Tensor, sending: bool) -> list:
         group = self._group(msg.ranks)

@@ -180,6 +180,7 @@ class ReallocJob:
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     inflight: int = DEFAULT_INFLIGHT
     direct_min_bytes: int = DEFAULT_DIRECT_MIN_BYTES
+    transport: str = "collective"
     repeats: int = 1
     memcpy_mb: int = 0
     seed: int = 0
@@ -238,7 +239,7 @@ def run_jobs(rank: int, jobs: list[ReallocJob]) -> list[dict[str, Any]]:
         src, dst = Placement.parse(job.src), Placement.parse(job.dst)
         plan = plan_realloc(config, src, dst, num_devices=world)
         ex = ReallocExecutor(plan, rank, bucket_bytes=job.bucket_bytes, inflight=job.inflight,
-                             direct_min_bytes=job.direct_min_bytes)
+                             direct_min_bytes=job.direct_min_bytes, transport=job.transport)
         ex.build_groups()
         src_shards, expected = _inputs(job, config, src, dst, rank)
         dst_shards = ex.allocate_dst_shards()
