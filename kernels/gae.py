@@ -22,8 +22,10 @@ Backends:
   blocked scan: within blocks of ``_BLOCK`` tokens a ``[C, C]`` matrix of powers of
   ``gamma*lam`` (a matmul), across blocks the same trick on the block carries.
   Powers only ever appear as ``c**k`` with ``k >= 0``, so nothing overflows.
-* ``"auto"``: numba for CPU tensors when numba imports, torch otherwise. A cupy
-  kernel for CUDA tensors is planned; it slots into :data:`BACKENDS` and ``_pick``.
+* ``"cupy"``: a RawKernel for CUDA tensors, one thread per row
+  (:mod:`fusedrl.kernels.gae_cuda`; needs the ``gpu`` extra).
+* ``"auto"``: numba for CPU tensors when numba imports, cupy for CUDA tensors when cupy
+  imports, torch otherwise.
 
 GAE is computed under ``torch.no_grad()``: inputs are detached.
 """
@@ -34,6 +36,8 @@ import math
 
 import numpy as np
 import torch
+
+from fusedrl.kernels.gae_cuda import gae_cupy, have_cupy
 
 try:  # numba is a core dependency, but keep the torch path usable without it.
     from numba import njit
@@ -176,13 +180,15 @@ def _gae_numba(
     return torch.from_numpy(adv), torch.from_numpy(ret)
 
 
-BACKENDS = {"torch": _gae_torch, "numba": _gae_numba}
+BACKENDS = {"torch": _gae_torch, "numba": _gae_numba, "cupy": gae_cupy}
 
 
 def _pick(device: torch.device) -> str:
     if device.type == "cpu" and HAVE_NUMBA:
         return "numba"
-    return "torch"  # CUDA (until the cupy kernel lands) or no numba
+    if device.type == "cuda" and have_cupy():
+        return "cupy"
+    return "torch"  # any device, no numba/cupy
 
 
 @torch.no_grad()
@@ -203,7 +209,7 @@ def compute_gae(
         mask: ``[B, T]`` response mask, 1s then 0s per row (bool, int or float).
         gamma: discount factor in [0, 1].
         lam: GAE lambda in [0, 1].
-        backend: ``"auto"``, ``"numba"`` (CPU only) or ``"torch"``.
+        backend: ``"auto"``, ``"numba"`` (CPU only), ``"cupy"`` (CUDA only) or ``"torch"``.
 
     Returns:
         ``(advantages, returns)``, ``[B, T]`` in float32 (float64 if an input is

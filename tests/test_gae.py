@@ -117,4 +117,6 @@ def test_errors():
     with pytest.raises(ValueError, match="lam"):
         compute_gae(x, x, torch.ones(2, 4), lam=1.5)
     with pytest.raises(ValueError, match="unknown backend"):
+        compute_gae(x, x, torch.ones(2, 4), backend="triton")
+    with pytest.raises(ValueError, match="backend='cupy' needs CUDA tensors"):
         compute_gae(x, x, torch.ones(2, 4), backend="cupy")
