@@ -16,10 +16,11 @@ function of the plan and the bucket size:
   piece with one receiver travels as point-to-point (``isend``/``irecv`` through
   ``dist.batch_isend_irecv``) on the pair's group;
 - pieces with the same sender and receivers are cut into *chunks* (sub-regions of at
-  most ``bucket_bytes``) and packed, in plan order, into messages of at most
-  ``bucket_bytes``; a message of one chunk whose view is contiguous in the shard is
-  sent or received in place (no staging copy), otherwise it is packed into / unpacked
-  from a flat staging buffer;
+  most ``bucket_bytes``); a chunk of at least ``direct_min_bytes`` that is contiguous
+  in the sender's and every receiver's shard (e.g. a column-parallel half) is its own
+  message, sent and received in place; the others (row-parallel halves, norms, small
+  pieces) are packed, in plan order, into flat staging buffers of at most
+  ``bucket_bytes`` and unpacked on arrival;
 - the messages of all (sender, receivers) streams are interleaved round-robin into
   one global order, so that every sender is busy from the start.
 
@@ -47,8 +48,9 @@ itself.
 Transports. ``transport="collective"`` (default) is the above: gloo on CPU, NCCL on
 GPU. ``transport="shm"`` is for CPU workers on one host: pieces go through
 shared-memory staging slots (:mod:`fusedrl.realloc.shm`; one pack by the sender, one
-copy by each receiver) and only tiny ready/done tokens cross gloo. On this
-repository's CPU machines it is the faster path for broadcasts (``bench/realloc_bench.py``).
+copy by each receiver) and only tiny ready/done tokens cross gloo: a broadcast is
+packed once instead of written into a socket per receiver. ``bench/realloc_bench.py``
+compares the two side by side.
 
 Lifecycle::
 
