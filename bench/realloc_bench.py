@@ -20,8 +20,8 @@ ceiling (a 256 MiB gloo send between two workers, alone and as two concurrent
 pairs), and each worker's time split into pack / unpack (staging copies), local
 copies, issue and wait (blocked on communication). Two transports side by side:
 ``collective`` (gloo broadcast / isend-irecv over TCP loopback, the path NCCL takes
-on GPUs) and ``shm`` (shared-memory staging slots, :mod:`fusedrl.realloc.shm`). The machine has fewer cores than
-workers when ``os.cpu_count() < 4``: the table says so.
+on GPUs) and ``shm`` (shared-memory staging slots, :mod:`fusedrl.realloc.shm`).
+The machine has fewer cores than workers when ``os.cpu_count() < 4``: the table says so.
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ def main() -> None:
           f"{ceiling['one_pair']:.2f} GB/s ({ceiling['one_pair'] / base_copy:.2f} of memcpy), "
           f"two concurrent pairs {ceiling['two_pairs']:.2f} GB/s "
           f"({ceiling['two_pairs'] / base_copy:.2f})")
-    header = (f"{'case':<13}{'transport':>11}{'bucket':>8}{'moved MB':>10}{'s':>8}{'GB/s':>7}{'memcpy':>8}"
+    header = (f"{'case':<13}{'transport':>11}{'bucket':>8}{'moved MB':>10}{'s':>8}{'GB/s':>7}"
+              f"{'memcpy':>8}"
               f"{'frac':>6}  {'pack':>6}{'unpack':>7}{'local':>7}{'issue':>7}{'wait':>7}  ok")
     print(header)
     rows = []
@@ -121,7 +122,8 @@ def main() -> None:
                      "memcpy_gbps": r0["memcpy_gbps"], "fraction": frac,
                      "verified": r0["verified"], "max_per_device_s": split,
                      "device_stats": [r["device_stats"] for r in results]})
-        print(f"{name:<13}{job.transport:>11}{job.bucket_bytes / (1 << 20):>7.0f}M{r0['bytes_moved'] / 1e6:>10.0f}"
+        print(f"{name:<13}{job.transport:>11}{job.bucket_bytes / (1 << 20):>7.0f}M"
+              f"{r0['bytes_moved'] / 1e6:>10.0f}"
               f"{r0['seconds']:>8.3f}{r0['gbps']:>7.2f}{r0['memcpy_gbps']:>8.2f}{frac:>6.2f}  "
               f"{split['pack_s']:>6.3f}{split['unpack_s']:>7.3f}{split['local_s']:>7.3f}"
               f"{split['issue_s']:>7.3f}{split['wait_s']:>7.3f}  {r0['verified']}")

@@ -244,9 +244,10 @@ class ReallocExecutor:
     ``bucket_bytes`` bounds every message and staging buffer; ``inflight`` bounds how
     many messages (hence staging buffers) are outstanding at once, so the extra
     memory is at most ``inflight * bucket_bytes``. Pieces of at least
-    ``direct_min_bytes`` that are contiguous on both ends skip the staging copies. ``groups`` optionally maps a
-    sorted rank tuple to an existing process group (a runtime's registry); by
-    default the executor creates and caches them (:meth:`build_groups`).
+    ``direct_min_bytes`` that are contiguous on both ends skip the staging copies.
+    ``groups`` optionally maps a sorted rank tuple to an existing process group (a
+    runtime's registry); by default the executor creates and caches them
+    (:meth:`build_groups`). ``transport``: ``"collective"`` or ``"shm"`` (module doc).
     """
 
     def __init__(
@@ -352,7 +353,9 @@ class ReallocExecutor:
                                f"every process first") from None
 
     # ---- shards ----------------------------------------------------------------
-    def allocate_dst_shards(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor] | None:
+    def allocate_dst_shards(
+        self, device: torch.device | str = "cpu"
+    ) -> dict[str, torch.Tensor] | None:
         """Uninitialised destination shards of this device, ``None`` if not in ``dst``."""
         if self.dst_regions is None:
             return None

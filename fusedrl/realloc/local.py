@@ -153,10 +153,12 @@ def synthetic_shards(config: ModelConfig, placement: Placement, device: int, hea
             for name, region in shard_regions(config, placement.layout, rank, head).items()}
 
 
-def random_state_dict(config: ModelConfig, seed: int = 0, head: str = "lm") -> dict[str, torch.Tensor]:
+def random_state_dict(config: ModelConfig, seed: int = 0,
+                      head: str = "lm") -> dict[str, torch.Tensor]:
     """A full random state dict (same on every process for the same seed)."""
     g = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(shape, generator=g) for name, shape in param_shapes(config, head).items()}
+    return {name: torch.randn(shape, generator=g)
+            for name, shape in param_shapes(config, head).items()}
 
 
 # ------------------------------------------------------------------------ jobs
@@ -261,7 +263,7 @@ def run_jobs(rank: int, jobs: list[ReallocJob]) -> list[dict[str, Any]]:
                 best, best_stats = elapsed.item(), stats
         verified = None
         if job.verify:
-            ok = all(torch.equal(dst_shards[k], expected[k]) for k in expected) if expected else True
+            ok = all(torch.equal(dst_shards[k], expected[k]) for k in (expected or {}))
             flag = torch.tensor([1 if ok else 0])
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             verified = bool(flag.item())
