@@ -11,12 +11,14 @@ Each placement (DESIGN.md "Layouts") needs, for the rank a device holds in it:
   kv head sum that head's gradients),
 - its pipeline neighbours (point-to-point, on the world group).
 
-Groups are created with ``dist.new_group(ranks, use_local_synchronization=True)``, so
-only members take part, and cached by rank list: placements on the same devices share
-their groups. A gloo group's creation is a rendezvous of its members, so every worker
-walks the *same* global list of rank lists (all placements, in a fixed order) and
-creates the ones it belongs to; two members therefore never wait on each other for
-different groups.
+Groups are cached by rank list (placements on the same devices share their groups)
+and created as Megatron's ``initialize_model_parallel`` does: every worker walks the
+*same* global list of rank lists (all placements, in a fixed order) and calls
+``dist.new_group`` for each, member or not. ``use_local_synchronization=True`` (members
+only) was tried and rejected: with torch 2.13 + gloo, creating ``[0, 1, 2, 3]`` hangs
+when ranks 0 and 1 created ``[0, 1]`` just before and ranks 2 and 3 did not (the
+members' rendezvous keys depend on how many groups each created before), which is
+exactly the situation of overlapping placements.
 
 Lifecycle::
 
@@ -43,11 +45,14 @@ class GroupRegistry:
         self._groups: dict[tuple[int, ...], object] = {}
 
     def create_all(self, rank_lists: list[tuple[int, ...]]) -> None:
-        """Create, in order, every group in ``rank_lists`` that this rank belongs to."""
+        """Create, in order, every group of ``rank_lists``; every rank of the world must
+        call this with the same list. Keeps the groups this rank belongs to."""
         for ranks in rank_lists:
-            if self.rank in ranks and ranks not in self._groups:
-                self._groups[ranks] = dist.new_group(list(ranks),
-                                                     use_local_synchronization=True)
+            if ranks in self._groups:
+                continue
+            group = dist.new_group(list(ranks))
+            if self.rank in ranks:
+                self._groups[ranks] = group
 
     def get(self, ranks) -> object:
         key = tuple(sorted(ranks))

@@ -69,6 +69,7 @@ class Worker:
 
         warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
         warnings.filterwarnings("ignore", message=".*Apex.*")
+        warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
         self.device = device
         self.world_size = world_size
         self.shards: dict[str, Shard] = {}
@@ -85,8 +86,11 @@ class Worker:
     def init_distributed(self, host: str, port: int) -> None:
         import torch.distributed as dist
 
+        from datetime import timedelta
+
+        # A finite timeout turns a mismatched collective into an error instead of a hang.
         dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=self.device,
-                                world_size=self.world_size)
+                                world_size=self.world_size, timeout=timedelta(minutes=10))
 
     def setup(self, spec: RunSpec) -> None:
         from fusedrl.layout import Placement
