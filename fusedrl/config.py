@@ -115,7 +115,8 @@ class GenerationSection:
     max_batch_size: int = 64
     """Decode slots of the engine (continuous batching)."""
     backend: str = "native"
-    """Generation backend."""
+    """Generation backend: a name in ``fusedrl.generation.backend.available_backends()``
+    (``native``, ``vllm``; build it with ``make_backend``)."""
 
     def __post_init__(self) -> None:
         _require(self.max_new_tokens >= 1, "generation.max_new_tokens", self.max_new_tokens,
@@ -126,8 +127,12 @@ class GenerationSection:
         _require(self.top_k >= 0, "generation.top_k", self.top_k, "must be >= 0")
         _require(self.max_batch_size >= 1, "generation.max_batch_size", self.max_batch_size,
                  "must be >= 1")
-        _require(self.backend in ("native",), "generation.backend", self.backend,
-                 "known backends: native")
+        if self.backend != "native":  # the registry imports torch: only when needed
+            from fusedrl.generation.backend import available_backends
+
+            known = available_backends()
+            _require(self.backend in known, "generation.backend", self.backend,
+                     f"known backends: {', '.join(known)}")
 
 
 @dataclass

@@ -108,7 +108,9 @@ class GenerationEngine:
             if total > self.max_seq_len:
                 raise ValueError(f"sample {r.sample_id}: prompt of {len(r.prompt_ids)} tokens + "
                                  f"{max_new} new tokens exceeds max_seq_len={self.max_seq_len}")
-            self.queue.append(r)
+            # A copy: the engine appends to it, the caller's request stays as it was.
+            self.queue.append(Request(r.sample_id, list(r.prompt_ids), r.max_new_tokens,
+                                      list(r.response_ids), list(r.logprobs)))
 
     def has_unfinished(self) -> bool:
         return bool(self.queue) or any(s is not None for s in self.slots)

