@@ -85,4 +85,22 @@ PRESETS: dict[str, ModelConfig] = {
                                 num_layers=30, num_heads=9, num_kv_heads=3,
                                 max_position_embeddings=8192, rope_theta=100000.0,
                                 tie_word_embeddings=True),
+    # LLaMA shapes (Touvron et al. 2023; 33B is the paper's "30B") for the cluster
+    # simulator (`fusedrl simulate`); 4096 positions so 2048-token generations fit.
+    "llama-7b": ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                            num_layers=32, num_heads=32, num_kv_heads=32,
+                            max_position_embeddings=4096),
+    "llama-13b": ModelConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
+                             num_layers=40, num_heads=40, num_kv_heads=40,
+                             max_position_embeddings=4096),
+    "llama-33b": ModelConfig(vocab_size=32000, hidden_size=6656, intermediate_size=17920,
+                             num_layers=60, num_heads=52, num_kv_heads=52,
+                             max_position_embeddings=4096),
+    "llama-65b": ModelConfig(vocab_size=32000, hidden_size=8192, intermediate_size=22016,
+                             num_layers=80, num_heads=64, num_kv_heads=64,
+                             max_position_embeddings=4096),
+    # Llama 2 70B: grouped-query attention with 8 kv heads.
+    "llama2-70b": ModelConfig(vocab_size=32000, hidden_size=8192, intermediate_size=28672,
+                              num_layers=80, num_heads=64, num_kv_heads=8,
+                              max_position_embeddings=4096),
 }
