@@ -76,15 +76,18 @@ def test_layout_matches_single_device(name, ray_session, reference, tmp_path):
     assert json.loads((out / "checkpoints/iter_2/actor/config.json").read_text())
 
 
-def test_placement_not_fitting_the_model_fails_before_workers(ray_session, tmp_path):
-    from ray.util.state import list_actors
+def test_placement_not_fitting_the_model_fails_before_workers(ray_session, tmp_path,
+                                                             monkeypatch):
+    from fusedrl.runtime import controller
 
-    before = len([a for a in list_actors() if a.state == "ALIVE"])
+    def no_workers(*args, **kwargs):
+        raise AssertionError("a worker was started for an invalid placement")
+
+    monkeypatch.setattr(controller.RemoteWorker, "options", no_workers)
     cfg = load_config(None, SMALL + ["cluster.devices=4", "placement.actor_train=dp1tp3pp1@0-2"])
     with pytest.raises(ConfigError, match=r"placement.actor_train.*tp=3 does not divide "
                                           r"num_heads=4"):
         train(cfg, tmp_path / "bad", show_progress=False)
-    assert len([a for a in list_actors() if a.state == "ALIVE"]) == before
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
 
 
@@ -95,17 +98,16 @@ def test_placement_outside_the_cluster_is_a_config_error():
         load_config(None, ["placement.ref=dp2@0"])
 
 
-def test_resume_of_a_sharded_run(ray_session, tmp_path):
-    """Optimizer shards and weights come back: a resumed dp1tp2pp2 run repeats the
-    uninterrupted one."""
-    base = SMALL[:-1] + ["cluster.devices=4", "placement.default=dp1tp2pp2@0-3",
-                         "trainer.save_every=1"]
-    full = train(load_config(None, base + ["trainer.iterations=2"]), tmp_path / "a",
-                 show_progress=False)
+def test_resume_of_a_sharded_run(ray_session, reference, tmp_path):
+    """Weights and optimizer shards come back: a dp1tp2pp2 run stopped after one
+    iteration and resumed gives the uninterrupted (single-device) second iteration."""
+    _, ref_hist = reference
+    base = SMALL[:-1] + ["cluster.devices=4", "placement.default=dp1tp2pp2@0-3"]
     train(load_config(None, base + ["trainer.iterations=1"]), tmp_path / "b",
           show_progress=False)
+    assert (tmp_path / "b/checkpoints/iter_1/optim/actor_train_device3.pt").exists()
     resumed = train(load_config(None, base + ["trainer.iterations=2"]), tmp_path / "b",
                     resume=True, show_progress=False)
     assert [m["iteration"] for m in resumed] == [2]
     for key in KEYS:
-        assert resumed[0][key] == pytest.approx(full[1][key], rel=1e-5, abs=1e-7), key
+        assert resumed[0][key] == pytest.approx(ref_hist[1][key], rel=1e-3, abs=1e-6), key

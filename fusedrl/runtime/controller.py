@@ -133,9 +133,13 @@ class DistributedPPOTrainer(PPOTrainer):
         self._owns_ray = ensure_ray(c.cluster.address, c.cluster.devices)
         n = c.cluster.devices
         self.workers = [RemoteWorker.options(num_cpus=1).remote(d, n) for d in range(n)]
-        host, port = ray.get(self.workers[0].address.remote())
-        ray.get([w.init_distributed.remote(host, port) for w in self.workers])
-        ray.get([w.setup.remote(spec) for w in self.workers])
+        try:
+            host, port = ray.get(self.workers[0].address.remote())
+            ray.get([w.init_distributed.remote(host, port) for w in self.workers])
+            ray.get([w.setup.remote(spec) for w in self.workers])
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------ dispatch
 
