@@ -73,6 +73,10 @@ from fusedrl.schedule_cli import schedule  # noqa: E402
 
 app.command("schedule")(schedule)
 
+from fusedrl.sim_cli import simulate  # noqa: E402
+
+app.command("simulate")(simulate)
+
 
 def main() -> None:
     app()
