@@ -134,6 +134,11 @@ class VLLMBackend:
             # Enough for every slot at full length, plus vLLM's block rounding.
             per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4
             kv_cache_bytes = max(per_token * max_batch_size * (self.max_seq_len + 32), 1 << 24)
+        # vLLM joins an existing default process group instead of creating its own; make
+        # it fusedrl's one-rank gloo world, which outlives the engine (see stop()).
+        from fusedrl.runtime.dist import local_group
+
+        local_group()
         tmp = Path(tempfile.mkdtemp(prefix="fusedrl-vllm-"))
         try:
             save_hf_checkpoint(tmp, config, {k: v for k, v in state.items()
@@ -267,14 +272,27 @@ class VLLMBackend:
             raise RuntimeError("release() while samples are generating")
 
     def stop(self) -> None:
+        """Shut the engine down. Call it rather than dropping the backend: vLLM's
+        shutdown destroys torch.distributed's default process group, which this process
+        (fusedrl's ``local_group``, the runtime's groups) keeps using, so it runs here
+        with that one call suppressed."""
+        if self.llm is None:
+            return
         for rid in list(self._running):
             self.engine.abort_request([rid])
         self._running.clear()
-        llm, self.llm, self.engine = self.llm, None, None
-        del llm
-        import gc
+        destroy = torch.distributed.destroy_process_group
 
-        gc.collect()
+        def keep_default(group=None):
+            if group is not None:
+                destroy(group)
+
+        torch.distributed.destroy_process_group = keep_default
+        try:
+            self.engine.engine_core.shutdown()
+        finally:
+            torch.distributed.destroy_process_group = destroy
+        self.llm = self.engine = None
 
 
 def _sample(req: Request, reason: str) -> Sample:
