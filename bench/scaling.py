@@ -5,8 +5,9 @@ thread; run it on a machine with at least 2 free cores.
 
     .venv/bin/python bench/scaling.py [--iterations 3] [--preset small] [--json OUT]
 
-Both layouts run the same config through the Ray runtime (2 workers; at dp1 the second
-stays idle), the first iteration is a warm-up, and the training tokens/s is
+Both layouts run the same config through the Ray runtime (2 workers each; at dp1 the
+second stays idle), both trainers alive at once with their iterations alternated, the
+first iteration a warm-up; the training tokens/s is
 ``ppo_epochs * tokens of the rollout batch / timing_s/train`` summed over the measured
 iterations. Generation and inference are not part of the figure.
 """
@@ -22,7 +23,7 @@ import time
 import warnings
 
 
-def measure(placement: str, args) -> dict:
+def make_trainer(placement: str, args):
     from fusedrl.config import load_config
     from fusedrl.runtime.controller import DistributedPPOTrainer
 
@@ -32,18 +33,32 @@ def measure(placement: str, args) -> dict:
         f"ppo.mini_batch_size={args.batch // 2}", f"ppo.micro_batch_size={args.micro}",
         "ppo.ppo_epochs=1", "cluster.devices=2", f"placement.default={placement}",
         f"trainer.iterations={args.iterations + 1}"])
-    trainer = DistributedPPOTrainer(cfg)
+    return DistributedPPOTrainer(cfg)
+
+
+def measure(args) -> dict:
+    """Both layouts alive at once (4 workers, 2 busy at a time), iterations alternated
+    so that background load on a shared machine hits both alike."""
+    layouts = {"dp1": "dp1tp1pp1@0", "dp2": "dp2tp1pp1@0-1"}
+    trainers = {k: make_trainer(p, args) for k, p in layouts.items()}
+    out = {k: {"placement": p, "train_tokens": 0.0, "train_seconds": 0.0, "per_iteration": []}
+           for k, p in layouts.items()}
     try:
-        trainer.step()  # warm-up
-        tokens = seconds = 0.0
+        for t in trainers.values():
+            t.step()  # warm-up
         for _ in range(args.iterations):
-            m = trainer.step()
-            tokens += m["perf/total_num_tokens"] * cfg.ppo.ppo_epochs
-            seconds += m["timing_s/train"]
+            for k, t in trainers.items():
+                m = t.step()
+                tokens = m["perf/total_num_tokens"] * t.config.ppo.ppo_epochs
+                out[k]["train_tokens"] += tokens
+                out[k]["train_seconds"] += m["timing_s/train"]
+                out[k]["per_iteration"].append(tokens / m["timing_s/train"])
     finally:
-        trainer.close()
-    return {"placement": placement, "train_tokens": tokens, "train_seconds": seconds,
-            "tokens_per_s": tokens / seconds}
+        for t in trainers.values():
+            t.close()
+    for v in out.values():
+        v["tokens_per_s"] = v["train_tokens"] / v["train_seconds"]
+    return out
 
 
 def main() -> None:
@@ -61,15 +76,15 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray-"),
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray-"),
              log_to_driver=False)
     t0 = time.time()
     try:
-        dp1 = measure("dp1tp1pp1@0", args)
-        dp2 = measure("dp2tp1pp1@0-1", args)
+        res = measure(args)
+        dp1, dp2 = res["dp1"], res["dp2"]
     finally:
         ray.shutdown()
-    result = {"cores": os.cpu_count(), "preset": args.preset, "batch": args.batch,
+    result = {"cores": os.cpu_count(), "load_average_1m": os.getloadavg()[0], "preset": args.preset, "batch": args.batch,
               "micro_batch": args.micro, "dp1": dp1, "dp2": dp2,
               "speedup_dp2_over_dp1": dp2["tokens_per_s"] / dp1["tokens_per_s"],
               "wall_s": time.time() - t0}
