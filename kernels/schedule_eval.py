@@ -61,13 +61,11 @@ def seed_rng(seed):
 
 @njit(cache=True)
 def _propagate(order, pos, node_ptr, dur, node, dep, succ, start, end, head,
-               stack, in_stack, threshold, log, undo_task, undo_val, due, late):
+               stack, in_stack, threshold, log, undo_task, undo_val):
     """Schedules every task at or after ``head[n]`` on each node ``n``.
 
     Tasks before ``head[n]`` are done and keep their times; a task is done iff
-    ``pos[t] < head[node[t]]``. If ``due`` is not empty, ``late[0]`` is kept equal
-    to the total tardiness ``sum(max(0, end - due))``. Returns
-    ``(makespan, n_logged)``; makespan is ``DEADLOCK`` if some task could not be
+    ``pos[t] < head[node[t]]``. Returns ``(makespan, n_logged)``; makespan is ``DEADLOCK`` if some task could not be
     scheduled, ``EXCEEDED`` if a task ended after ``threshold`` (evaluation
     stopped there). With ``log`` the previous ``(start, end)`` of each rescheduled
     task is appended to the undo log.
@@ -81,7 +79,6 @@ def _propagate(order, pos, node_ptr, dur, node, dep, succ, start, end, head,
         sp += 1
         in_stack[n] = 1
     n_log = 0
-    track = due.shape[0] > 0
     while sp > 0:
         sp -= 1
         n = stack[sp]
@@ -104,8 +101,6 @@ def _propagate(order, pos, node_ptr, dur, node, dep, succ, start, end, head,
                 undo_val[2 * n_log] = start[t]
                 undo_val[2 * n_log + 1] = end[t]
                 n_log += 1
-            if track:
-                late[0] += max(0.0, e - due[t]) - max(0.0, end[t] - due[t])
             start[t] = s
             end[t] = e
             free = e
@@ -142,7 +137,7 @@ def evaluate(order, pos, node_ptr, dur, node, dep, succ, start, end):
     dummy_i = np.empty(0, np.int64)
     dummy_f = np.empty(0, np.float64)
     mk, _ = _propagate(order, pos, node_ptr, dur, node, dep, succ, start, end, head,
-                       stack, in_stack, np.inf, False, dummy_i, dummy_f, dummy_f, dummy_f)
+                       stack, in_stack, np.inf, False, dummy_i, dummy_f)
     return mk
 
 
@@ -168,16 +163,6 @@ def node_peaks(order, node_ptr, memd, prefix, peaks):
 
 
 @njit(cache=True)
-def tardiness(end, due):
-    """``sum(max(0, end - due))``: how far the tasks end past their due dates."""
-    tot = 0.0
-    for t in range(end.shape[0]):
-        if end[t] > due[t]:
-            tot += end[t] - due[t]
-    return tot
-
-
-@njit(cache=True)
 def _workspace(num_tasks, num_nodes):
     # head, stack, in_stack, undo_task, undo_val, saved segment
     return (np.empty(num_nodes, np.int64), np.empty(num_nodes, np.int64),
@@ -193,12 +178,12 @@ def _save(order, lo, hi, ws):
 
 
 @njit(cache=True)
-def _retime(order, pos, node_ptr, dur, node, dep, succ, start, end, lo, hi, threshold, ws, due, late):
+def _retime(order, pos, node_ptr, dur, node, dep, succ, start, end, lo, hi, threshold, ws):
     """Re-times after the segment ``[lo, hi]`` of one node was rearranged.
 
     The segment's previous contents must be in the workspace (:func:`_save`);
     fixes ``pos`` for the segment. Returns ``(makespan, n_logged)`` as
-    :func:`_propagate`.
+    :func:`_propagate`; the caller reverts a rejected move with :func:`_revert`.
     """
     head = ws[0]
     saved = ws[5]
@@ -220,7 +205,7 @@ def _retime(order, pos, node_ptr, dur, node, dep, succ, start, end, lo, hi, thre
                 b = mid
         head[n] = a
     return _propagate(order, pos, node_ptr, dur, node, dep, succ, start, end, head,
-                      ws[1], ws[2], threshold, True, ws[3], ws[4], due, late)
+                      ws[1], ws[2], threshold, True, ws[3], ws[4])
 
 
 @njit(cache=True)
@@ -247,10 +232,7 @@ def try_swap(order, pos, node_ptr, dur, node, dep, succ, start, end, i, threshol
     _save(order, i, i + 1, ws)
     order[i] = ws[5][1]
     order[i + 1] = ws[5][0]
-    no_due = np.empty(0, np.float64)
-    late = np.zeros(1)
-    mk, n_log = _retime(order, pos, node_ptr, dur, node, dep, succ, start, end, i, i + 1, threshold,
-                        ws, no_due, late)
+    mk, n_log = _retime(order, pos, node_ptr, dur, node, dep, succ, start, end, i, i + 1, threshold, ws)
     if mk < 0.0:
         _revert(order, pos, start, end, i, i + 1, n_log, ws)
     return mk
@@ -351,6 +333,53 @@ def _critical_move(order, node_ptr, node, memd, prefix, i, cap, eps, ws):
 
 
 @njit(cache=True)
+def _random_block_move(order, node_ptr, node, klass, ws):
+    """Moves a random block of 1-3 adjacent tasks a few places along its node.
+
+    A block move (an insertion when the block is one task) can carry a forward
+    together with its backward past other work without the memory peak in
+    between that two single swaps would need. Saves the affected segment and
+    writes the new one in place; returns its ``(lo, hi)``, or ``(-1, -1)``.
+    """
+    T = order.shape[0]
+    j = np.random.randint(0, T)
+    n = node[order[j]]
+    first = node_ptr[n]
+    stop = node_ptr[n + 1]
+    length = 1 + np.random.randint(0, 3)
+    if j + length > stop:
+        return -1, -1
+    shift = 1 + np.random.randint(0, 2 * length + 2)
+    if np.random.random() < 0.5:
+        shift = -shift
+    k = j + shift  # new first position of the block
+    if k < first or k + length > stop:
+        return -1, -1
+    lo = j if j < k else k
+    hi = (k + length - 1) if j < k else (j + length - 1)
+    if length == 1 and klass[order[lo]] == klass[order[hi]] and hi == lo + 1:
+        return -1, -1  # swapping two tasks of one class changes nothing
+    _save(order, lo, hi, ws)
+    saved = ws[5]
+    w = lo
+    if k < j:  # block first, then what it jumped over
+        for q in range(length):
+            order[w] = saved[j - lo + q]
+            w += 1
+        for q in range(k, j):
+            order[w] = saved[q - lo]
+            w += 1
+    else:  # what it jumped over, then the block
+        for q in range(j + length, k + length):
+            order[w] = saved[q - lo]
+            w += 1
+        for q in range(length):
+            order[w] = saved[j - lo + q]
+            w += 1
+    return lo, hi
+
+
+@njit(cache=True)
 def _segment_fits(order, node_ptr, node, memd, prefix, lo, hi, cap, eps):
     """Whether the running memory over the (rearranged) segment stays within ``cap``."""
     acc = prefix[lo - 1] if lo > node_ptr[node[order[lo]]] else 0.0
@@ -371,69 +400,55 @@ def _refresh_prefix(order, node_ptr, node, memd, prefix, lo, hi):
 
 @njit(cache=True)
 def anneal_makespan(order, pos, node_ptr, dur, node, dep, succ, memd, klass, start, end, prefix,
-                    best_order, due, state, n_iters, cooling, w_makespan, w_late, cap, target, eps):
+                    best_order, state, n_iters, cooling, cap, target, eps, p_random):
     """Simulated annealing on the makespan over critical moves (RLHFuse §5).
 
-    Energy: ``w_makespan * makespan + w_late * tardiness(end, due)``. With due
-    dates ``due[t] = target - tail[t]`` the tardiness is zero exactly when the
-    makespan meets ``target``, and unlike the makespan it counts every late task.
-
-    ``state`` = ``[energy, best makespan, temperature, iterations, makespan,
-    tardiness]`` (float64[6]) is read and updated, so the search runs in chunks;
-    ``start``/``end`` must hold the times of ``order`` and ``prefix`` its running
-    memory sums (:func:`node_peaks`), within ``cap``. Each iteration makes the
-    critical move (:func:`_critical_move`) of a random critical arc and accepts
-    it by the Metropolis rule; the temperature is multiplied by ``cooling``.
-    ``best_order`` receives the order of the best makespan. Stops once the best
+    ``state`` = ``[makespan, best makespan, temperature, iterations]`` (float64[4])
+    is read and updated, so the search runs in chunks; ``start``/``end`` must hold
+    the times of ``order`` and ``prefix`` its running memory sums
+    (:func:`node_peaks`), within ``cap``. Each iteration makes the critical move
+    (:func:`_critical_move`) of a random critical arc -- or, with probability
+    ``p_random``, a random block move (:func:`_random_block_move`), which keeps
+    the search connected where the memory cap blocks the critical moves -- and
+    accepts it by the Metropolis rule, drawn before evaluating so that a move is abandoned as soon
+    as a task ends past the acceptable makespan; the temperature is multiplied by
+    ``cooling``. ``best_order`` receives the best order seen. Stops once the best
     makespan is within ``eps`` of ``target`` (a lower bound).
     """
     T = order.shape[0]
     ws = _workspace(T, node_ptr.shape[0] - 1)
     arcs = np.empty(T, np.int64)
-    late = np.zeros(1)
-    no_due = np.empty(0, np.float64)
-    use_late = w_late > 0.0
     cur = state[0]
     best = state[1]
     temp = state[2]
-    mk_cur = state[4]
-    late[0] = state[5]
     done = 0
     while done < n_iters and best > target + eps:
         done += 1
         temp *= cooling
-        na = critical_arcs(order, pos, node_ptr, node, dep, klass, start, end, eps, arcs)
+        na = 0
+        if not (p_random > 0.0 and np.random.random() < p_random):
+            na = critical_arcs(order, pos, node_ptr, node, dep, klass, start, end, eps, arcs)
+            if na == 0 and p_random <= 0.0:
+                break  # the makespan is one chain: no critical move can shorten it
         if na == 0:
-            break  # the makespan is one chain: nothing can shorten it
-        i = arcs[np.random.randint(0, na)]
-        lo, hi = _critical_move(order, node_ptr, node, memd, prefix, i, cap, eps, ws)
+            lo, hi = _random_block_move(order, node_ptr, node, klass, ws)
+        else:
+            i = arcs[np.random.randint(0, na)]
+            lo, hi = _critical_move(order, node_ptr, node, memd, prefix, i, cap, eps, ws)
         if lo < 0:
             continue
         if not _segment_fits(order, node_ptr, node, memd, prefix, lo, hi, cap, eps):
             _revert(order, pos, start, end, lo, hi, 0, ws)
             continue
-        slack = eps
+        threshold = cur + eps
         if temp > 0.0:
-            slack -= temp * math.log(1.0 - np.random.random())
-        late_before = late[0]
-        if use_late:
-            mk, n_log = _retime(order, pos, node_ptr, dur, node, dep, succ, start, end, lo, hi, np.inf,
-                                ws, due, late)
-            energy = w_makespan * mk + w_late * late[0]
-            if mk < 0.0 or energy > cur + slack:  # invalid, or rejected by the Metropolis rule
-                _revert(order, pos, start, end, lo, hi, n_log, ws)
-                late[0] = late_before
-                continue
-        else:
-            mk, n_log = _retime(order, pos, node_ptr, dur, node, dep, succ, start, end, lo, hi,
-                                (cur + slack) / w_makespan, ws, no_due, late)
-            if mk < 0.0:
-                _revert(order, pos, start, end, lo, hi, n_log, ws)
-                continue
-            energy = w_makespan * mk
+            threshold -= temp * math.log(1.0 - np.random.random())
+        mk, n_log = _retime(order, pos, node_ptr, dur, node, dep, succ, start, end, lo, hi, threshold, ws)
+        if mk < 0.0:  # deadlock, or rejected by the Metropolis rule
+            _revert(order, pos, start, end, lo, hi, n_log, ws)
+            continue
         _refresh_prefix(order, node_ptr, node, memd, prefix, lo, hi)
-        cur = energy
-        mk_cur = mk
+        cur = mk
         if mk < best - eps:
             best = mk
             best_order[:] = order
@@ -441,12 +456,11 @@ def anneal_makespan(order, pos, node_ptr, dur, node, dep, succ, memd, klass, sta
     state[1] = best
     state[2] = temp
     state[3] += done
-    state[4] = mk_cur
-    state[5] = late[0]
 
 
 @njit(cache=True)
-def _memory_energy(peaks, alpha):
+def memory_energy(peaks, alpha):
+    """Highest node peak + ``alpha`` * mean node peak."""
     mx = 0.0
     tot = 0.0
     for n in range(peaks.shape[0]):
@@ -495,7 +509,7 @@ def anneal_memory(order, pos, node_ptr, dur, node, dep, succ, memd, start, end, 
                 pk = prefix[j]
         old_pk = peaks[n]
         peaks[n] = pk
-        energy = _memory_energy(peaks, alpha)
+        energy = memory_energy(peaks, alpha)
         delta = energy - cur
         if delta > eps and (temp <= 0.0 or np.random.random() >= math.exp(-delta / temp)):
             peaks[n] = old_pk

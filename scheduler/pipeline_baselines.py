@@ -166,8 +166,8 @@ def start_candidates(problem: FusedProblem, table: TaskTable, target: float,
     with the most work per micro-batch and for the others. Each with 1F1B's
     in-flight counts per stage plus 0, 1, 2 or 4, or none, and with the node
     memory capped at ``memory_cap`` or not. Variants whose caps deadlock are left
-    out. Last, ``serial``: one micro-batch at a time, which needs the least memory
-    any schedule can have and so fits every feasible cap.
+    out. Last, :func:`serial_schedule` two ways: it needs the least memory any
+    schedule can have, so some start fits every feasible cap.
     """
     admissions = [(slack, cap) for slack in (0, 1, 2, 4, None) for cap in dict.fromkeys((np.inf, memory_cap))]
     out = []
@@ -186,10 +186,23 @@ def start_candidates(problem: FusedProblem, table: TaskTable, target: float,
             s = list_schedule(problem, table, due, slack, cap)
             if s is not None:
                 out.append((f"pace={a},{b}/slack={slack}/cap={cap}", s))
-    ids = np.arange(table.num_tasks)  # ids run pipeline by pipeline, micro-batch by micro-batch
-    out.append(("serial", Schedule.from_node_orders([ids[table.node == n] for n in range(table.num_nodes)])))
+    out += [(f"serial/{how}", serial_schedule(table, interleave=how == "interleaved"))
+            for how in ("pipelines", "interleaved")]
     return out
 
 
+def serial_schedule(table: TaskTable, interleave: bool = False) -> Schedule:
+    """One micro-batch at a time: the least memory any schedule can have.
+
+    Micro-batches run pipeline after pipeline, or (``interleave``) interleaved in
+    proportion to the pipelines' micro-batch counts.
+    """
+    M = table.class_count[table.klass]
+    chain_rank = (table.microbatch / M, table.pipeline) if interleave else (table.pipeline, table.microbatch)
+    # A task's place: its chain's rank, then its place in the chain (task ids run along chains).
+    order = np.lexsort((np.arange(table.num_tasks),) + chain_rank[::-1])
+    return Schedule.from_node_orders([order[table.node[order] == n] for n in range(table.num_nodes)])
+
+
 __all__ = ["greedy_fused", "list_schedule", "one_f_one_b", "paced_due_dates", "pipeline_node_orders",
-           "stage_1f1b_sequence", "start_candidates"]
+           "serial_schedule", "stage_1f1b_sequence", "start_candidates"]

@@ -22,9 +22,10 @@ the earliest head ``a_B`` of its backwards, and no more of them than ``C`` holds
 (a fractional knapsack of forward work under ``C`` bounds that work, ``WF``);
 symmetrically, after ``makespan - b_F`` (``b_F``: the shortest tail of its
 forwards) it runs only backwards, at most the ``C`` outstanding ones (``WB``).
-So the node's other work must fit between ``a_B`` and ``makespan - b_F``::
+So the node's other work, if any is left, must fit between ``a_B`` and
+``makespan - b_F``::
 
-    makespan >= a_B + b_F + W - min(a_B - a_F, WF) - min(b_F - b_B, WB)
+    makespan >= a_B + b_F + W - min(a_B - a_F, WF) - min(b_F - b_B, WB)   (if W > the two mins)
 
 E.g. a 16-stage actor fused with a reversed 16-stage critic (64 micro-batches
 each, b = 2f) has a plain bound of 405f, but within the memory of two 1F1B
@@ -110,7 +111,8 @@ def _memory_bound(cls: list[_Class], cap: float) -> float:
     work = sum(c.work for c in cls)
     early = min(a_b - a_f, _knapsack_work(fwd, cap))
     late = min(b_f - b_b, _knapsack_work(bwd, cap))
-    return a_b + b_f + work - early - late
+    middle = work - early - late  # work that must run in [a_B, makespan - b_F]
+    return a_b + b_f + middle if middle > 0 else 0.0
 
 
 def critical_path(problem: FusedProblem) -> float:

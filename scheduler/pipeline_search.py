@@ -4,12 +4,16 @@ RLHFuse §5 anneals per-node task orders from a greedy start, first on the
 makespan, then on peak activation memory accepting only moves that keep the
 makespan. This module drives the kernels of ``fusedrl.kernels.schedule_eval``:
 
-1. **Makespan.** Simulated annealing whose moves swap the two tasks of a
+1. **Makespan.** Simulated annealing whose moves mostly swap the two tasks of a
    *critical* node arc (a pair of adjacent tasks on a longest path) rather than
    any adjacent pair: only those can shorten the makespan and none deadlocks
-   (the job-shop neighbourhood of van Laarhoven et al. 1992). Geometric cooling
-   over a fixed number of iterations, then a restart from the best order seen,
-   until the makespan reaches the lower bound or the phase's time is up.
+   (the job-shop neighbourhood of van Laarhoven et al. 1992). Under a memory cap
+   a swap that would lift a node past it also moves an earlier forward behind
+   the pair to make room; a share of random block moves (1-3 adjacent tasks
+   moved a few places) keeps the search connected. Only first-in-first-out micro-batch orders are searched (see
+   :func:`~.pipeline_problem.fifo_relabel`). Geometric cooling over a fixed number
+   of iterations, then a restart from the best order seen, until the makespan
+   reaches the lower bound or the phase's time (or run budget) is up.
 2. **Memory.** Simulated annealing over random adjacent swaps on the peak
    memory (plus a fraction of the mean node peak, to break plateaus), rejecting
    any move that raises the makespan found in phase 1.
@@ -46,15 +50,16 @@ class SearchConfig:
     makespan_share: float = 0.75  # at most this share of the time goes to phase 1
     run_iters_per_task: float = 40.0  # phase-1 iterations per annealing run, per task
     min_run_iters: int = 20_000
-    temp_start: float = 0.5  # phase-1 temperatures, in mean task durations
+    temp_start: float = 1.0  # phase-1 temperatures, in mean task durations
     temp_end: float = 0.01
+    max_runs: int | None = None  # phase-1 annealing runs (None: until the bound or the time limit)
+    random_moves: float = 0.1  # share of phase-1 moves that move a random block instead of a critical pair
     memory_iters_per_task: float = 300.0  # phase-2 iteration budget, per task
     memory_temp_start: float = 0.5  # phase-2 temperatures, in mean per-task memory
     memory_temp_end: float = 0.01
     memory_alpha: float = 0.5  # weight of the mean node peak in the memory energy
     chunk_iters: int = 5_000  # iterations between clock checks
-    energy: str = "tardiness"  # phase-1 energy: "makespan" or "tardiness"
-    memory_cap: float = math.inf  # hard per-node cap on peak memory
+    memory_cap: float = math.inf  # hard per-node cap on peak memory (solve() sets it)
 
 
 @dataclass
@@ -91,86 +96,86 @@ def _tolerance(table: TaskTable) -> float:
     return 1e-9 * max(1.0, float(table.dur.sum()))
 
 
+def _phase_makespan(job: _Job, order: np.ndarray, out: SearchOutcome, t_begin: float) -> np.ndarray:
+    """Phase 1: anneal the makespan within the memory cap; returns the best order."""
+    cfg, tb, ptr = job.config, job.table, job.node_ptr
+    T, eps = tb.num_tasks, _tolerance(tb)
+    pos, start, end = np.empty(T, np.int64), np.zeros(T), np.zeros(T)
+    prefix, peaks = np.zeros(T), np.zeros(tb.num_nodes)
+    best_order = order.copy()
+    phase_end = min(job.deadline, t_begin + cfg.makespan_share * max(0.0, job.deadline - t_begin))
+    run_iters = max(cfg.min_run_iters, int(cfg.run_iters_per_task * T))
+    cooling = (cfg.temp_end / cfg.temp_start) ** (1.0 / run_iters)
+    temp0 = cfg.temp_start * float(tb.dur.mean())
+    best, iters, runs = out.makespan, 0.0, 0
+    while best > job.lower_bound + eps and time.time() < phase_end and (cfg.max_runs is None or runs < cfg.max_runs):
+        # One annealing run from the best order so far (a restart, reheated).
+        order[:] = best_order
+        pos[order] = np.arange(T)
+        mk = ke.evaluate(order, pos, ptr, tb.dur, tb.node, tb.dep, tb.succ, start, end)
+        ke.node_peaks(order, ptr, tb.memd, prefix, peaks)
+        state = np.array([mk, best, temp0, iters])
+        left = run_iters
+        while left > 0 and state[1] > job.lower_bound + eps and time.time() < phase_end:
+            n = min(cfg.chunk_iters, left)
+            ke.anneal_makespan(order, pos, ptr, tb.dur, tb.node, tb.dep, tb.succ, tb.memd, tb.klass, start, end,
+                               prefix, best_order, state, n, cooling, cfg.memory_cap, job.lower_bound, eps,
+                               cfg.random_moves)
+            left -= n
+            if state[1] < best:
+                best = float(state[1])
+                out.history.append((time.time() - t_begin, best))
+        iters = state[3]
+        runs += 1
+    out.makespan_iters, out.restarts = int(iters), max(0, runs - 1)
+    out.reached_bound = best <= job.lower_bound + eps
+    return best_order
+
+
+def _phase_memory(job: _Job, best_order: np.ndarray, out: SearchOutcome) -> None:
+    """Phase 2: anneal the peak memory without losing makespan (``best_order`` in place)."""
+    cfg, tb, ptr = job.config, job.table, job.node_ptr
+    T, eps = tb.num_tasks, _tolerance(tb)
+    order = best_order.copy()
+    pos, start, end = np.empty(T, np.int64), np.zeros(T), np.zeros(T)
+    pos[order] = np.arange(T)
+    mk = ke.evaluate(order, pos, ptr, tb.dur, tb.node, tb.dep, tb.succ, start, end)
+    prefix, peaks = np.zeros(T), np.zeros(tb.num_nodes)
+    peak = ke.node_peaks(order, ptr, tb.memd, prefix, peaks)
+    mem_unit = float(np.abs(tb.memd).mean())
+    budget = int(cfg.memory_iters_per_task * T)
+    if mem_unit <= 0 or budget <= 0 or peak <= job.memory_floor + eps:
+        return
+    energy = ke.memory_energy(peaks, cfg.memory_alpha)
+    cooling = (cfg.memory_temp_end / cfg.memory_temp_start) ** (1.0 / budget)
+    state = np.array([energy, energy, cfg.memory_temp_start * mem_unit, 0.0, peak])
+    while state[3] < budget and time.time() < job.deadline and state[4] > job.memory_floor + eps:
+        n = int(min(4 * cfg.chunk_iters, budget - state[3]))
+        ke.anneal_memory(order, pos, ptr, tb.dur, tb.node, tb.dep, tb.succ, tb.memd, start, end, prefix, peaks,
+                         best_order, state, n, cooling, mk, cfg.memory_alpha, eps)
+    out.memory_iters = int(state[3])
+
+
 def _run(job: _Job) -> SearchOutcome:
     """One search (both phases) from ``job.order``; runs in a worker process too."""
     t_begin = time.time()
-    cfg, tb = job.config, job.table
+    tb, ptr = job.table, job.node_ptr
     ke.seed_rng(job.seed)
     T = tb.num_tasks
-    eps = _tolerance(tb)
     order = job.order.copy()
-    pos = np.empty(T, np.int64)
+    pos, start, end = np.empty(T, np.int64), np.zeros(T), np.zeros(T)
     pos[order] = np.arange(T)
-    start, end = np.zeros(T), np.zeros(T)
-    mk = ke.evaluate(order, pos, job.node_ptr, tb.dur, tb.node, tb.dep, tb.succ, start, end)
+    mk = ke.evaluate(order, pos, ptr, tb.dur, tb.node, tb.dep, tb.succ, start, end)
     if mk < 0:
         raise ValueError("search: the starting order deadlocks")
-    out = SearchOutcome(order=order.copy(), makespan=mk, peak_memory=0.0, seed=job.seed)
-    out.history.append((0.0, mk))
-
-    # Phase 1: makespan.
-    phase1_end = min(job.deadline, t_begin + cfg.makespan_share * max(0.0, job.deadline - t_begin))
-    mean_dur = float(tb.dur.mean())
-    run_iters = max(cfg.min_run_iters, int(cfg.run_iters_per_task * T))
-    cooling = (cfg.temp_end / cfg.temp_start) ** (1.0 / run_iters)
-    best_order = order.copy()
-    prefix, peaks = np.zeros(T), np.zeros(tb.num_nodes)
-    ke.node_peaks(order, job.node_ptr, tb.memd, prefix, peaks)
-    due = job.lower_bound - tb.tails()
-    w_mk, w_late = (1.0, 0.0) if cfg.energy == "makespan" else (0.0, 1.0)
-
-    def energy_state() -> np.ndarray:
-        late = ke.tardiness(end, due)
-        return np.array([w_mk * mk + w_late * late, best_mk, cfg.temp_start * mean_dur, iters, mk, late])
-
-    best_mk, iters = mk, 0.0
-    state = energy_state()
-    run_left = run_iters
-    while state[1] > job.lower_bound + eps and time.time() < phase1_end:
-        before = state[1]
-        n = min(cfg.chunk_iters, run_left)
-        ke.anneal_makespan(order, pos, job.node_ptr, tb.dur, tb.node, tb.dep, tb.succ, tb.memd, tb.klass, start,
-                           end, prefix, best_order, due, state, n, cooling, w_mk, w_late, cfg.memory_cap,
-                           job.lower_bound, eps)
-        run_left -= n
-        if state[1] < before:
-            out.history.append((time.time() - t_begin, float(state[1])))
-        if run_left <= 0:  # restart from the best order, reheated
-            best_mk, iters = state[1], state[3]
-            order[:] = best_order
-            pos[order] = np.arange(T)
-            mk = ke.evaluate(order, pos, job.node_ptr, tb.dur, tb.node, tb.dep, tb.succ, start, end)
-            ke.node_peaks(order, job.node_ptr, tb.memd, prefix, peaks)
-            state = energy_state()
-            run_left = run_iters
-            out.restarts += 1
-    out.makespan_iters = int(state[3])
-    mk_best = float(state[1])
-    out.reached_bound = mk_best <= job.lower_bound + eps
-
-    # Phase 2: peak memory at no loss of makespan.
-    order[:] = best_order
-    pos[order] = np.arange(T)
-    mk = ke.evaluate(order, pos, job.node_ptr, tb.dur, tb.node, tb.dep, tb.succ, start, end)
-    peak = ke.node_peaks(order, job.node_ptr, tb.memd, prefix, peaks)
-    mem_unit = float(np.abs(tb.memd).mean())
-    mem_iters = int(cfg.memory_iters_per_task * T)
-    if mem_unit > 0 and mem_iters > 0 and peak > job.memory_floor + eps:
-        energy = ke._memory_energy(peaks, cfg.memory_alpha)
-        t0 = cfg.memory_temp_start * mem_unit
-        m_cool = (cfg.memory_temp_end / cfg.memory_temp_start) ** (1.0 / mem_iters)
-        m_state = np.array([energy, energy, t0, 0.0, peak])
-        while m_state[3] < mem_iters and time.time() < job.deadline and m_state[4] > job.memory_floor + eps:
-            n = int(min(cfg.chunk_iters * 4, mem_iters - m_state[3]))
-            ke.anneal_memory(order, pos, job.node_ptr, tb.dur, tb.node, tb.dep, tb.succ, tb.memd,
-                             start, end, prefix, peaks, best_order, m_state, n, m_cool, mk, cfg.memory_alpha,
-                             eps)
-        out.memory_iters = int(m_state[3])
+    out = SearchOutcome(order=order, makespan=float(mk), peak_memory=0.0, seed=job.seed)
+    out.history.append((0.0, float(mk)))
+    best_order = _phase_makespan(job, order, out, t_begin)
+    _phase_memory(job, best_order, out)
     pos[best_order] = np.arange(T)
-    mk = ke.evaluate(best_order, pos, job.node_ptr, tb.dur, tb.node, tb.dep, tb.succ, start, end)
-    out.order = best_order.copy()
-    out.makespan = float(mk)
-    out.peak_memory = float(ke.node_peaks(best_order, job.node_ptr, tb.memd, prefix, peaks))
+    out.order = best_order
+    out.makespan = float(ke.evaluate(best_order, pos, ptr, tb.dur, tb.node, tb.dep, tb.succ, start, end))
+    out.peak_memory = float(ke.node_peaks(best_order, ptr, tb.memd, np.zeros(T), np.zeros(tb.num_nodes)))
     out.seconds = time.time() - t_begin
     return out
 
