@@ -11,8 +11,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fusedrl.checkpointing import (latest_checkpoint, load_training_checkpoint,
-                                   save_training_checkpoint)
+from fusedrl.checkpointing import latest_checkpoint
 from fusedrl.config import Config, ConfigError, config_to_yaml
 
 
@@ -77,15 +76,7 @@ def train(config: Config, out: Path, resume: bool = False, console: Console | No
     try:
         return _loop(config, trainer, out, ckpt, console, show_progress)
     finally:
-        if hasattr(trainer, "close"):
-            trainer.close()
-
-
-def _save(out: Path, trainer) -> None:
-    if hasattr(trainer, "save_checkpoint"):  # distributed: workers write their shards
-        trainer.save_checkpoint(out)
-    else:
-        save_training_checkpoint(out, trainer)
+        trainer.close()
 
 
 def _loop(config: Config, trainer, out: Path, ckpt: Path | None, console: Console,
@@ -93,10 +84,7 @@ def _loop(config: Config, trainer, out: Path, ckpt: Path | None, console: Consol
     writer = MetricsWriter(out / "metrics.jsonl")
     out.mkdir(parents=True, exist_ok=True)
     if ckpt is not None:
-        if hasattr(trainer, "load_checkpoint"):
-            trainer.load_checkpoint(ckpt)
-        else:
-            load_training_checkpoint(ckpt, trainer)
+        trainer.load_checkpoint(ckpt)
         writer.truncate_after(trainer.iteration)
         console.print(f"resumed from {ckpt} at iteration {trainer.iteration}")
     (out / "config.yaml").write_text(config_to_yaml(config))
@@ -115,5 +103,5 @@ def _loop(config: Config, trainer, out: Path, ckpt: Path | None, console: Consol
             progress.update(task, completed=trainer.iteration)
             every = config.trainer.save_every
             if (every and trainer.iteration % every == 0) or trainer.iteration == total:
-                _save(out, trainer)
+                trainer.save_checkpoint(out)
     return history

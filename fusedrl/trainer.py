@@ -108,7 +108,11 @@ def build_setup(config: Config) -> Setup:
 
 
 class PPOTrainer:
-    """Single-device PPO (the reference the distributed runtime must match)."""
+    """Single-device PPO (the reference the distributed runtime must match).
+
+    Trainer protocol shared with ``fusedrl.runtime.controller``: ``step() -> metrics``,
+    ``iteration``, ``save_checkpoint(out)``, ``load_checkpoint(path)``, ``close()``.
+    """
 
     def __init__(self, config: Config, setup: Setup | None = None):
         self.config = config
@@ -326,6 +330,19 @@ class PPOTrainer:
             "kl_ctl": self.kl_ctl.state_dict(),
             "torch_rng": torch.get_rng_state(),
         }
+
+    def save_checkpoint(self, out) -> None:
+        from fusedrl.checkpointing import save_training_checkpoint
+
+        save_training_checkpoint(out, self)
+
+    def load_checkpoint(self, path) -> None:
+        from fusedrl.checkpointing import load_training_checkpoint
+
+        load_training_checkpoint(path, self)
+
+    def close(self) -> None:
+        """Nothing to release in-process (the Ray trainer stops its workers here)."""
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = int(state["iteration"])
