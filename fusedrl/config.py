@@ -117,6 +117,21 @@ class GenerationSection:
     backend: str = "native"
     """Generation backend: a name in ``fusedrl.generation.backend.available_backends()``
     (``native``, ``vllm``; build it with ``make_backend``)."""
+    interstage: bool | None = None
+    """Inter-stage fusion (RLHFuse §4, ``fusedrl.runtime.interstage``): samples stream to
+    inference as they finish, and the long tail migrates onto fewer generation
+    instances so the freed devices start inference. Unset (default): on when
+    ``actor_gen`` has at least 2 dp replicas and it and every inference call are placed
+    ``tp=pp=1`` with the native backend; ``true``: required (a config error where the
+    placements do not allow it); ``false``: off."""
+    interstage_policy: str = "rlhfuse"
+    """How the migration threshold ``Rt`` is chosen: a name in
+    ``fusedrl.scheduler.interstage.available_policies()`` (``rlhfuse``: simulated over
+    the observed lengths and re-tuned; ``fixed``: 20% of the batch; ``none``: stream
+    to inference but never migrate)."""
+    interstage_steps: int = 4
+    """Engine steps a generation instance runs per controller round trip (fewer:
+    finished samples reach inference sooner; more: less dispatch overhead)."""
 
     def __post_init__(self) -> None:
         _require(self.max_new_tokens >= 1, "generation.max_new_tokens", self.max_new_tokens,
@@ -127,6 +142,16 @@ class GenerationSection:
         _require(self.top_k >= 0, "generation.top_k", self.top_k, "must be >= 0")
         _require(self.max_batch_size >= 1, "generation.max_batch_size", self.max_batch_size,
                  "must be >= 1")
+        _require(self.interstage_steps >= 1, "generation.interstage_steps",
+                 self.interstage_steps, "must be >= 1")
+        from fusedrl.scheduler.interstage import available_policies
+
+        _require(self.interstage_policy in available_policies(),
+                 "generation.interstage_policy", self.interstage_policy,
+                 f"known policies: {', '.join(available_policies())}")
+        _require(not (self.interstage and self.backend != "native"), "generation.interstage",
+                 self.interstage, f"needs the native backend (generation.backend="
+                 f"{self.backend!r} cannot be driven step by step)")
         if self.backend != "native":  # the registry imports torch: only when needed
             from fusedrl.generation.backend import available_backends
 

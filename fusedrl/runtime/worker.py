@@ -6,7 +6,7 @@ Lifecycle (driven by :class:`fusedrl.runtime.controller.DistributedPPOTrainer`):
     w = Worker.options(num_cpus=1).remote(device, world_size)
     w.init_distributed.remote(host, port)        # all workers: one gloo world, rank = device
     w.setup.remote(spec)                         # all workers: groups, model shards, optimizers
-    ... generate / infer / train / copy_weights / save_shards  (called on every device of
+    ... generate / infer / train / sync_weights / save_model  (called on every device of
         the call's placement, in the same order on each, so collectives line up)
     w.shutdown.remote()
 
@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import ray
 import torch
+
+from fusedrl.runtime.interstage_worker import InterStageWorker
 
 ROLE_HEAD = {"actor_train": "lm", "actor_gen": "lm", "ref": "lm", "critic_train": "value",
              "critic_infer": "value", "reward": "value"}
@@ -61,7 +63,7 @@ class Shard:
     serve_cache: object | None = None
 
 
-class Worker:
+class Worker(InterStageWorker):
     def __init__(self, device: int, world_size: int):
         torch.set_num_threads(1)  # one device = one core (DESIGN.md "Measuring")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -95,20 +97,25 @@ class Worker:
     def setup(self, spec: RunSpec) -> None:
         from fusedrl.layout import Placement
         from fusedrl.runtime.groups import GroupRegistry, placement_groups, rank_lists
-        from fusedrl.runtime.weights import broadcast_group_ranks
+        from fusedrl.runtime.reshard import WeightSync, sync_pairs
 
         self.spec = spec
         c = spec.config
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[c.model.dtype]
         self.placements = {r: Placement.parse(t) for r, t in spec.placements.items()}
         self.registry = GroupRegistry(self.device)
+        # Reallocation plans and executors of every weight copy the run makes (ReaLHF),
+        # built once; their groups join the global list below.
+        init_pairs, step_pairs = sync_pairs(spec.placements, spec.roles)
+        self.weight_sync = WeightSync(init_pairs + step_pairs, self.placements,
+                                      spec.model_config, ROLE_HEAD, self.device, dtype,
+                                      self.registry.get)
+        synced = {dst for _, dst in init_pairs + step_pairs}  # weights come from the engine
         # The same list on every worker, in the same order (see groups.py).
-        extra = [broadcast_group_ranks(self.placements[ALIASES[r]], self.placements[r])
-                 for r in spec.roles if r in ALIASES and not self.is_alias(r)]
         self.registry.create_all(rank_lists(
             [(self.placements[r], spec.reward_config if r == "reward" else spec.model_config)
-             for r in spec.roles], self.world_size, extra))
+             for r in spec.roles], self.world_size, self.weight_sync.group_rank_lists()))
 
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[c.model.dtype]
         full_cache: dict = {}
         for role in spec.roles:
             p = self.placements[role]
@@ -119,7 +126,7 @@ class Worker:
                 continue
             mc = spec.reward_config if role == "reward" else spec.model_config
             groups = placement_groups(self.registry, p, self.device, mc)
-            model = self._build(role, mc, p, groups, dtype, full_cache)
+            model = self._build(role, mc, p, groups, dtype, full_cache, load=role not in synced)
             shard = Shard(role, ROLE_HEAD[role], model, groups)
             if role in ("actor_train", "critic_train"):
                 from fusedrl.runtime.grads import GradReducer
@@ -136,7 +143,9 @@ class Worker:
         return role in ALIASES and self.spec.placements[role] == \
             self.spec.placements[ALIASES[role]]
 
-    def _build(self, role, mc, p, groups, dtype, full_cache):
+    def _build(self, role, mc, p, groups, dtype, full_cache, load: bool = True):
+        """This device's stage of ``role``, with its shard of the initial weights loaded
+        (``load=False``: left as initialised, the reallocation engine fills it)."""
         from fusedrl.models.build import build_model
         from fusedrl.models.llama import StageSpec
         from fusedrl.models.sharding import stage_layers
@@ -149,6 +158,8 @@ class Worker:
                           coord.pp == L.pp - 1)
         model = build_model(mc, head, None, seed=c.trainer.seed, stage=stage,
                             tp_group=groups.tp_group, dtype=dtype)
+        if not load:
+            return model
         # Same sources and seeds as the single-device PPOTrainer.
         if role == "reward":
             path, seed = spec.reward_path, 0
@@ -268,14 +279,40 @@ class Worker:
 
     # ----------------------------------------------------------------- weights
 
-    def copy_weights(self, src_role: str, dst_role: str) -> None:
-        from fusedrl.runtime.weights import copy_weights
+    def sync_weights(self, pairs: list[tuple[str, str]]) -> dict:
+        """Reshard each ``(src, dst)`` pair's weights into ``dst`` through the reallocation
+        engine (:mod:`fusedrl.runtime.reshard`), re-allocating a dropped copy first.
 
-        src, dst = self.shards.get(src_role), self.shards.get(dst_role)
-        copy_weights(src.model if src else None, src.groups if src else None,
-                     dst.model if dst else None, dst.groups if dst else None, self.registry,
-                     self.spec.model_config, ROLE_HEAD[dst_role], self.placements[src_role],
-                     self.placements[dst_role], self.device)
+        Called on every device of any pair's placements with the same list; this device
+        takes part in the pairs it belongs to, in list order. Returns this device's
+        ``{"bytes_received", "bytes_sent", "bytes_allocated", "seconds"}``.
+        """
+        from fusedrl.runtime.reshard import restore_storage
+
+        out = {"bytes_received": 0, "bytes_sent": 0, "bytes_allocated": 0, "seconds": 0.0}
+        for src, dst in pairs:
+            s, d = self.shards.get(src), self.shards.get(dst)
+            if d is not None:
+                out["bytes_allocated"] += restore_storage(d.model)
+            stats = self.weight_sync.run(src, dst, s.model if s else None,
+                                         d.model if d else None)
+            if stats is not None:
+                out["bytes_received"] += stats.bytes_received
+                out["bytes_sent"] += stats.bytes_sent
+                out["seconds"] += stats.seconds
+        return out
+
+    def release_weights(self, role: str) -> int:
+        """Drop this device's inference-only copy of ``role`` (parameter storage and the
+        generation engine with its KV cache) until the next :meth:`sync_weights`; returns
+        the parameter bytes freed."""
+        from fusedrl.runtime.reshard import free_storage
+
+        shard = self.shards.get(role)
+        if shard is None or shard.optimizer is not None or self.is_alias(role):
+            return 0  # not here, or the trainable module itself: never dropped
+        shard.engine = shard.proxy = shard.serve_cache = None
+        return free_storage(shard.model)
 
     def save_model(self, role: str, directory: str) -> bool:
         """Write a normal Hugging Face checkpoint of ``role`` into ``directory`` (on the

@@ -1,0 +1,127 @@
+"""Worker side of inter-stage fusion (RLHFuse, arXiv 2409.13221 §4).
+
+:class:`InterStageWorker` is mixed into :class:`fusedrl.runtime.worker.Worker`. It
+exposes the native engine step by step, so that the controller
+(:mod:`fusedrl.runtime.interstage`) can drive every generation instance over one
+shared sample queue, stop a long-tail sample on one instance and resume it on
+another, and run inference on single finished micro-batches on whichever device is
+free:
+
+- :meth:`gen_begin` starts the engine of a generation instance for one iteration;
+- :meth:`gen_run` admits the requests the controller hands it (new ones from the
+  shared queue, or migrated ones: ``Request.resume``) and runs up to ``k`` engine
+  steps; it returns the samples that finished, what is still running (for the
+  migration planner) and the timed decode steps (to calibrate ``GenCostModel``);
+- :meth:`gen_abort` aborts everything still generating and returns the partial
+  samples (migration by re-prefill: the destination re-reads prompt + generated
+  tokens and continues with the same per-sample random stream, so the tokens and
+  log-probs are those of an unmigrated run);
+- :meth:`infer_local` runs the inference models this device holds (reference
+  log-probs, critic values, reward score, and the actor's old log-probs) on one
+  micro-batch of finished samples.
+
+Only instances of one device (``tp = pp = 1``) are driven this way: a step of a
+tensor- or pipeline-parallel instance would be a collective of several workers
+that the controller would have to keep in lock step.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+class InterStageWorker:
+    """Mixin of the Ray worker: step-level generation and per-micro-batch inference."""
+
+    def _single_device_shard(self, role: str):
+        shard = self.shards[role]
+        g = shard.groups
+        if not (g.is_first and g.is_last and g.placement.layout.tp == 1):
+            raise RuntimeError(f"inter-stage fusion drives {role} on device {self.device} "
+                               f"step by step, which needs tp=pp=1 (placement "
+                               f"{g.placement})")
+        return shard
+
+    def _gen_engine(self, role: str):
+        from fusedrl.generation import GenerationEngine
+
+        shard = self._single_device_shard(role)
+        if shard.engine is None:
+            c = self.spec.config
+            shard.engine = GenerationEngine(
+                shard.model, max_batch_size=c.generation.max_batch_size,
+                max_seq_len=c.data.max_prompt_len + c.generation.max_new_tokens,
+                eos_token_ids=self.spec.eos_token_ids, pad_token_id=self.spec.pad_token_id)
+        return shard.engine
+
+    def gen_begin(self, role: str, params) -> None:
+        """Start this instance's engine for one iteration (it must hold no sample)."""
+        self._gen_engine(role).start(params)
+
+    def gen_run(self, role: str, requests: list, max_steps: int) -> dict:
+        """Admit ``requests`` and run up to ``max_steps`` engine steps (fewer when the
+        engine runs dry).
+
+        Returns ``{"finished": [Sample], "running": [(sample_id, prompt_len,
+        generated)], "decode": [(batch, mean_context, seconds)], "prefill": [(tokens,
+        seconds)], "busy_s"}``. ``decode`` holds the steps that admitted nothing (pure
+        decode steps, the points of ``GenCostModel.fit``); ``prefill`` the steps that
+        only admitted (nothing was decoding), with the tokens they prefilled.
+        """
+        engine = self._gen_engine(role)
+        t_start = time.perf_counter()
+        engine.add(requests)
+        finished, decode, prefill = [], [], []
+        for _ in range(max_steps):
+            if not engine.has_unfinished():
+                break
+            running = [s for s in engine.slots if s is not None]
+            free = engine.max_batch_size - len(running)
+            admits = list(engine.queue)[:free]
+            context = sum(s.seq_len for s in running)
+            t0 = time.perf_counter()
+            finished.extend(engine.step())
+            dt = time.perf_counter() - t0
+            if running and not admits:
+                decode.append((len(running), context / len(running), dt))
+            elif admits and not running:
+                prefill.append((sum(len(r.prompt_ids) + len(r.response_ids) for r in admits),
+                                dt))
+        states = [(s.req.sample_id, len(s.req.prompt_ids), len(s.req.response_ids))
+                  for s in engine.slots if s is not None]
+        states += [(r.sample_id, len(r.prompt_ids), len(r.response_ids)) for r in engine.queue]
+        return {"finished": finished, "running": states, "decode": decode, "prefill": prefill,
+                "busy_s": time.perf_counter() - t_start}
+
+    def gen_abort(self, role: str) -> list:
+        """Abort every sample still in the engine; their partial samples (for
+        ``Request.resume`` on the migration's destination)."""
+        engine = self._gen_engine(role)
+        ids = engine.running_ids() + [r.sample_id for r in engine.queue]
+        return [engine.abort(sid) for sid in ids]
+
+    @torch.no_grad()
+    def infer_local(self, jobs: list, samples: list, temperature: float) -> dict:
+        """Run inference ``jobs`` (``[(role, kind)]``, kind ``logp``/``values``/``score``)
+        on one micro-batch of finished ``samples`` with this device's own replicas.
+
+        Returns ``{"results": {(role, kind): tensor}, "tokens", "busy_s"}``; per-token
+        results are padded to the micro-batch's longest response (the controller pads
+        them to the batch's).
+        """
+        from fusedrl.rollout import RolloutBatch
+        from fusedrl.runtime.calls import infer_head
+
+        t0 = time.perf_counter()
+        mb = RolloutBatch.from_samples(samples, self.spec.pad_token_id)
+        width = mb.response_mask.shape[1]
+        results = {}
+        for role, kind in jobs:
+            shard = self._single_device_shard(role)
+            out = shard.model(mb.input_ids)
+            results[(role, kind)] = infer_head(kind, out, mb, shard.model.tp_group, width,
+                                               temperature)
+        return {"results": results, "tokens": mb.num_tokens(),
+                "busy_s": time.perf_counter() - t0}
