@@ -1,0 +1,136 @@
+"""Planning of fused actor/critic training (RLHFuse §5, after Chimera): which node
+holds which stage, the schedule problem built from profiled stage times, and the
+per-node task lists the executor (:mod:`fusedrl.pipeline.fused`) runs. No torch here:
+the config validates ``placement.train_schedule: fused`` with :func:`stage_map`.
+
+A **node** is one stage of the actor's pipeline in a data-parallel replica, i.e. the
+tp group of devices ``actor_train`` puts at stage ``s``: node ``s``. The critic's
+stage ``c`` must sit on exactly the devices of some actor stage, ``stage_map[c]``
+(RLHFuse's layout reverses it, ``stage_map = [pp-1, ..., 0]``, so the two pipelines'
+bubbles fall on opposite ends and fill each other; any permutation is accepted). All
+dp replicas must use the same permutation, so that one schedule serves them all.
+
+Problem (DESIGN.md "Fused schedule problem")::
+
+    {"nodes": pp, "pipelines": [
+        {"name": "actor", "stage_nodes": [0, ..., pp-1], "microbatches": m_a,
+         "fwd": [...], "bwd": [...], "mem": [...]},
+        {"name": "critic", "stage_nodes": stage_map, "microbatches": m_c, ...}]}
+
+Its solution's ``tasks`` become, per node, a list of :class:`Task` in execution order.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+PIPELINES = ("actor", "critic")
+"""Pipeline index 0 trains the actor (``actor_train``), 1 the critic (``critic_train``)."""
+
+
+class Task(NamedTuple):
+    """One unit of work on a node: forward (``kind == "F"``) or backward of micro-batch
+    ``microbatch`` (index among this dp replica's micro-batches) through ``stage``."""
+
+    pipeline: int
+    microbatch: int
+    stage: int
+    kind: str
+
+
+def stage_map(actor, critic) -> tuple[int, ...]:
+    """For two :class:`~fusedrl.layout.Placement`, the actor stage (node) holding each
+    critic stage; ``ValueError`` saying why they cannot be fused otherwise."""
+    A, C = actor.layout, critic.layout
+    if (A.dp, A.tp, A.pp) != (C.dp, C.tp, C.pp):
+        raise ValueError(f"fused training needs actor_train and critic_train with the same "
+                         f"dp/tp/pp degrees, got {A} and {C}")
+    if set(actor.devices) != set(critic.devices):
+        raise ValueError(f"fused training needs actor_train ({actor}) and critic_train "
+                         f"({critic}) on the same devices")
+    result: tuple[int, ...] | None = None
+    for d in range(A.dp):
+        node_of = {frozenset(actor.devices[r] for r in A.tp_group_ranks(d, s)): s
+                   for s in range(A.pp)}
+        perm = []
+        for s in range(C.pp):
+            devs = frozenset(critic.devices[r] for r in C.tp_group_ranks(d, s))
+            if devs not in node_of:
+                raise ValueError(f"fused training: critic_train ({critic}) stage {s} of dp "
+                                 f"replica {d} is on devices {sorted(devs)}, which are not "
+                                 f"one stage of actor_train ({actor})")
+            perm.append(node_of[devs])
+        if result is not None and tuple(perm) != result:
+            raise ValueError(f"fused training: critic_train ({critic}) maps its stages onto "
+                             f"actor_train ({actor}) differently in different dp replicas")
+        result = tuple(perm)
+    return result
+
+
+def build_problem(smap: Sequence[int], microbatches: Sequence[int],
+                  profile: dict[str, list[tuple[float, float, float]]]) -> dict:
+    """The schedule problem of one fused step: ``microbatches[p]`` per pipeline (one dp
+    replica's count) and ``profile[name][stage] = (fwd_s, bwd_s, mem_bytes)``.
+
+    Times are scaled to milliseconds and memory to MiB (the scheduler is unit-free;
+    this keeps its numbers readable). A stage with no saved activations still counts
+    a tiny amount, so that the memory objective sees every outstanding micro-batch.
+    """
+    pp = len(smap)
+    stage_nodes = (list(range(pp)), list(smap))
+    pipes = []
+    for p, name in enumerate(PIPELINES):
+        prof = profile[name]
+        pipes.append({
+            "name": name, "stage_nodes": stage_nodes[p], "microbatches": int(microbatches[p]),
+            "fwd": [max(1e-3, 1e3 * f) for f, _, _ in prof],
+            "bwd": [max(1e-3, 1e3 * b) for _, b, _ in prof],
+            "mem": [max(1e-3, m / 2 ** 20) for _, _, m in prof]})
+    return {"nodes": pp, "pipelines": pipes}
+
+
+def node_tasks(result: dict, nodes: int) -> list[list[Task]]:
+    """Per node, its tasks in execution order, from a result's ``tasks`` records."""
+    index = {name: p for p, name in enumerate(PIPELINES)}
+    out: list[list[Task]] = [[] for _ in range(nodes)]
+    for rec in sorted(result["tasks"], key=lambda r: (r["node"], r["start"])):
+        out[rec["node"]].append(Task(index[rec["pipeline"]], rec["microbatch"], rec["stage"],
+                                     rec["kind"]))
+    return out
+
+
+def check_node_tasks(tasks: Sequence[Task], node: int, smap: Sequence[int],
+                     microbatches: Sequence[int]) -> None:
+    """``tasks`` must be exactly the F and B of every micro-batch of every stage the node
+    holds, each forward before its backward (``ValueError`` otherwise): an executor
+    given anything else would wait for a message that never comes."""
+    stage_nodes = (list(range(len(smap))), list(smap))
+    want = sorted(Task(p, i, s, k) for p in range(len(PIPELINES))
+                  for s, n in enumerate(stage_nodes[p]) if n == node
+                  for i in range(microbatches[p]) for k in "FB")
+    if sorted(tasks) != want:
+        raise ValueError(f"node {node}: the schedule's tasks are not this node's "
+                         f"{len(want)} forward and backward tasks")
+    seen = set()
+    for t in tasks:
+        if t.kind == "B" and (t.pipeline, t.microbatch, t.stage) not in seen:
+            raise ValueError(f"node {node}: backward {t} before its forward")
+        seen.add((t.pipeline, t.microbatch, t.stage))
+
+
+def sequential_tasks(smap: Sequence[int], microbatches: Sequence[int]) -> list[list[Task]]:
+    """Per node: the actor's 1F1B then the critic's 1F1B (the unfused order, as
+    :func:`fusedrl.pipeline.schedule.train_1f1b` runs it), in the executor's format."""
+    pp = len(smap)
+    stage_nodes = (list(range(pp)), list(smap))
+    out: list[list[Task]] = [[] for _ in range(pp)]
+    for p in range(len(PIPELINES)):
+        m = microbatches[p]
+        for s in range(pp):
+            warm = min(pp - s - 1, m)
+            seq = [("F", i) for i in range(warm)]
+            for i in range(warm, m):
+                seq += [("F", i), ("B", i - warm)]
+            seq += [("B", i) for i in range(m - warm, m)]
+            out[stage_nodes[p][s]].extend(Task(p, i, s, k) for k, i in seq)
+    return out

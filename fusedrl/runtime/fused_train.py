@@ -1,0 +1,164 @@
+"""Fused actor/critic training on shared workers (RLHFuse §5 intra-stage fusion).
+
+With ``placement.train_schedule: fused`` the controller does not run the actor's and
+then the critic's 1F1B; every worker of the (common) training placement runs both
+models' micro-batches in one fused schedule:
+
+1. **Profile** (first training call of the run): each worker times a few forward and
+   backward passes of one real micro-batch through its stage of each model
+   (:func:`fusedrl.pipeline.fused.profile_stage`); per stage the slowest replica / tp
+   rank counts.
+2. **Solve** (once per micro-batch counts, cached): the problem of
+   :func:`fusedrl.pipeline.fused_plan.build_problem` goes to the scheduler library
+   (:func:`fusedrl.scheduler.pipeline_schedule.solve`, a few seconds at most, stopping
+   at the lower bound; memory capped at the two 1F1B schedules side by side).
+3. **Execute** per mini-batch: each worker runs its node's task list
+   (:func:`fusedrl.pipeline.fused.train_fused`), then reduces, clips and steps each
+   model exactly as the sequential path (:meth:`Worker.train`) does. The two models
+   are independent, so the weights after the step are those of training them one
+   after the other (up to float summation order, which FIFO schedules keep).
+
+Data-parallel gradient reduction runs after the fused step (not overlapped with the
+last backward): the two models' dp all-reduces share one gloo group when they share
+devices, and must be issued in the same order on every replica.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import ray
+
+from fusedrl.pipeline.fused_plan import (PIPELINES, build_problem, check_node_tasks,
+                                         node_tasks, stage_map)
+
+SOLVE_SECONDS = 3.0
+"""Search time per schedule shape (the search stops earlier at the lower bound)."""
+ROLES = ("actor_train", "critic_train")
+
+
+# ------------------------------------------------------------------ worker side
+
+def worker_profile(worker, batch, idx) -> dict:
+    """``{name: (dp, stage, fwd_s, bwd_s, mem_bytes)}`` of this worker's stages."""
+    from fusedrl.pipeline.fused import profile_stage
+
+    ids = batch.select(idx).input_ids
+    out = {}
+    for name, role in zip(PIPELINES, ROLES):
+        shard = worker.shards[role]
+        c = shard.groups.coord
+        out[name] = (c.dp, c.pp, *profile_stage(shard.model, shard.groups, ids))
+    return out
+
+
+def worker_train(worker, batch, data: dict, schedule: list[list], smap: tuple,
+                 plans: dict) -> dict:
+    """PPO updates of both models, one fused pipeline step per mini-batch;
+    ``{name: {"micro": [(mini, k, stats)], "grad_norm": [...]} or None}`` (None where
+    this worker is not the model's reporting rank)."""
+    from fusedrl.pipeline.fused import FusedPipeline, train_fused
+    from fusedrl.runtime.calls import LOSSES
+    from fusedrl.runtime.grads import clip_grad_norm
+
+    c = worker.spec.config
+    temp = c.generation.temperature
+    shards = [worker.shards[r] for r in ROLES]
+    node = shards[0].groups.coord.pp
+    micro_stats = {name: [] for name in PIPELINES}
+    norms = {name: [] for name in PIPELINES}
+    for m, micros in enumerate(schedule):
+        n_micro = len(micros)  # global count: every micro loss is divided by it
+        runs, counts = [], []
+        for name, shard in zip(PIPELINES, shards):
+            mine = worker._mine(shard, micros)
+            mbs = [batch.select(idx) for _, idx in mine]
+            shard.reducer.zero_grad()
+
+            def loss_fn(out, i, m=m, mine=mine, mbs=mbs, shard=shard, name=name):
+                loss, stats = LOSSES[name](out, mbs[i], mine[i][1], data, shard.model.tp_group,
+                                           c.ppo, temp)
+                micro_stats[name].append((m, mine[i][0], stats))
+                return loss / n_micro
+
+            runs.append(FusedPipeline(shard.model, shard.groups, [mb.input_ids for mb in mbs],
+                                      loss_fn))
+            counts.append(len(mine))
+        tasks = plans[tuple(counts)][node]
+        check_node_tasks(tasks, node, smap, counts)
+        train_fused(runs, tasks)
+        for name, shard in zip(PIPELINES, shards):
+            shard.reducer.finish()
+            norms[name].append(clip_grad_norm(shard.model, shard.groups, c.ppo.grad_clip))
+            shard.optimizer.step()
+    return {name: ({"micro": micro_stats[name], "grad_norm": norms[name]}
+                   if worker._reporting(shard) else None)
+            for name, shard in zip(PIPELINES, shards)}
+
+
+# -------------------------------------------------------------- controller side
+
+class FusedTraining:
+    """The controller's part: profile once, solve per shape (cached), dispatch."""
+
+    def __init__(self, trainer, time_limit: float = SOLVE_SECONDS):
+        self.t = trainer
+        self.actor, self.critic = (trainer.placements[r] for r in ROLES)
+        self.smap = stage_map(self.actor, self.critic)
+        self.time_limit = time_limit
+        self.profile: dict[str, list[tuple[float, float, float]]] | None = None
+        self.plans: dict[tuple[int, int], list] = {}
+        self.results: dict[tuple[int, int], dict] = {}
+        self.solve_seconds = 0.0
+
+    def _devices(self) -> list[int]:
+        return sorted(self.actor.devices)
+
+    def _profile(self, bref, idx) -> None:
+        outs = ray.get([self.t.workers[d].profile_fused.remote(bref, idx)
+                        for d in self._devices()])
+        pp = self.actor.layout.pp
+        prof = {name: [(0.0, 0.0, 0.0)] * pp for name in PIPELINES}
+        for out in outs:
+            for name, (_, stage, f, b, mem) in out.items():
+                old = prof[name][stage]
+                prof[name][stage] = (max(old[0], f), max(old[1], b), max(old[2], mem))
+        self.profile = prof
+
+    def _solve(self, counts: tuple[int, int]) -> None:
+        from fusedrl.scheduler.pipeline_schedule import solve
+
+        t0 = time.perf_counter()
+        problem = build_problem(self.smap, counts, self.profile)
+        result = solve(problem, time_limit=self.time_limit, seed=0).to_dict()
+        self.solve_seconds += time.perf_counter() - t0
+        self.results[counts] = result
+        self.plans[counts] = node_tasks(result, len(self.smap))
+
+    def counts(self, micros: list) -> list[tuple[int, int]]:
+        """Micro-batch counts (actor, critic) of each dp replica of one mini-batch."""
+        dp = self.actor.layout.dp
+        return [(n, n) for n in (len(range(d, len(micros), dp)) for d in range(dp))]
+
+    def train(self, bref, data, schedule: list[list]) -> tuple[dict, dict]:
+        """Run one PPO update of both models; ``({name: [per-worker result]}, stats)``
+        with the predicted makespans of the fused and the sequential 1F1B schedules."""
+        if self.profile is None:
+            self._profile(bref, schedule[0][0])
+        shapes = sorted({c for micros in schedule for c in self.counts(micros)})
+        for c in shapes:
+            if c not in self.plans and min(c) > 0:
+                self._solve(c)
+        plans = {c: self.plans[c] for c in shapes if c in self.plans}
+        for c in shapes:
+            if min(c) == 0:  # a replica without micro-batches runs no task
+                plans[c] = [[] for _ in self.smap]
+        outs = ray.get([self.t.workers[d].train_fused.remote(bref, data, schedule, self.smap,
+                                                             plans)
+                        for d in self._devices()])
+        fused = sum(self.results[c]["makespan"] for c in shapes if c in self.results)
+        seq = sum(self.results[c]["baseline"]["sequential_1f1b"]["makespan"]
+                  for c in shapes if c in self.results)
+        stats = {"train_schedule/predicted_speedup": seq / fused if fused else math.nan}
+        return {name: [o[name] for o in outs] for name in PIPELINES}, stats
