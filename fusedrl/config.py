@@ -202,6 +202,15 @@ class PPOSection:
     """Normalise advantages over the batch."""
     entropy_coef: float = 0.0
     """Entropy bonus coefficient."""
+    fused_train: bool = False
+    """Train actor and critic together in one fused pipeline schedule (RLHFuse §5
+    intra-stage fusion): each worker of the training placement runs its stage of both
+    models in the order a searched schedule gives (per-stage times profiled on the
+    model), so each pipeline's bubbles fill with the other's work. Needs the Ray
+    runtime and ``placement.actor_train`` / ``critic_train`` on the same devices with
+    the same dp/tp/pp, every critic stage on the devices of one actor stage (RLHFuse:
+    reversed, e.g. ``dp1tp1pp2@0-1`` and ``dp1tp1pp2@1,0``). False: the actor's 1F1B,
+    then the critic's. The weights after a step are the same either way."""
 
     def __post_init__(self) -> None:
         for key in ("rollout_batch_size", "ppo_epochs", "mini_batch_size", "micro_batch_size"):
@@ -283,6 +292,13 @@ class PlacementSection:
     """Reference-model log-probs (KL penalty)."""
     reward: str = ""
     """Reward-model scores (``reward.type: model``)."""
+    keep_inference_copies: bool = True
+    """Memory vs time for the inference-only copies of trained models (``actor_gen``,
+    ``critic_infer`` placed apart from their training placement): true keeps them between
+    iterations; false drops them (weights and generation KV cache) once generation and
+    inference are done, freeing that memory during training, and re-allocates them when
+    the next reallocation writes the new weights (ReaLHF, arXiv 2406.14088). Training
+    copies always keep their weights and optimizer state."""
 
     def __post_init__(self) -> None:
         from fusedrl.layout import Placement
@@ -339,6 +355,17 @@ class Config:
                 key = role if getattr(self.placement, role) else "default"
                 raise ConfigError(f"config key placement.{key}: {e} (cluster.devices="
                                   f"{self.cluster.devices})") from None
+        if self.ppo.fused_train:
+            from fusedrl.pipeline.fused_plan import stage_map
+
+            actor, critic = self.placement.of("actor_train"), self.placement.of("critic_train")
+            _require(not (self.cluster.devices == 1 and self.placement.is_trivial()),
+                     "ppo.fused_train", True, "needs the Ray runtime (cluster.devices > 1 or "
+                     "a non-trivial placement)")
+            try:
+                stage_map(actor, critic)
+            except ValueError as e:
+                raise ConfigError(f"config key ppo.fused_train=True: {e}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -13,8 +13,14 @@ class replaces where the calls run:
   ``k % dp``; the three inference calls run concurrently where their devices differ),
 - actor and critic updates on ``actor_train``/``critic_train`` (same mini-batch
   shuffle and micro-batches as the reference, 1F1B per dp replica, summed gradients),
-- then weights copied ``actor_train -> actor_gen`` and ``critic_train -> critic_infer``
-  where those placements differ (timed as ``timing_s/realloc``).
+- then the new weights resharded ``actor_train -> actor_gen`` and
+  ``critic_train -> critic_infer`` where those placements differ, by the reallocation
+  engine (ReaLHF, arXiv 2406.14088; :mod:`fusedrl.runtime.reshard`): no full gather on
+  one device, only bytes a destination lacks cross devices. Reported as
+  ``timing_s/realloc`` (wall time of the sync, measured here) and ``perf/realloc_bytes``
+  (bytes that crossed devices). The reference starts as a reshard of the loaded actor.
+  With ``placement.keep_inference_copies: false`` the two inference copies are dropped
+  before training and re-allocated by the sync (``perf/realloc_alloc_bytes``).
 
 Token ids and per-token scalars travel through the controller as Ray objects; weights
 and activations only between workers. Lifecycle: ``t = DistributedPPOTrainer(config)``
@@ -35,6 +41,7 @@ from fusedrl.algorithms import ppo
 from fusedrl.config import PLACEMENT_ROLES, ConfigError
 from fusedrl.layout import Placement
 from fusedrl.runtime.launch import ensure_ray
+from fusedrl.runtime.reshard import sync_pairs
 from fusedrl.runtime.worker import ALIASES, RemoteWorker, RunSpec
 from fusedrl.trainer import PPOTrainer, build_setup
 
@@ -137,6 +144,8 @@ class DistributedPPOTrainer(PPOTrainer):
             host, port = ray.get(self.workers[0].address.remote())
             ray.get([w.init_distributed.remote(host, port) for w in self.workers])
             ray.get([w.setup.remote(spec) for w in self.workers])
+            self.init_pairs, self.step_pairs = sync_pairs(spec.placements, roles)
+            self.sync_weights(self.init_pairs + self.step_pairs)
         except BaseException:
             self.close()
             raise
@@ -179,6 +188,7 @@ class DistributedPPOTrainer(PPOTrainer):
         return tuple(torch.cat(self._ordered(ray.get(f))) for f in futures)
 
     def train(self, batch, old_logp, old_values, advantages, returns) -> dict:
+        self.release_inference_copies()  # generation and inference are over
         c = self.config.ppo
         gen = torch.Generator().manual_seed(self.config.trainer.seed * 7919 + self.iteration)
         schedule = []  # the reference's shuffle: per mini-batch, its micro-batch indices
@@ -191,32 +201,58 @@ class DistributedPPOTrainer(PPOTrainer):
         bref = ray.put(batch)
         data = ray.put({"old_logp": old_logp, "values": old_values, "advantages": advantages,
                         "returns": returns})
-        futures = {kind: self._submit(role, "train", role, kind, bref, data, schedule)
-                   for kind, role in (("actor", "actor_train"), ("critic", "critic_train"))}
+        extra: dict[str, float] = {}
+        if self.config.ppo.fused_train:  # one fused schedule for both (RLHFuse §5)
+            if getattr(self, "_fused", None) is None:
+                from fusedrl.runtime.fused_train import FusedTraining
+
+                self._fused = FusedTraining(self)
+            results, extra = self._fused.train(bref, data, schedule)
+        else:
+            futures = {kind: self._submit(role, "train", role, kind, bref, data, schedule)
+                       for kind, role in (("actor", "actor_train"), ("critic", "critic_train"))}
+            results = {kind: ray.get(f) for kind, f in futures.items()}
         stats: dict[str, list[float]] = {}
-        for kind, f in futures.items():
-            outs = [o for o in ray.get(f) if o]
+        for kind, res in results.items():
+            outs = [o for o in res if o]
             for _, _, st in sorted((m, k, st) for o in outs for m, k, st in o["micro"]):
                 for key, v in st.items():
                     stats.setdefault(key, []).append(v)
             stats[f"{kind}/grad_norm"] = outs[0]["grad_norm"]
-        return {k: sum(v) / len(v) for k, v in stats.items()}
+        return {**{k: sum(v) / len(v) for k, v in stats.items()}, **extra}
 
-    def sync_weights(self) -> None:
-        """Copy trained weights to the inference/generation copies placed elsewhere."""
-        for dst, src in ALIASES.items():
-            if self.spec.placements[dst] != self.spec.placements[src]:
-                ray.get(self._submit(src, "copy_weights", src, dst,
-                                     devices=self._devices(src, dst)))
+    def sync_weights(self, pairs: list[tuple[str, str]]) -> dict[str, float]:
+        """Reshard each ``(src, dst)`` pair's weights into ``dst`` through the reallocation
+        engine, submitted once to every device of any pair (each worker runs the pairs it
+        belongs to, in order; pairs on disjoint devices proceed concurrently).
+
+        Returns ``perf/realloc_bytes`` (bytes that crossed devices) and
+        ``perf/realloc_alloc_bytes`` (storage re-allocated for dropped copies).
+        """
+        if not pairs:
+            return {"perf/realloc_bytes": 0, "perf/realloc_alloc_bytes": 0}
+        roles = sorted({r for pair in pairs for r in pair})
+        outs = ray.get(self._submit("", "sync_weights", pairs, devices=self._devices(*roles)))
+        return {"perf/realloc_bytes": sum(o["bytes_received"] for o in outs),
+                "perf/realloc_alloc_bytes": sum(o["bytes_allocated"] for o in outs)}
+
+    def release_inference_copies(self) -> None:
+        """Drop the inference-only copies (``placement.keep_inference_copies: false``) once
+        generation and inference are done, so that training has their memory (ReaLHF)."""
+        if self.config.placement.keep_inference_copies:
+            return
+        for _, dst in self.step_pairs:
+            ray.get(self._submit(dst, "release_weights", dst))
 
     def step(self) -> dict:
         metrics = super().step()
         t0 = time.perf_counter()
-        self.sync_weights()
+        moved = self.sync_weights(self.step_pairs)
         dt = time.perf_counter() - t0
         metrics["timing_s/realloc"] = dt
         metrics["timing_s/step"] += dt
         metrics["perf/throughput"] = metrics["perf/total_num_tokens"] / metrics["timing_s/step"]
+        metrics.update(moved)
         return metrics
 
     # ------------------------------------------------------------ state
@@ -254,22 +290,21 @@ class DistributedPPOTrainer(PPOTrainer):
         return final
 
     def load_checkpoint(self, path: Path) -> None:
-        """Restore weights (each worker reads its shard), optimizer shards (the run must
-        use the placements it was saved with), KL controller, RNG and iteration."""
+        """Restore the trained weights (each worker reads its shard) and reshard them to
+        the inference copies, optimizer shards (the run must use the placements it was
+        saved with), KL controller, RNG and iteration. The reference keeps the initial
+        actor it was resharded from at setup."""
         path = Path(path)
         state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
         if state.get("placements") != self.spec.placements:
             raise ConfigError(f"{path}: saved with placements {state.get('placements')}, this "
                               f"run uses {self.spec.placements}; resume with the same placement.*")
-        for roles, name in ((("actor_train", "actor_gen"), "actor"),
-                            (("critic_train", "critic_infer"), "critic")):
-            for role in roles:
-                if role == roles[0] or self.spec.placements[role] != \
-                        self.spec.placements[roles[0]]:
-                    ray.get(self._submit(role, "load_model", role, str(path / name)))
+        for role, name in (("actor_train", "actor"), ("critic_train", "critic")):
+            ray.get(self._submit(role, "load_model", role, str(path / name)))
             ray.get([self.workers[d].load_optimizer.remote(
-                roles[0], str(path / "optim" / f"{roles[0]}_device{d}.pt"))
-                for d in self._devices(roles[0])])
+                role, str(path / "optim" / f"{role}_device{d}.pt"))
+                for d in self._devices(role)])
+        self.sync_weights(self.step_pairs)  # the reference stays the initial actor
         self.load_state_dict(state)
 
     def close(self) -> None:

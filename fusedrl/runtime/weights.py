@@ -1,5 +1,4 @@
-"""Weights of sharded models: loading a rank's shard, copying weights between the
-placements of two calls, and gathering a full checkpoint.
+"""Weights of sharded models: loading a rank's shard and gathering a full checkpoint.
 
 Loading reads only the rank's shard (safetensors slices, regions from
 :mod:`fusedrl.models.sharding`); a GGUF file is quantized per tensor and cannot be
@@ -7,11 +6,9 @@ sliced, so it is dequantized whole and cut. A model trained from scratch is
 initialised on every worker exactly as the single-device trainer does (the full model
 from the seed, then cut), so every layout starts from the same weights.
 
-Copying between placements uses the simple path of the parallelism issue until the
-reallocation executor lands: the ranks of dp replica 0 of the source send their shards
-to the source's rank 0, which merges them and broadcasts the full weights to the
-destination ranks; each keeps its own shard. :func:`copy_weights` is the one function
-the reallocation executor replaces.
+Weights move between the placements of two calls through the reallocation engine
+(:mod:`fusedrl.runtime.reshard`), never through a full copy on one device; only a
+checkpoint is gathered whole (:func:`gather_full`, on the writing rank).
 """
 
 from __future__ import annotations
@@ -22,9 +19,8 @@ import torch
 import torch.distributed as dist
 
 from fusedrl.models.build import adapt_state_for_head, build_model
-from fusedrl.models.sharding import (EMBED, LM_HEAD, VALUE_HEAD, merge_shards, param_shapes,
-                                     region_shape, region_slices, shard_regions,
-                                     shard_state_dict)
+from fusedrl.models.sharding import (EMBED, LM_HEAD, VALUE_HEAD, merge_shards, region_shape,
+                                     region_slices, shard_regions, shard_state_dict)
 
 
 def full_initial_state(config, head: str, seed: int, dtype, singleton_group) -> dict:
@@ -113,37 +109,3 @@ def gather_full(model, groups, head: str) -> dict | None:
         names = shard_regions(model.config, L, groups.rank, head)
         dist.send(_flat(state[n] for n in names).contiguous(), root)
     return None
-
-
-def broadcast_group_ranks(src, dst) -> tuple[int, ...]:
-    """Devices of the broadcast of :func:`copy_weights`: the source's rank 0 and the
-    destination."""
-    return tuple(sorted({src.devices[0], *dst.devices}))
-
-
-def copy_weights(src_model, src_groups, dst_model, dst_groups, registry, config, head: str,
-                 src_placement, dst_placement, device: int) -> None:
-    """Make ``dst`` hold the weights of ``src`` (called on every device of either).
-
-    Gather on the source's rank 0, broadcast the full weights to the destination, each
-    destination rank keeps its shard. (Replaced by the reallocation executor, which
-    moves only what the destination lacks.)
-    """
-    full = None
-    if src_groups is not None:
-        full = gather_full(src_model, src_groups, head)
-    group_ranks = broadcast_group_ranks(src_placement, dst_placement)
-    if device not in group_ranks:
-        return
-    shapes = param_shapes(config, head)
-    root = src_placement.devices[0]
-    if device == root:
-        flat = _flat(full[n] for n in shapes).contiguous()
-    else:
-        dtype = next(dst_model.parameters()).dtype
-        flat = torch.empty(sum(torch.Size(s).numel() for s in shapes.values()), dtype=dtype)
-    dist.broadcast(flat, src=root, group=registry.get(group_ranks))
-    if dst_groups is not None:
-        full = _unflat(flat, shapes)
-        load_into(dst_model, shard_state_dict(full, config, dst_placement.layout,
-                                              dst_groups.rank, head))

@@ -277,6 +277,20 @@ class Worker(InterStageWorker):
             return None
         return {"micro": micro_stats, "grad_norm": norms}
 
+    def profile_fused(self, batch, idx):
+        """Stage times of actor_train and critic_train on one micro-batch (fused
+        training, :mod:`fusedrl.runtime.fused_train`)."""
+        from fusedrl.runtime.fused_train import worker_profile
+
+        return worker_profile(self, batch, idx)
+
+    def train_fused(self, batch, data: dict, schedule: list[list], smap: tuple, plans: dict):
+        """PPO updates of actor and critic in one fused pipeline schedule per mini-batch
+        (RLHFuse §5; :func:`fusedrl.runtime.fused_train.worker_train`)."""
+        from fusedrl.runtime.fused_train import worker_train
+
+        return worker_train(self, batch, data, schedule, smap, plans)
+
     # ----------------------------------------------------------------- weights
 
     def sync_weights(self, pairs: list[tuple[str, str]]) -> dict:
