@@ -21,3 +21,14 @@ def smollm2_path():
         return packaged_model_path("smollm2-135m-instruct")
     except CheckpointError as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray instance for every test that starts Ray workers (4 CPUs; each
+    training run starts and stops its own workers)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=4, include_dashboard=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    yield ray
+    ray.shutdown()

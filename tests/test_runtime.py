@@ -1,6 +1,7 @@
 """The Ray runtime: every layout gives the single-device trainer's numbers.
 
-One Ray session for the whole test session (4 CPUs; each run starts its own workers).
+One Ray session for the whole test session (``ray_session`` in conftest.py: 4 CPUs;
+each run starts its own workers).
 """
 
 import json
@@ -31,15 +32,6 @@ PLACEMENTS = {
     "separated": ["placement.default=dp2tp1pp1@0-1", "placement.actor_gen=dp1tp4pp1@0-3",
                   "placement.critic_infer=dp1tp1pp2@2-3", "placement.ref=dp1tp2pp1@2-3"],
 }
-
-
-@pytest.fixture(scope="session")
-def ray_session(tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
