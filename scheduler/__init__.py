@@ -5,3 +5,20 @@ from .gen_cost import GenCostModel
 from .gen_sim import GenSimResult, simulate as simulate_generation
 from .interstage import (InterStagePolicy, MigrationPlan, available_policies,
                          get_policy, plan_migration, register_policy)
+
+# execution plans (ReaLHF placement search, Xiao et al. strategies)
+from .plan import CALLS, CallPlan, ExecutionPlan, Fusion, PlanError, Realloc
+from .plan_search import (NoFittingPlan, Score, SearchResult, SearchSpace, brute_force,
+                          search as search_plan)
+
+# intra-stage fusion (RLHFuse §5): fused actor/critic pipeline schedules
+from .pipeline_bounds import LowerBound, lower_bound
+from .pipeline_problem import FusedProblem, PipelineSpec, Schedule, TaskTable
+
+
+def solve_fused_schedule(*args, **kwargs):
+    """:func:`fusedrl.scheduler.pipeline_schedule.solve`, imported on first use
+    (it loads the numba kernels of ``fusedrl.kernels.schedule_eval``)."""
+    from .pipeline_schedule import solve
+
+    return solve(*args, **kwargs)
