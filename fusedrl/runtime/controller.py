@@ -40,6 +40,7 @@ import torch
 from fusedrl.algorithms import ppo
 from fusedrl.config import PLACEMENT_ROLES, ConfigError
 from fusedrl.layout import Placement
+from fusedrl.runtime.interstage import FusedRollout, interstage_enabled
 from fusedrl.runtime.launch import ensure_ray
 from fusedrl.runtime.reshard import sync_pairs
 from fusedrl.runtime.worker import ALIASES, RemoteWorker, RunSpec
@@ -136,6 +137,12 @@ class DistributedPPOTrainer(PPOTrainer):
         self.reward_model = None  # rule rewards: the reference score(); model: see score()
         self.actor, self.critic = RemoteModel("actor_train"), RemoteModel("critic_train")
         self.engine = _Generation(self)
+        # Inter-stage fusion (RLHFuse §4): generation streams into inference, the long
+        # tail migrates; infer()/score() then take the results computed during generate.
+        self.fused = (FusedRollout(self) if interstage_enabled(
+            c, self.placements, reward_config is not None) else None)
+        if self.fused is not None:
+            self.engine = self.fused
 
         self._owns_ray = ensure_ray(c.cluster.address, c.cluster.devices)
         n = c.cluster.devices
@@ -173,12 +180,16 @@ class DistributedPPOTrainer(PPOTrainer):
     def score(self, batch, records):
         if self.spec.reward_config is None:
             return super().score(batch, records)
+        if self.fused is not None and self.fused.holds(batch):
+            return self.fused.take_scores(batch)
         micros = self._micro_indices(len(batch))
         ref = ray.put(batch)
         return torch.cat(self._ordered(self._run("reward", "infer", "reward", "score", ref,
                                                  micros, 1.0)))
 
     def infer(self, batch):
+        if self.fused is not None and self.fused.holds(batch):
+            return self.fused.take_infer(batch)
         temp = self.config.generation.temperature
         micros = self._micro_indices(len(batch))
         ref = ray.put(batch)
@@ -246,6 +257,8 @@ class DistributedPPOTrainer(PPOTrainer):
 
     def step(self) -> dict:
         metrics = super().step()
+        if self.fused is not None:  # fused gen/inference spans replace the stage times
+            metrics.update(self.fused.metrics())
         t0 = time.perf_counter()
         moved = self.sync_weights(self.step_pairs)
         dt = time.perf_counter() - t0
