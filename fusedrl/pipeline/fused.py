@@ -38,7 +38,6 @@ and, once per shape, :func:`profile_stage` on every stage to build the problem.
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -151,16 +150,13 @@ def train_fused(runs: Sequence[FusedPipeline], tasks: Sequence[Task]) -> None:
     link.flush()
 
 
-def _median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else 0.0
-
-
 def profile_stage(model: torch.nn.Module, groups, ids: torch.Tensor,
-                  repeats: int = 3) -> tuple[float, float, float]:
+                  repeats: int = 4) -> tuple[float, float, float]:
     """Time one micro-batch through this stage: ``(fwd_s, bwd_s, activation_bytes)``.
 
-    Runs ``1 + repeats`` forward/backward passes on ``ids`` (one warm-up; medians of
-    the rest) with this stage alone: a later stage gets random hidden states of the
+    Runs ``1 + repeats`` forward/backward passes on ``ids`` (one warm-up; the fastest
+    of the rest, the least disturbed by other processes on a shared machine) with this
+    stage alone: a later stage gets random hidden states of the
     right shape, an intermediate stage random output gradients, the last stage a
     log-softmax loss over its output (the cost of the PPO losses' log-probs). Memory
     is the bytes of the tensors autograd saves for backward, parameters excluded
@@ -168,6 +164,8 @@ def profile_stage(model: torch.nn.Module, groups, ids: torch.Tensor,
     afterwards. Runs no collective beyond the model's own (tp), so every tp rank of a
     stage must call it together.
     """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     params = list(model.parameters())
     dtype = params[0].dtype
     param_storages = {p.untyped_storage().data_ptr() for p in params}
@@ -205,4 +203,4 @@ def profile_stage(model: torch.nn.Module, groups, ids: torch.Tensor,
             mem = max(mem, sum(seen.values()))
     for p in params:
         p.grad = None
-    return _median(fwd), _median(bwd), float(mem)
+    return min(fwd), min(bwd), float(mem)
