@@ -234,7 +234,8 @@ class PlanEvaluator:
                                  self.w.batch_size, self.w.mini_batch_size, **kw)
 
     def score(self, plan: ExecutionPlan) -> Score:
-        return self.evaluate(plan).score()
+        """The search's cost: :meth:`evaluate` without recording the timeline."""
+        return self.evaluate(plan, timeline=False).score()
 
     # -- pieces ----------------------------------------------------------------------------------
 
@@ -337,8 +338,9 @@ class PlanEvaluator:
 
     # -- the plan ---------------------------------------------------------------------------------
 
-    def evaluate(self, plan: ExecutionPlan) -> PlanEstimate:
-        """Simulate one iteration of ``plan`` (see the module doc)."""
+    def evaluate(self, plan: ExecutionPlan, timeline: bool = True) -> PlanEstimate:
+        """Simulate one iteration of ``plan`` (see the module doc); ``timeline=False``
+        skips recording the events (the search needs only the time and memory)."""
         if plan.num_devices != self.n:
             raise ValueError(f"plan is for {plan.num_devices} devices, the evaluator for {self.n}")
         for c, cp in plan:
@@ -396,9 +398,10 @@ class PlanEvaluator:
         events: list[Event] = []
 
         def occupy(label: str, devices, start: float, dur: float) -> float:
-            devs = tuple(int(d) for d in devices)
-            events.append(Event(label, devs, start, start + dur))
-            free[list(devs)] = np.maximum(free[list(devs)], start + dur)
+            devs = [int(d) for d in devices]
+            if timeline:
+                events.append(Event(label, tuple(devs), start, start + dur))
+            free[devs] = np.maximum(free[devs], start + dur)
             return start + dur
 
         realloc_end = {"actor_gen": 0.0, "critic_infer": 0.0}
@@ -419,8 +422,8 @@ class PlanEvaluator:
         sim = self._gen(lg, max_batch, kv_capacity, colocated, fused_gen,
                         plan.fusion.rt_policy)
         inst_devs = _instance_devices(gp)
-        for iv in sim.timeline:
-            if iv.kind == "load" and iv.end <= iv.start:
+        for iv in (sim.timeline if timeline else ()):
+            if iv.end <= iv.start:  # e.g. inference of zero cost when it runs elsewhere
                 continue
             label = {"gen": "actor_gen", "infer": "inference", "migrate": "migrate",
                      "load": "load"}.get(iv.kind, iv.kind)
@@ -431,8 +434,9 @@ class PlanEvaluator:
         infer_end = gen_start + sim.makespan_s
         if not colocated:
             finish = gen_start + sim.finish_s
-            tokens = w.prompt_lengths + w.output_lengths
-            order = np.argsort(finish, kind="stable")
+            order = np.argsort(finish, kind="stable").tolist()
+            tokens = (w.prompt_lengths + w.output_lengths).astype(float).tolist()
+            finish_l = finish.tolist()
             gen_set = set(int(d) for d in gen_devs)
             for c in INFER_CALLS:
                 p = plan.placement(c)
@@ -442,28 +446,32 @@ class PlanEvaluator:
                 per_token = (roof.forward_s(chunk, w.mean_seq_len, lt, HEAD[model])
                              / (chunk * w.mean_seq_len))
                 stream = plan.fusion.inter_stage and not (set(p.devices) & gen_set)
-                ready = finish if stream else np.full(len(finish), gen_end)
+                ready = finish_l if stream else [gen_end] * len(finish_l)
                 avail_floor = realloc_end["critic_infer"] if c == "critic_infer" else 0.0
                 instances = _instance_devices(p)
                 heap = [(max(float(free[list(devs)].max()), avail_floor), k)
                         for k, devs in enumerate(instances)]
                 heapq.heapify(heap)
                 spans: dict[int, list[list[float]]] = {k: [] for k in range(len(instances))}
+                last = [None] * len(instances)
                 for i in order:
                     t_free, k = heapq.heappop(heap)
-                    start = max(t_free, float(ready[i]))
-                    end = start + per_token * float(tokens[i])
-                    sp = spans[k]
-                    if sp and start - sp[-1][1] <= 1e-9:
-                        sp[-1][1] = end
-                    else:
-                        sp.append([start, end])
+                    start = t_free if t_free > ready[i] else ready[i]
+                    end = start + per_token * tokens[i]
+                    if timeline:  # busy spans, back-to-back samples merged
+                        sp = spans[k]
+                        if sp and start - sp[-1][1] <= 1e-9:
+                            sp[-1][1] = end
+                        else:
+                            sp.append([start, end])
+                    last[k] = end
                     heapq.heappush(heap, (end, k))
                 for k, devs in enumerate(instances):
                     for s0, s1 in spans[k]:
-                        occupy(c, devs, s0, s1 - s0)
-                    if spans[k]:
-                        infer_end = max(infer_end, spans[k][-1][1])
+                        events.append(Event(c, devs, s0, s1))
+                    if last[k] is not None:
+                        free[list(devs)] = np.maximum(free[list(devs)], last[k])
+                        infer_end = max(infer_end, last[k])
 
         # training: after all inference (advantages need every value and reward)
         train_start_floor = max(infer_end, gen_end)
@@ -515,7 +523,7 @@ class PlanEvaluator:
                      f"{self.capacity / GB:.1f} GB usable (over by "
                      f"{(peak[worst] - self.capacity) / GB:.1f} GB): "
                      + " + ".join(f"{k} {v / GB:.1f} GB" for k, v in parts))
-        iteration = max([e.end for e in events] + [train_end])
+        iteration = max(float(free.max()), train_end)
         stage_s = {"realloc": realloc_done, "gen": max(0.0, gen_end - realloc_done),
                    "inference": max(0.0, train_start_floor - gen_end),
                    "train": iteration - train_start_floor}
