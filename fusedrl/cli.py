@@ -77,6 +77,14 @@ from fusedrl.sim_cli import simulate  # noqa: E402
 
 app.command("simulate")(simulate)
 
+from fusedrl.plan_cli import plan  # noqa: E402
+
+app.command("plan")(plan)
+
+from fusedrl.bench_cli import bench  # noqa: E402
+
+app.add_typer(bench, name="bench")
+
 
 def main() -> None:
     app()
