@@ -1,0 +1,175 @@
+"""``fusedrl bench``: benchmarks on the real engine and runtime.
+
+``fusedrl bench interstage`` measures inter-stage fusion (RLHFuse, arXiv 2409.13221
+§4): one batch's generation + inference (old and reference log-probs, critic values)
+on ``--devices`` Ray workers (one core each, DESIGN.md "Measuring"), every call placed
+``dp{N}tp1pp1`` on all of them, output lengths forced (``ignore_eos`` and a
+``max_new_tokens`` per sample, :func:`fusedrl.generation.lengths.forced_lengths`).
+
+1. Calibration: one fused run at the policy's starting ``Rt`` (20% of the batch); its
+   timed decode steps and inference calls fit the cost model
+   (:meth:`FusedRollout.calibrate`), and the ``rlhfuse`` policy sees the lengths.
+2. ``rt``: the policy's choice, by simulating Rt = 0 and 5%..95% of the batch over the
+   observed lengths with that model.
+3. Measurement: ``--repeats`` rounds, each timing the unfused path (the runtime's
+   generate on every instance, then its inference) and the fused one at ``rt``, side
+   by side, alternating which goes first; the medians are reported.
+4. ``--sweep``: the fused run at every candidate ``Rt``, to compare the simulator's
+   choice with the best one measured on the real engine.
+
+Output (``--json``): ``{"unfused_s", "fused_s", "speedup", "rt", "migrated",
+"sim_speedup", "sweep": {Rt: seconds}, "best_rt", ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from typing import List, Optional
+
+import typer
+
+bench = typer.Typer(add_completion=False, no_args_is_help=True,
+                    help="Benchmarks on the real engine (fused vs unfused, side by side).")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@bench.command("interstage")
+def interstage(
+    devices: int = typer.Option(2, "--devices", help="Generation instances = devices "
+                                "(one Ray worker and one core each)."),
+    lengths: str = typer.Option("lognormal:16,160", "--lengths", help="Output lengths: a "
+                                "file with one integer per line, fixed:L, uniform:LO,HI or "
+                                "lognormal:MEDIAN,P99."),
+    batch: int = typer.Option(32, "--batch", help="Samples in the batch."),
+    model: str = typer.Option("small", "--model", help="Model preset (from scratch)."),
+    micro_batch: int = typer.Option(4, "--micro-batch", help="Inference micro-batch size."),
+    steps: int = typer.Option(4, "--steps", help="Engine steps per controller round trip."),
+    repeats: int = typer.Option(3, "--repeats", help="Side-by-side rounds; medians reported."),
+    sweep: bool = typer.Option(False, "--sweep", help="Also measure every candidate Rt."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the lengths and of sampling."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Config override key=value."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Generation + inference of one batch, unfused vs inter-stage fused (RLHFuse §4)."""
+    from fusedrl.config import load_config
+    from fusedrl.generation.lengths import forced_lengths
+
+    if devices < 2:
+        _fail(f"--devices={devices}: inter-stage fusion needs at least 2 instances")
+    if batch < devices:
+        _fail(f"--batch={batch}: need at least one sample per device")
+    if repeats < 1:
+        _fail(f"--repeats={repeats}: must be >= 1")
+    try:
+        lens = forced_lengths(lengths, batch, seed=seed)
+        cfg = load_config(None, [
+            f"model.preset={model}", f"cluster.devices={devices}",
+            f"placement.default=dp{devices}tp1pp1@0-{devices - 1}",
+            f"generation.max_new_tokens={max(lens)}", f"generation.max_batch_size={batch}",
+            "generation.interstage=true", f"generation.interstage_steps={steps}",
+            f"ppo.rollout_batch_size={batch}", f"ppo.mini_batch_size={batch}",
+            f"ppo.micro_batch_size={micro_batch}", f"data.num_prompts={batch}",
+            f"trainer.seed={seed}"] + list(set_ or []))
+    except ValueError as e:
+        _fail(str(e).splitlines()[0])
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    result = _run(cfg, lens, lengths, repeats, sweep)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        for k, v in result.items():
+            typer.echo(f"{k}: {v}")
+
+
+def _run(cfg, lens: list[int], spec: str, repeats: int, sweep: bool) -> dict:
+    from fusedrl.generation import Request, SamplingParams
+    from fusedrl.rollout import RolloutBatch
+    from fusedrl.runtime.controller import DistributedPPOTrainer, _Generation
+
+    t = DistributedPPOTrainer(cfg)
+    try:
+        fused = t.fused
+        prompts = t.setup.prompt_ids
+        requests = [Request(j, list(prompts[j % len(prompts)]), max_new_tokens=n)
+                    for j, n in enumerate(lens)]
+        params = SamplingParams(temperature=cfg.generation.temperature,
+                                max_new_tokens=max(lens), seed=cfg.trainer.seed,
+                                ignore_eos=True)
+        pad = t.setup.tokenizer.pad_token_id
+        n = len(requests)
+
+        def unfused() -> float:
+            t0 = time.perf_counter()
+            samples = _Generation(t).generate(requests, params)
+            t.infer(RolloutBatch.from_samples(samples, pad))
+            return time.perf_counter() - t0
+
+        def fused_at(rt: int) -> tuple[float, dict]:
+            t0 = time.perf_counter()
+            res = fused.run(requests, params, threshold=rt)
+            return time.perf_counter() - t0, res.metrics
+
+        # 1. warm-up and calibration on the real engine
+        unfused()
+        warm = fused.run(requests, params)
+        fused.observe(warm)
+        # 2. the policy's Rt: simulated over the observed lengths (RLHFuse §4)
+        rt = fused.policy.tune(n) if hasattr(fused.policy, "tune") else \
+            fused.policy.threshold(n)
+        sim = dict(getattr(fused.policy, "last_sweep", {}))
+        # 3. side by side, alternating the order
+        times_u, times_f, metrics = [], [], []
+        for r in range(repeats):
+            if r % 2 == 0:
+                times_u.append(unfused())
+                dt, m = fused_at(rt)
+            else:
+                dt, m = fused_at(rt)
+                times_u.append(unfused())
+            times_f.append(dt)
+            metrics.append(m)
+        u, f = statistics.median(times_u), statistics.median(times_f)
+        m = metrics[times_f.index(sorted(times_f)[len(times_f) // 2])] if repeats % 2 else \
+            metrics[-1]
+        out = {
+            "unfused_s": round(u, 4), "fused_s": round(f, 4), "speedup": round(u / f, 4),
+            "rt": rt, "migrated": m["interstage/migrated"],
+            "migrate_at_s": round(m["interstage/migrate_at_s"], 4),
+            "gen_s": round(m["timing_s/gen"], 4), "inference_s": round(m["timing_s/inference"], 4),
+            "overlap_s": round(m["timing_s/gen_inference_overlap"], 4),
+            "devices": len(fused.instances), "batch": n, "lengths": spec,
+            "median_len": statistics.median(lens), "max_len": max(lens),
+            "p99_len": sorted(lens)[min(n - 1, int(0.99 * n))],
+            "unfused_runs_s": [round(x, 4) for x in times_u],
+            "fused_runs_s": [round(x, 4) for x in times_f],
+        }
+        if sim:
+            out["sim_unfused_s"] = round(sim.get(0, float("nan")), 4)
+            out["sim_fused_s"] = round(sim[rt], 4)
+            out["sim_speedup"] = round(sim.get(0, float("nan")) / sim[rt], 4)
+            c = fused.cost
+            out["cost_model"] = {"decode_base_s": c.decode_base_s,
+                                 "decode_per_seq_s": c.decode_per_seq_s,
+                                 "decode_per_ctx_token_s": c.decode_per_ctx_token_s,
+                                 "bs_max": c.bs_max, "prefill_per_token_s":
+                                 c.prefill_per_token_s, "infer_per_token_s": c.infer_per_token_s}
+        # 4. the simulator's Rt against the best measured one
+        if sweep:
+            cands = (fused.policy.candidate_thresholds(n)
+                     if hasattr(fused.policy, "candidate_thresholds") else [0, rt])
+            measured = {c: round(fused_at(c)[0], 4) for c in cands}
+            best = min(measured, key=lambda c: (measured[c], c))
+            out.update(sweep=measured, best_rt=best, best_s=measured[best],
+                       rt_measured_s=measured.get(rt),
+                       sim_rt_vs_best=round(measured.get(rt, f) / measured[best], 4),
+                       sim_sweep={k: round(v, 4) for k, v in sim.items()})
+        return out
+    finally:
+        t.close()
