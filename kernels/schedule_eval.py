@@ -422,15 +422,16 @@ def anneal_makespan(order, pos, node_ptr, dur, node, dep, succ, memd, klass, sta
     best = state[1]
     temp = state[2]
     done = 0
+    na = -1  # critical arcs in ``arcs``; -1: not computed for the current order
     while done < n_iters and best > target + eps:
         done += 1
         temp *= cooling
-        na = 0
-        if not (p_random > 0.0 and np.random.random() < p_random):
+        critical = not (p_random > 0.0 and np.random.random() < p_random)
+        if critical and na < 0:  # the path is recomputed only after the order changed
             na = critical_arcs(order, pos, node_ptr, node, dep, klass, start, end, eps, arcs)
             if na == 0 and p_random <= 0.0:
                 break  # the makespan is one chain: no critical move can shorten it
-        if na == 0:
+        if not critical or na == 0:
             lo, hi = _random_block_move(order, node_ptr, node, klass, ws)
         else:
             i = arcs[np.random.randint(0, na)]
@@ -448,6 +449,7 @@ def anneal_makespan(order, pos, node_ptr, dur, node, dep, succ, memd, klass, sta
             _revert(order, pos, start, end, lo, hi, n_log, ws)
             continue
         _refresh_prefix(order, node_ptr, node, memd, prefix, lo, hi)
+        na = -1
         cur = mk
         if mk < best - eps:
             best = mk

@@ -10,10 +10,11 @@ makespan. This module drives the kernels of ``fusedrl.kernels.schedule_eval``:
    (the job-shop neighbourhood of van Laarhoven et al. 1992). Under a memory cap
    a swap that would lift a node past it also moves an earlier forward behind
    the pair to make room; a share of random block moves (1-3 adjacent tasks
-   moved a few places) keeps the search connected. Only first-in-first-out micro-batch orders are searched (see
-   :func:`~.pipeline_problem.fifo_relabel`). Geometric cooling over a fixed number
-   of iterations, then a restart from the best order seen, until the makespan
-   reaches the lower bound or the phase's time (or run budget) is up.
+   moved a few places) keeps the search connected. Only first-in-first-out
+   micro-batch orders are searched (:func:`~.pipeline_problem.fifo_relabel`).
+   Geometric cooling over a fixed number of iterations, then a restart from the
+   best order seen, until the makespan reaches the lower bound or the phase's
+   time (or run budget) is up.
 2. **Memory.** Simulated annealing over random adjacent swaps on the peak
    memory (plus a fraction of the mean node peak, to break plateaus), rejecting
    any move that raises the makespan found in phase 1.
@@ -54,7 +55,7 @@ class SearchConfig:
     temp_end: float = 0.01
     max_runs: int | None = None  # phase-1 annealing runs (None: until the bound or the time limit)
     random_moves: float = 0.1  # share of phase-1 moves that move a random block instead of a critical pair
-    memory_iters_per_task: float = 300.0  # phase-2 iteration budget, per task
+    memory_iters_per_task: float = 100.0  # phase-2 iteration budget, per task
     memory_temp_start: float = 0.5  # phase-2 temperatures, in mean per-task memory
     memory_temp_end: float = 0.01
     memory_alpha: float = 0.5  # weight of the mean node peak in the memory energy
