@@ -111,3 +111,16 @@ def test_interstage_flag_validation(ray_session):
         _trainer(["generation.interstage=true", "placement.actor_gen=dp1tp2pp1@0-1"])
     with pytest.raises(ConfigError, match=r"generation.interstage_policy='nope'"):
         load_config(None, ["generation.interstage_policy=nope"])
+
+
+def test_bench_interstage_rejects_bad_arguments_before_starting_workers():
+    from typer.testing import CliRunner
+
+    from fusedrl.cli import app
+
+    runner = CliRunner()
+    for args, msg in ((["--devices", "1"], "at least 2 instances"),
+                      (["--lengths", "lognormal:10,5"], "MEDIAN <= P99"),
+                      (["--batch", "1"], "at least one sample per device")):
+        res = runner.invoke(app, ["bench", "interstage", *args, "--json"])
+        assert res.exit_code == 2 and msg in res.output, (args, res.output)
