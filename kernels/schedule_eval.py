@@ -423,17 +423,22 @@ def anneal_makespan(order, pos, node_ptr, dur, node, dep, succ, memd, klass, sta
     temp = state[2]
     done = 0
     na = -1  # critical arcs in ``arcs``; -1: not computed for the current order
+    uses = 0
     while done < n_iters and best > target + eps:
         done += 1
         temp *= cooling
         critical = not (p_random > 0.0 and np.random.random() < p_random)
-        if critical and na < 0:  # the path is recomputed only after the order changed
+        if critical and (na < 0 or uses >= 8):
+            # A critical path serves until a move is accepted or it served 8 moves
+            # (ties between paths are broken at random, so a fresh one may differ).
             na = critical_arcs(order, pos, node_ptr, node, dep, klass, start, end, eps, arcs)
+            uses = 0
             if na == 0 and p_random <= 0.0:
                 break  # the makespan is one chain: no critical move can shorten it
         if not critical or na == 0:
             lo, hi = _random_block_move(order, node_ptr, node, klass, ws)
         else:
+            uses += 1
             i = arcs[np.random.randint(0, na)]
             lo, hi = _critical_move(order, node_ptr, node, memd, prefix, i, cap, eps, ws)
         if lo < 0:
