@@ -22,7 +22,8 @@ micro-batch size 1, no fusion.
 
 From the best starts, simulated annealing (ReaLHF's MCMC, with a cooling
 schedule and restarts from the best) moves one call at a time -- new layout,
-new mesh, same placement as another call, new micro-batch count, toggled fusion
+new mesh, same placement as another call, new micro-batch count, toggled fusion,
+one placement for a fusion group (generation + inference, or the two trainings)
 -- over a cache of evaluated plans; two chains run in two processes. The cost is
 injected (``cost(plan) -> Score``; :mod:`fusedrl.sim.plan_eval` provides the
 simulator's), so this module stays torch-free. A plan that does not fit memory
@@ -43,8 +44,9 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 from fusedrl.layout import ParallelLayout, Placement
 
-from .plan import (CALLS, INFER_CALLS, INTRA_MODES, TRAIN_CALLS, CallPlan, ExecutionPlan,
-                   Fusion)
+from .plan import CALLS, INFER_CALLS, TRAIN_CALLS, CallPlan, ExecutionPlan, Fusion
+
+GEN_CALL = "actor_gen"
 
 STRATEGIES = ("flattening", "interleaving", "separation")
 """Xiao et al.'s placement strategies (arXiv 2312.11819 §3)."""
@@ -398,11 +400,26 @@ class _Mover:
 
     def move(self, plan: ExecutionPlan) -> ExecutionPlan | None:
         rng, space = self.rng, self.space
-        kind = rng.choices(("layout", "mesh", "copy", "mb", "shift", "fusion"),
-                           weights=(4, 3, 3, 2, 2, 1))[0]
+        kind = rng.choices(("layout", "mesh", "copy", "mb", "shift", "fusion", "group"),
+                           weights=(4, 3, 3, 2, 2, 1, 1))[0]
         if kind == "fusion":
             return plan.with_fusion(rng.choice([f for f in space.fusion_options
                                                 if f != plan.fusion] or [plan.fusion]))
+        if kind == "group":
+            # the fusions need shared placements: inference on the generation placement
+            # (inter-stage, RLHFuse §4), actor and critic training on one (intra-stage, §5)
+            group = rng.choice(((GEN_CALL,) + INFER_CALLS, TRAIN_CALLS))
+            target = plan[rng.choice(group)].placement
+            size = len(target.devices)
+            out = plan
+            for c in group:
+                if target.layout not in space.layouts[c].get(size, ()):
+                    return None
+                mb = self._valid_mb(c, target.layout, plan[c].micro_batches)
+                if mb is None:
+                    return None
+                out = out.replace_call(c, CallPlan(target, mb))
+            return out
         c = rng.choice(CALLS)
         cp = plan[c]
         lt, devs = cp.placement.layout, cp.placement.devices

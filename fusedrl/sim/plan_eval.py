@@ -389,7 +389,8 @@ class PlanEvaluator:
         inst_devices = lg.tp * lg.pp
         kv_slots = int(max(0.0, room) * inst_devices // per_sample)
         max_batch = max(1, min(w.max_gen_batch, kv_slots))
-        kv_shortfall = max(0.0, per_sample / inst_devices - room) if kv_slots < 1 else 0.0
+        kv_shortfall = (max(0.0, per_sample / inst_devices - max(room, 0.0)) if kv_slots < 1
+                        else 0.0)
         phases["generation"]["KV cache"] = np.zeros(n)
         phases["generation"]["KV cache"][gen_devs] = max_batch * per_sample / inst_devices
 
@@ -509,7 +510,7 @@ class PlanEvaluator:
         peak = base + np.maximum.reduce(list(phase_tot.values()))
         error = ""
         worst = int(peak.argmax())
-        if kv_slots < 1:
+        if peak[worst] <= self.capacity and kv_slots < 1:
             error = (f"actor_gen {gp}: one sample's KV cache ({w.max_prompt_len + w.max_new_tokens}"
                      f" tokens) needs {per_sample / inst_devices / GB:.2f} GB per device but only "
                      f"{max(room, 0) / GB:.2f} GB is left on device "
