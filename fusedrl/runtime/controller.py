@@ -252,8 +252,8 @@ class DistributedPPOTrainer(PPOTrainer):
         generation and inference are done, so that training has their memory (ReaLHF)."""
         if self.config.placement.keep_inference_copies:
             return
-        for _, dst in self.step_pairs:
-            ray.get(self._submit(dst, "release_weights", dst))
+        ray.get([f for _, dst in self.step_pairs
+                 for f in self._submit(dst, "release_weights", dst)])
 
     def step(self) -> dict:
         metrics = super().step()

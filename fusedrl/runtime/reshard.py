@@ -34,7 +34,7 @@ time in the reallocation.
 Lifecycle (on each worker; the controller calls the same pairs on every device of
 ``src | dst``, in the same order)::
 
-    sync = WeightSync(pairs, placements, model_config, device, dtype, registry.get)
+    sync = WeightSync(pairs, placements, model_config, ROLE_HEAD, device, dtype, registry.get)
     registry.create_all(rank_lists(..., extra=sync.group_rank_lists()))   # every worker
     sync.run(src, dst, src_model, dst_model)      # -> ReallocStats (None: not involved)
     free_storage(dst_model) / restore_storage(dst_model)
@@ -95,13 +95,6 @@ class WeightSync:
         for ex in self.executors.values():
             out.extend(r for r in ex.group_rank_lists() if r not in out)
         return out
-
-    def devices(self, src: str, dst: str) -> tuple[int, ...]:
-        return self.executors[src, dst].devices
-
-    def bytes_moved(self, src: str, dst: str) -> int:
-        """Bytes of the pair that cross devices (each receiver counted; the plan's)."""
-        return self.executors[src, dst].plan.bytes_moved
 
     @torch.no_grad()
     def run(self, src: str, dst: str, src_model: torch.nn.Module | None,
