@@ -60,7 +60,8 @@ def _table(result) -> None:
     console = Console()
     console.print(table)
     cap = "none" if math.isinf(lb.memory_cap) else f"{lb.memory_cap:g}"
-    console.print(f"lower bound {lb.value:g} (memory cap {cap}; without a cap {max(lb.node_subsets, lb.critical_path):g}); "
+    plain = max(lb.node_subsets, lb.critical_path, lb.average_work)
+    console.print(f"lower bound {lb.value:g} (memory cap {cap}; without a cap {plain:g}); "
                   f"1F1B side by side peak memory {result.side_by_side_peak:g}; "
                   f"searched {result.seconds:.1f} s")
 

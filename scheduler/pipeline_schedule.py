@@ -10,6 +10,7 @@ output format of DESIGN.md (plus a ``baseline`` and a ``search`` section).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,7 +20,7 @@ from fusedrl.kernels import schedule_eval as ke
 
 from .pipeline_baselines import one_f_one_b, pipeline_node_orders, start_candidates
 from .pipeline_bounds import LowerBound, lower_bound
-from .pipeline_problem import FusedProblem, Schedule, TaskTable, tasks_to_records
+from .pipeline_problem import FusedProblem, Schedule, TaskTable, fifo_relabel, tasks_to_records
 from .pipeline_search import SearchConfig, SearchOutcome, search
 
 
@@ -147,8 +148,6 @@ def solve(problem: FusedProblem | dict, time_limit: float = 10.0, seed: int = 0,
     A cap below the memory of one micro-batch's stages on a node is a
     ``ValueError`` (no schedule fits).
     """
-    import time
-
     t0 = time.time()
     if not isinstance(problem, FusedProblem):
         problem = FusedProblem.from_dict(problem)
@@ -174,10 +173,9 @@ def solve(problem: FusedProblem | dict, time_limit: float = 10.0, seed: int = 0,
     paper = [t for n, t in starts.items() if n.startswith("ready")]
     greedy = min([t for t in paper if t.peak_memory <= cfg.memory_cap] or paper,
                  key=lambda t: (t.makespan, t.peak_memory))
-    # The search starts from the best greedy start or sequential 1F1B within the cap.
-    first = min(fits, key=lambda t: (t.makespan, t.peak_memory))
+    # The search starts from the best start (or sequential 1F1B) within the cap.
+    first = fifo_relabel(table, min(fits, key=lambda t: (t.makespan, t.peak_memory)).schedule)
     remaining = max(0.0, cfg.time_limit - (time.time() - t0))
-    outcomes = search(table, first.schedule, lb.value, floor, replace(cfg, time_limit=remaining))
-    best = outcomes[0]
-    timing = time_schedule(table, Schedule(best.order, first.schedule.node_ptr))
+    outcomes = search(table, first, lb.value, floor, replace(cfg, time_limit=remaining))
+    timing = time_schedule(table, Schedule(outcomes[0].order, first.node_ptr))
     return ScheduleResult(problem, table, timing, lb, greedy, seq, sbs, outcomes, time.time() - t0)
