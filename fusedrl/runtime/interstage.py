@@ -221,6 +221,7 @@ class FusedRollout:
         holding: dict[int, list[SampleState]] = {i: [] for i in range(n)}
         freed: set[int] = set()
         calls_on: dict[int, int] = {}  # device -> calls in flight
+        gen_calls = {i: 0 for i in range(n)}  # gen_run calls in flight per instance
         inflight: dict = {}
         finished: dict[int, object] = {}
         unbatched: deque = deque()  # finished samples not yet in a micro-batch
@@ -242,18 +243,25 @@ class FusedRollout:
             active = [i for i in range(n) if i not in freed]
             for i in active:
                 dev = self.instances[i]
-                if calls_on.get(dev) or not has_gen_work(i):
+                if not has_gen_work(i) or gen_calls[i] >= 2 or calls_on.get(dev, 0) > \
+                        gen_calls[i]:
                     continue
                 # fair share of the shared queue, within the engine's free slots
                 free = max(0, self.max_batch - len(holding[i]) - len(inbox[i]))
                 share = min(free, math.ceil(len(pending) / len(active)))
+                if gen_calls[i] and (share or inbox[i]):
+                    continue  # new samples go with a call whose reply reports them
+                # One more call queued behind the running one keeps the engine stepping
+                # through the controller's round trip (it carries no new samples, so
+                # the running call's reply still reports everything the engine holds).
                 new = [pending.popleft() for _ in range(share)]
                 sent = inbox[i] + new
                 inbox[i] = []
                 holding[i] += [SampleState(r.sample_id, len(r.prompt_ids), len(r.response_ids))
                                for r in sent]
                 submit(dev, workers[dev].gen_run.remote(GEN_ROLE, sent, self.steps_per_call),
-                       ("gen", i, dev))
+                       ("gen", i, dev, gen_calls[i] > 0))
+                gen_calls[i] += 1
 
         def generating_devices() -> set[int]:
             return {self.instances[i] for i in range(n) if i not in freed and has_gen_work(i)}
@@ -261,7 +269,9 @@ class FusedRollout:
         def dispatch_inference() -> None:
             busy = generating_devices()
             for dev in sorted({d for ds in self.role_devices.values() for d in ds}):
-                if calls_on.get(dev) or dev in busy:
+                # two calls per device: the next micro-batch waits on the worker, not
+                # on the controller's round trip
+                if calls_on.get(dev, 0) >= 2 or dev in busy:
                     continue
                 held = {c for c in self.calls if dev in self.role_devices[c[0]]}
                 if not held:
@@ -320,6 +330,7 @@ class FusedRollout:
                 now = time.perf_counter()
                 if kind == "gen":
                     i = what[1]
+                    gen_calls[i] -= 1
                     for s in out["finished"]:
                         finished[s.sample_id] = s
                         unbatched.append(s)
@@ -327,7 +338,9 @@ class FusedRollout:
                         holding[i] = [SampleState(*st) for st in out["running"]]
                     self.decode_points.extend(out["decode"])
                     self.prefill_points.extend(out["prefill"])
-                    self.overheads.append((now - t_sub - out["busy_s"], self.steps_per_call))
+                    if not what[3]:  # a queued call's round trip includes its wait
+                        self.overheads.append((now - t_sub - out["busy_s"],
+                                               self.steps_per_call))
                     if len(finished) == batch:
                         gen_end = now - t0
                 elif kind == "abort":
@@ -349,6 +362,7 @@ class FusedRollout:
             maybe_migrate()
             dispatch_generation()
             dispatch_inference()
+            dispatch_inference()  # the second call per idle device
         wall = time.perf_counter() - t0
 
         if len(finished) != batch or unbatched or any(len(m.results) != len(self.calls)
