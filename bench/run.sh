@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Throughput benchmarks, each a ratio measured side by side in one run.
+#
+#   bench/run.sh [--quick] [SCENARIO ...]
+#
+# Scenarios (all by default): e2e gen realloc interstage schedule fused_train scaling
+# plan sim. --quick shrinks every scenario (whole run under ~5 minutes on a
+# 2-core machine). Results: bench/results/<scenario>.json, then bench/results/latest.json,
+# latest.md and PNG plots beside them (bench/report.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+FUSEDRL=${FUSEDRL:-.venv/bin/fusedrl}
+OUT=bench/results
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
+
+QUICK=0
+SCENARIOS=()
+for arg in "$@"; do
+  case "$arg" in
+    --quick) QUICK=1 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) SCENARIOS+=("$arg") ;;
+  esac
+done
+ALL=(e2e gen realloc interstage schedule fused_train scaling plan sim)
+[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=("${ALL[@]}")
+
+if "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  DEVICE=gpu
+else
+  DEVICE=cpu
+fi
+echo "device: $DEVICE, quick: $QUICK, scenarios: ${SCENARIOS[*]}"
+
+q() { if [ "$QUICK" = 1 ]; then echo "$1"; else echo "$2"; fi; }
+
+run_scenario() {
+  local name=$1
+  local start=$SECONDS
+  echo "== $name"
+  case "$name" in
+    e2e)
+      "$PY" bench/e2e.py --iterations "$(q 2 5)" --out "$OUT/e2e.json" ;;
+    gen)
+      "$PY" bench/gen_bench.py --models "$(q tiny tiny,smollm2)" --rounds "$(q 1 3)" \
+        --out "$OUT/gen.json" ;;
+    realloc)
+      "$PY" bench/realloc_bench.py --model "$(q small base100m)" --repeats "$(q 1 3)" \
+        --out "$OUT/realloc.json" ;;
+    interstage)
+      "$FUSEDRL" bench interstage --devices 2 --lengths "$(q lognormal:8,64 lognormal:16,160)" \
+        --json > "$OUT/interstage.json" ;;
+    schedule)
+      if [ "$QUICK" = 1 ]; then
+        "$PY" bench/schedule_quality.py --time-limit 5 --only 8x1x16,8x2x16 --out "$OUT/schedule.json"
+      else
+        "$PY" bench/schedule_quality.py --time-limit 20 --out "$OUT/schedule.json"
+      fi ;;
+    fused_train)
+      "$PY" bench/fused_train.py --reps "$(q 2 5)" --json "$OUT/fused_train.json" ;;
+    scaling)
+      "$PY" bench/scaling.py --iterations "$(q 2 4)" --json "$OUT/scaling.json" ;;
+    plan)
+      "$PY" bench/plan_bench.py --time-limit "$(q 3 15)" --out "$OUT/plan.json" ;;
+    sim)
+      "$FUSEDRL" simulate --config configs/rlhfuse-13b.yaml --json > "$OUT/sim.json" ;;
+    *)
+      echo "unknown scenario '$name' (known: ${ALL[*]})" >&2; return 2 ;;
+  esac
+  echo "   $name took $((SECONDS - start)) s"
+}
+
+FAILED=()
+for s in "${SCENARIOS[@]}"; do
+  if ! run_scenario "$s"; then
+    FAILED+=("$s")
+    echo "   $s FAILED" >&2
+  fi
+done
+"$PY" bench/report.py --results "$OUT" --device "$DEVICE"
+if [ ${#FAILED[@]} -gt 0 ]; then
+  echo "failed scenarios: ${FAILED[*]}" >&2
+  exit 1
+fi
