@@ -48,7 +48,7 @@ class SearchConfig:
     time_limit: float = 10.0  # seconds, whole search
     seed: int = 0
     workers: int | None = None  # processes; None: 2 if the machine has them and the problem is not tiny
-    makespan_share: float = 0.75  # at most this share of the time goes to phase 1
+    makespan_share: float = 0.9  # at most this share of the time goes to phase 1
     run_iters_per_task: float = 40.0  # phase-1 iterations per annealing run, per task
     min_run_iters: int = 20_000
     temp_start: float = 1.0  # phase-1 temperatures, in mean task durations
