@@ -117,6 +117,11 @@ class GenerationSection:
     backend: str = "native"
     """Generation backend: a name in ``fusedrl.generation.backend.available_backends()``
     (``native``, ``vllm``; build it with ``make_backend``)."""
+    forced_lengths: str = ""
+    """Benchmark mode (as vLLM's benchmarks): force each sample's output length, ignoring
+    EOS, from ``lognormal:MEDIAN,P99``, ``uniform:LO,HI``, ``fixed:L`` or a file with one
+    integer per line (``fusedrl.generation.lengths``); capped at ``max_new_tokens``.
+    Empty: samples stop at EOS."""
     interstage: bool | None = None
     """Inter-stage fusion (RLHFuse §4, ``fusedrl.runtime.interstage``): samples stream to
     inference as they finish, and the long tail migrates onto fewer generation
@@ -134,6 +139,13 @@ class GenerationSection:
     finished samples reach inference sooner; more: less dispatch overhead)."""
 
     def __post_init__(self) -> None:
+        if self.forced_lengths:
+            from fusedrl.generation.lengths import forced_lengths
+
+            try:
+                forced_lengths(self.forced_lengths, 1)
+            except ValueError as e:
+                raise ConfigError(f"config key generation.forced_lengths: {e}") from None
         _require(self.max_new_tokens >= 1, "generation.max_new_tokens", self.max_new_tokens,
                  "must be >= 1")
         _require(self.temperature > 0, "generation.temperature", self.temperature,

@@ -23,7 +23,7 @@ from fusedrl.algorithms import ppo
 from fusedrl.algorithms.rewards import load_reward_fn
 from fusedrl.config import Config
 from fusedrl.data.prompts import PromptRecord, load_prompts
-from fusedrl.generation import GenerationEngine, Request, SamplingParams
+from fusedrl.generation import GenerationEngine, Request, SamplingParams, forced_lengths
 from fusedrl.kernels.gae import compute_gae
 from fusedrl.models.build import build_model
 from fusedrl.models.checkpoint import load_checkpoint
@@ -160,7 +160,19 @@ class PPOTrainer:
     def sampling_params(self) -> SamplingParams:
         g = self.config.generation
         return SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                              max_new_tokens=g.max_new_tokens, seed=self.config.trainer.seed)
+                              max_new_tokens=g.max_new_tokens, seed=self.config.trainer.seed,
+                              ignore_eos=bool(g.forced_lengths))
+
+    def requests(self, iteration: int) -> list[Request]:
+        """The iteration's samples; ids are global so every sample has its own stream."""
+        g, b = self.config.generation, self.config.ppo.rollout_batch_size
+        forced = [None] * b
+        if g.forced_lengths:
+            forced = forced_lengths(g.forced_lengths, b,
+                                    seed=self.config.trainer.seed * 1_000_003 + iteration,
+                                    max_len=g.max_new_tokens)
+        return [Request(iteration * b + j, list(self.setup.prompt_ids[i]), max_new_tokens=n)
+                for j, (i, n) in enumerate(zip(self.prompt_indices(iteration), forced))]
 
     # ------------------------------------------------------------- iteration
 
@@ -174,10 +186,8 @@ class PPOTrainer:
         # 1. generate
         t0 = time.perf_counter()
         idx = self.prompt_indices(it)
-        b = c.ppo.rollout_batch_size
-        requests = [Request(it * b + j, list(s.prompt_ids[i])) for j, i in enumerate(idx)]
         self.actor.eval()
-        samples = self.engine.generate(requests, self.sampling_params())
+        samples = self.engine.generate(self.requests(it), self.sampling_params())
         batch = RolloutBatch.from_samples(samples, s.tokenizer.pad_token_id)
         timing["gen"] = time.perf_counter() - t0
 
