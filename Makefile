@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RUN_OUT ?= runs/default-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install run test bench clean test-vllm
+.PHONY: install run test bench clean install-vllm test-vllm
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,9 +47,11 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_PY) -c "import torch; v = torch.__version__; assert v == '2.13.0+cpu', v"
 	touch $(VLLM_STAMP)
 
+install-vllm: $(VLLM_STAMP)
+
 test-vllm: $(VLLM_STAMP)
 	VLLM_CPU_OMP_THREADS_BIND=nobind VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1 \
-		$(VLLM_PY) -m pytest tests/test_vllm_backend.py -rs
+		$(VLLM_PY) -m pytest tests/test_vllm_backend.py tests/test_vllm_train.py -rs
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -408,6 +408,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-5" (no dot) as a string; it is a number to any user.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"config key {key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -23,8 +23,8 @@ from fusedrl.algorithms import ppo
 from fusedrl.algorithms.rewards import load_reward_fn
 from fusedrl.config import Config
 from fusedrl.data.prompts import PromptRecord, load_prompts
-from fusedrl.generation import GenerationEngine, Request, SamplingParams, forced_lengths
-from fusedrl.kernels.gae import compute_gae
+from fusedrl.generation import Request, SamplingParams, forced_lengths
+from fusedrl.generation.backend import make_backend
 from fusedrl.models.build import build_model
 from fusedrl.models.checkpoint import load_checkpoint
 from fusedrl.models.config import PRESETS, ModelConfig
@@ -138,8 +138,10 @@ class PPOTrainer:
         self.kl_ctl = (ppo.AdaptiveKLController(c.ppo.kl_coef, c.ppo.target_kl, c.ppo.kl_horizon)
                        if c.ppo.adaptive_kl else ppo.FixedKLController(c.ppo.kl_coef))
         tok = s.tokenizer
-        self.engine = GenerationEngine(
-            self.actor, max_batch_size=c.generation.max_batch_size,
+        # The native engine generates with the actor module itself (weights in place);
+        # other backends (vLLM) hold their own copy, refreshed after every train step.
+        self.engine = make_backend(
+            c.generation.backend, self.actor, max_batch_size=c.generation.max_batch_size,
             max_seq_len=c.data.max_prompt_len + c.generation.max_new_tokens,
             eos_token_ids=tok.eos_token_ids, pad_token_id=tok.pad_token_id)
         self.iteration = 0  # iterations completed
@@ -201,6 +203,11 @@ class PPOTrainer:
         mask = batch.response_mask
         rewards = ppo.token_level_rewards(scores, old_logp, ref_logp, mask, self.kl_ctl.value,
                                           c.ppo.kl_estimator)
+        # Imported here, after the generation backend started: vLLM 0.32's triton kernel
+        # dispatcher scans every loaded module at start-up and fails on llvmlite's
+        # (numba's) function wrappers.
+        from fusedrl.kernels.gae import compute_gae
+
         advantages, returns = compute_gae(rewards, values, mask, c.ppo.gamma, c.ppo.lam)
         if c.ppo.whiten_advantages:
             advantages = ppo.masked_whiten(advantages, mask)
@@ -210,6 +217,10 @@ class PPOTrainer:
         t0 = time.perf_counter()
         train_stats = self.train(batch, old_logp, values, advantages, returns)
         timing["train"] = time.perf_counter() - t0
+        if c.generation.backend != "native":
+            t0 = time.perf_counter()
+            self.engine.update_weights()
+            timing["realloc"] = time.perf_counter() - t0
         self.kl_ctl.update(float(kl), len(batch))
         timing["step"] = time.perf_counter() - t_step
 
@@ -352,7 +363,8 @@ class PPOTrainer:
         load_training_checkpoint(path, self)
 
     def close(self) -> None:
-        """Nothing to release in-process (the Ray trainer stops its workers here)."""
+        """Stop the generation backend (the Ray trainer also stops its workers)."""
+        self.engine.stop()
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = int(state["iteration"])

@@ -17,7 +17,8 @@ def test_overrides_and_types(tmp_path):
     f.write_text("ppo:\n  actor_lr: 1.0e-4\n")
     cfg = load_config(f, ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=4",
                           "ppo.micro_batch_size=2", "trainer.iterations=3",
-                          "generation.temperature=1"])
+                          "generation.temperature=1", "ppo.critic_lr=1e-5"])
+    assert cfg.ppo.critic_lr == 1e-5
     assert cfg.ppo.actor_lr == 1e-4 and cfg.ppo.rollout_batch_size == 8
     assert isinstance(cfg.generation.temperature, float)
 
