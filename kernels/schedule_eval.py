@@ -408,9 +408,9 @@ def anneal_makespan(order, pos, node_ptr, dur, node, dep, succ, memd, klass, sta
     the times of ``order`` and ``prefix`` its running memory sums
     (:func:`node_peaks`), within ``cap``. Each iteration makes the critical move
     (:func:`_critical_move`) of a random critical arc -- or, with probability
-    ``p_random``, a random block move (:func:`_random_block_move`), which keeps
-    the search connected where the memory cap blocks the critical moves -- and
-    accepts it by the Metropolis rule, drawn before evaluating so that a move is abandoned as soon
+    ``p_random`` and whenever the memory cap blocks the critical move, a random
+    block move (:func:`_random_block_move`), which keeps the search connected
+    (``p_random = 0`` disables both) -- and accepts it by the Metropolis rule, drawn before evaluating so that a move is abandoned as soon
     as a task ends past the acceptable makespan; the temperature is multiplied by
     ``cooling``. ``best_order`` receives the best order seen. Stops once the best
     makespan is within ``eps`` of ``target`` (a lower bound).
@@ -435,17 +435,23 @@ def anneal_makespan(order, pos, node_ptr, dur, node, dep, succ, memd, klass, sta
             uses = 0
             if na == 0 and p_random <= 0.0:
                 break  # the makespan is one chain: no critical move can shorten it
-        if not critical or na == 0:
-            lo, hi = _random_block_move(order, node_ptr, node, klass, ws)
-        else:
+        lo = -1
+        if critical and na > 0:
             uses += 1
             i = arcs[np.random.randint(0, na)]
             lo, hi = _critical_move(order, node_ptr, node, memd, prefix, i, cap, eps, ws)
-        if lo < 0:
-            continue
-        if not _segment_fits(order, node_ptr, node, memd, prefix, lo, hi, cap, eps):
-            _revert(order, pos, start, end, lo, hi, 0, ws)
-            continue
+            if lo >= 0 and not _segment_fits(order, node_ptr, node, memd, prefix, lo, hi, cap, eps):
+                _revert(order, pos, start, end, lo, hi, 0, ws)
+                lo = -1
+            if lo < 0 and p_random <= 0.0:
+                continue
+        if lo < 0:  # chosen at random, or the memory cap left no critical move here
+            lo, hi = _random_block_move(order, node_ptr, node, klass, ws)
+            if lo < 0:
+                continue
+            if not _segment_fits(order, node_ptr, node, memd, prefix, lo, hi, cap, eps):
+                _revert(order, pos, start, end, lo, hi, 0, ws)
+                continue
         threshold = cur + eps
         if temp > 0.0:
             threshold -= temp * math.log(1.0 - np.random.random())

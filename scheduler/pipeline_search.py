@@ -51,10 +51,11 @@ class SearchConfig:
     makespan_share: float = 0.9  # at most this share of the time goes to phase 1
     run_iters_per_task: float = 40.0  # phase-1 iterations per annealing run, per task
     min_run_iters: int = 20_000
-    temp_start: float = 1.0  # phase-1 temperatures, in mean task durations
+    temp_start: float = 1.0  # phase-1 temperatures, in mean task durations ...
+    temp_size: float = 1000.0  # ... scaled by temp_size / tasks on larger problems
     temp_end: float = 0.01
     max_runs: int | None = None  # phase-1 annealing runs (None: until the bound or the time limit)
-    random_moves: float = 0.1  # share of phase-1 moves that move a random block instead of a critical pair
+    random_moves: float = 0.002  # share of phase-1 moves that move a random block instead of a critical pair
     memory_iters_per_task: float = 100.0  # phase-2 iteration budget, per task
     memory_temp_start: float = 0.5  # phase-2 temperatures, in mean per-task memory
     memory_temp_end: float = 0.01
@@ -107,7 +108,8 @@ def _phase_makespan(job: _Job, order: np.ndarray, out: SearchOutcome, t_begin: f
     phase_end = min(job.deadline, t_begin + cfg.makespan_share * max(0.0, job.deadline - t_begin))
     run_iters = max(cfg.min_run_iters, int(cfg.run_iters_per_task * T))
     cooling = (cfg.temp_end / cfg.temp_start) ** (1.0 / run_iters)
-    temp0 = cfg.temp_start * float(tb.dur.mean())
+    # Larger problems anneal colder: more tasks, more ways for uphill moves to pile up.
+    temp0 = cfg.temp_start * min(1.0, cfg.temp_size / T) * float(tb.dur.mean())
     best, iters, runs = out.makespan, 0.0, 0
     while best > job.lower_bound + eps and time.time() < phase_end and (cfg.max_runs is None or runs < cfg.max_runs):
         # One annealing run from the best order so far (a restart, reheated).
