@@ -23,6 +23,9 @@ makespan. This module drives the kernels of ``fusedrl.kernels.schedule_eval``:
 (one in this process); the best result wins, ties to the lowest worker index,
 so a search is deterministic for a given seed unless the time limit cuts it
 short. Phase budgets are iteration counts; the time limit only caps them.
+Helpers are *spawned* (safe next to threads, Ray or torch), so a script that
+searches with ``workers > 1`` needs the usual ``if __name__ == "__main__":``
+guard; where no helper can start, the search runs in this process alone.
 """
 
 from __future__ import annotations
@@ -197,20 +200,25 @@ def search(table: TaskTable, start: Schedule, lower_bound: float, memory_floor: 
     jobs = [_Job(table, start.node_ptr, start.order, lower_bound, memory_floor, int(s) % (2**31 - 1),
                  deadline, config) for s in seeds]
     outcomes: list[SearchOutcome | None] = [None] * workers
+    pool, futures = None, []
     if workers > 1:
         try:
-            with ProcessPoolExecutor(max_workers=workers - 1, mp_context=get_context("spawn")) as pool:
-                futures = [pool.submit(_run, job) for job in jobs[1:]]
-                outcomes[0] = _run(jobs[0])
-                for i, fut in enumerate(futures, start=1):
-                    try:
-                        outcomes[i] = fut.result(timeout=max(30.0, config.time_limit + 30.0))
-                    except Exception:  # a lost helper process only costs its search
-                        outcomes[i] = None
-        except OSError:  # processes unavailable (sandbox): search here only
-            pass
-    if outcomes[0] is None:
+            pool = ProcessPoolExecutor(max_workers=workers - 1, mp_context=get_context("spawn"))
+            futures = [pool.submit(_run, job) for job in jobs[1:]]
+        except Exception:  # no child processes here (daemonic process, sandbox): search in this one
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+            pool, futures = None, []
+    try:
         outcomes[0] = _run(jobs[0])
+        for i, fut in enumerate(futures, start=1):
+            try:
+                outcomes[i] = fut.result(timeout=max(30.0, config.time_limit + 30.0))
+            except Exception:  # a lost helper process only costs its search
+                outcomes[i] = None
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
     eps = _tolerance(table)
     done = [o for o in outcomes if o is not None]
     done.sort(key=lambda o: (math.floor(o.makespan / eps), o.peak_memory))
