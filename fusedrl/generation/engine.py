@@ -159,16 +159,7 @@ class GenerationEngine:
     def generate(self, requests: Iterable[Request], params: SamplingParams,
                  on_finish: Callable[[Sample], None] | None = None) -> list[Sample]:
         """Generate every request; samples come back in the order of ``requests``."""
-        requests = list(requests)
-        self.start(params)
-        self.add(requests)
-        done: dict[int, Sample] = {}
-        while self.has_unfinished():
-            for s in self.step():
-                done[s.sample_id] = s
-                if on_finish is not None:
-                    on_finish(s)
-        return [done[r.sample_id] for r in requests]
+        return run_to_completion(self, requests, params, on_finish)
 
     # ------------------------------------------------------------------ internals
 
@@ -223,3 +214,19 @@ class GenerationEngine:
     def _as_sample(self, req: Request, reason: str) -> Sample:
         return Sample(req.sample_id, list(req.prompt_ids), list(req.response_ids),
                       list(req.logprobs), reason, req.max_new_tokens)
+
+
+def run_to_completion(engine, requests: Iterable[Request], params: SamplingParams,
+                      on_finish: Callable[[Sample], None] | None = None) -> list[Sample]:
+    """Drive any step-level engine (``start/add/has_unfinished/step``) until every request
+    finished; ``on_finish`` sees each sample as it completes. Samples in request order."""
+    requests = list(requests)
+    engine.start(params)
+    engine.add(requests)
+    done: dict[int, Sample] = {}
+    while engine.has_unfinished():
+        for s in engine.step():
+            done[s.sample_id] = s
+            if on_finish is not None:
+                on_finish(s)
+    return [done[r.sample_id] for r in requests]

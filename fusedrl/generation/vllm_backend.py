@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from fusedrl.generation.backend import NamedTensors, register_backend
-from fusedrl.generation.engine import Request, Sample
+from fusedrl.generation.engine import Request, Sample, run_to_completion
 from fusedrl.generation.sampling import SamplingParams, _splitmix64
 
 VLLM_TESTED_VERSION = "0.32.0"
@@ -255,16 +255,7 @@ class VLLMBackend:
 
     def generate(self, requests: Iterable[Request], params: SamplingParams,
                  on_finish: Callable[[Sample], None] | None = None) -> list[Sample]:
-        requests = list(requests)
-        self.start(params)
-        self.add(requests)
-        done: dict[int, Sample] = {}
-        while self.has_unfinished():
-            for s in self.step():
-                done[s.sample_id] = s
-                if on_finish is not None:
-                    on_finish(s)
-        return [done[r.sample_id] for r in requests]
+        return run_to_completion(self, requests, params, on_finish)
 
     def release(self) -> None:
         """vLLM keeps its KV cache allocated; ``LLM.sleep`` frees it on GPU only."""
