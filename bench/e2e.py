@@ -80,7 +80,7 @@ def main() -> None:
     workload = [f"model.preset={args.preset}", f"ppo.rollout_batch_size={args.batch}",
                 "ppo.mini_batch_size=32", "ppo.micro_batch_size=8",
                 f"generation.max_new_tokens={args.max_new_tokens}",
-                f"data.max_prompt_len=8", f"generation.forced_lengths={args.lengths}"]
+                "data.max_prompt_len=8", f"generation.forced_lengths={args.lengths}"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.variants.split(","):

@@ -18,14 +18,17 @@ Each emulated device is one Ray worker with one torch thread.
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).parent))
+from common import emit, local_ray  # noqa: E402
+
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
-import warnings
 
 
 def make_trainer(args):
@@ -95,19 +98,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--json", default="")
     args = p.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    warnings.filterwarnings("ignore")
-    import ray
-    import torch
-
-    torch.set_num_threads(1)
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray-"),
-             log_to_driver=False)
     t0 = time.time()
-    try:
+    with local_ray():
         res = measure(args)
-    finally:
-        ray.shutdown()
     result = {"cores": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
               "preset": args.preset, "batch": args.batch, "micro_batch": args.micro,
               "new_tokens": args.new_tokens, **res, "wall_s": time.time() - t0}
@@ -116,10 +109,7 @@ def main() -> None:
           f"= {res['ratio_fused_over_sequential']:.3f} (median pair "
           f"{res['median_pair_ratio']:.3f}; scheduler predicts "
           f"{1 / res['predicted_speedup']:.3f})", file=sys.stderr)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

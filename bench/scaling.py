@@ -14,13 +14,16 @@ iterations. Generation and inference are not part of the figure.
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).parent))
+from common import emit, local_ray  # noqa: E402
+
 import argparse
-import json
 import os
 import sys
-import tempfile
 import time
-import warnings
 
 
 def make_trainer(placement: str, args):
@@ -70,30 +73,17 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--json", default="")
     args = p.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    warnings.filterwarnings("ignore")
-    import ray
-    import torch
-
-    torch.set_num_threads(1)
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray-"),
-             log_to_driver=False)
     t0 = time.time()
-    try:
+    with local_ray():
         res = measure(args)
         dp1, dp2 = res["dp1"], res["dp2"]
-    finally:
-        ray.shutdown()
     result = {"cores": os.cpu_count(), "load_average_1m": os.getloadavg()[0], "preset": args.preset, "batch": args.batch,
               "micro_batch": args.micro, "dp1": dp1, "dp2": dp2,
               "speedup_dp2_over_dp1": dp2["tokens_per_s"] / dp1["tokens_per_s"],
               "wall_s": time.time() - t0}
     print(f"train tokens/s: dp1 {dp1['tokens_per_s']:.0f}, dp2 {dp2['tokens_per_s']:.0f}, "
           f"ratio dp2/dp1 = {result['speedup_dp2_over_dp1']:.2f}", file=sys.stderr)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":
