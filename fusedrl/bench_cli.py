@@ -95,7 +95,7 @@ def _run(cfg, lens: list[int], spec: str, repeats: int, sweep: bool) -> dict:
 
     t = DistributedPPOTrainer(cfg)
     try:
-        fused = t.fused
+        fused = t.rollout
         prompts = t.setup.prompt_ids
         requests = [Request(j, list(prompts[j % len(prompts)]), max_new_tokens=n)
                     for j, n in enumerate(lens)]

@@ -42,7 +42,7 @@ def test_fused_rollout_matches_unfused_with_migration(ray_session):
                   "generation.interstage_policy=test-migrate-early",
                   "generation.interstage_steps=2"])
     try:
-        assert t.fused is not None
+        assert t.rollout is not None
         prompts = t.setup.prompt_ids
         # forced lengths, one long tail per instance: the shared queue gives each
         # instance 5 samples, and the migration moves one instance's tail to the other
@@ -52,11 +52,11 @@ def test_fused_rollout_matches_unfused_with_migration(ray_session):
         params = SamplingParams(temperature=1.0, max_new_tokens=24, seed=3, ignore_eos=True)
         ref_samples = _Generation(t).generate(requests, params)
         ref_batch = RolloutBatch.from_samples(ref_samples, t.setup.tokenizer.pad_token_id)
-        assert not t.fused.holds(ref_batch)
+        assert not t.rollout.holds(ref_batch)
         ref_infer = t.infer(ref_batch)
 
-        samples = t.fused.generate(requests, params)
-        m = t.fused.metrics()
+        samples = t.rollout.generate(requests, params)
+        m = t.rollout.metrics()
         assert m["interstage/rt"] == len(requests)
         assert m["interstage/migrated"] >= 1 and m["interstage/kept_instances"] == 1
         assert m["interstage/migrate_at_s"] >= 0
@@ -67,9 +67,9 @@ def test_fused_rollout_matches_unfused_with_migration(ray_session):
             torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs),
                                        rtol=1e-4, atol=1e-5)
         batch = RolloutBatch.from_samples(samples, t.setup.tokenizer.pad_token_id)
-        assert t.fused.holds(batch)
+        assert t.rollout.holds(batch)
         fused_infer = t.infer(batch)
-        assert not t.fused.holds(batch)  # used up: a later infer() recomputes
+        assert not t.rollout.holds(batch)  # used up: a later infer() recomputes
         for name, a, b in zip(("old_logp", "ref_logp", "values"), ref_infer, fused_infer):
             assert a.shape == b.shape, name
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
@@ -78,9 +78,9 @@ def test_fused_rollout_matches_unfused_with_migration(ray_session):
         assert 0 < m["timing_s/inference"] <= m["timing_s/rollout"]
         assert 0 <= m["timing_s/gen_inference_overlap"] <= m["timing_s/inference"]
         # the policy's cost model is calibrated from the measured decode steps
-        assert len(t.fused.decode_points) >= 3
-        assert t.fused.cost.decode_base_s != GenCostModel().decode_base_s
-        assert t.fused.policy.cost is t.fused.cost
+        assert len(t.rollout.decode_points) >= 3
+        assert t.rollout.cost.decode_base_s != GenCostModel().decode_base_s
+        assert t.rollout.policy.cost is t.rollout.cost
     finally:
         t.close()
 

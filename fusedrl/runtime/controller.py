@@ -43,7 +43,7 @@ from fusedrl.layout import Placement
 from fusedrl.runtime.interstage import FusedRollout, interstage_enabled
 from fusedrl.runtime.launch import ensure_ray
 from fusedrl.runtime.reshard import sync_pairs
-from fusedrl.runtime.worker import ALIASES, RemoteWorker, RunSpec
+from fusedrl.runtime.worker import RemoteWorker, RunSpec
 from fusedrl.trainer import PPOTrainer, build_setup
 
 
@@ -139,10 +139,11 @@ class DistributedPPOTrainer(PPOTrainer):
         self.engine = _Generation(self)
         # Inter-stage fusion (RLHFuse §4): generation streams into inference, the long
         # tail migrates; infer()/score() then take the results computed during generate.
-        self.fused = (FusedRollout(self) if interstage_enabled(
+        self.rollout = (FusedRollout(self) if interstage_enabled(
             c, self.placements, reward_config is not None) else None)
-        if self.fused is not None:
-            self.engine = self.fused
+        if self.rollout is not None:
+            self.engine = self.rollout
+        self.fused_training = None  # intra-stage fusion (RLHFuse §5), built on first use
 
         self._owns_ray = ensure_ray(c.cluster.address, c.cluster.devices)
         n = c.cluster.devices
@@ -180,16 +181,16 @@ class DistributedPPOTrainer(PPOTrainer):
     def score(self, batch, records):
         if self.spec.reward_config is None:
             return super().score(batch, records)
-        if self.fused is not None and self.fused.holds(batch):
-            return self.fused.take_scores(batch)
+        if self.rollout is not None and self.rollout.holds(batch):
+            return self.rollout.take_scores(batch)
         micros = self._micro_indices(len(batch))
         ref = ray.put(batch)
         return torch.cat(self._ordered(self._run("reward", "infer", "reward", "score", ref,
                                                  micros, 1.0)))
 
     def infer(self, batch):
-        if self.fused is not None and self.fused.holds(batch):
-            return self.fused.take_infer(batch)
+        if self.rollout is not None and self.rollout.holds(batch):
+            return self.rollout.take_infer(batch)
         temp = self.config.generation.temperature
         micros = self._micro_indices(len(batch))
         ref = ray.put(batch)
@@ -214,11 +215,11 @@ class DistributedPPOTrainer(PPOTrainer):
                         "returns": returns})
         extra: dict[str, float] = {}
         if self.config.ppo.fused_train:  # one fused schedule for both (RLHFuse §5)
-            if getattr(self, "_fused", None) is None:
+            if self.fused_training is None:
                 from fusedrl.runtime.fused_train import FusedTraining
 
-                self._fused = FusedTraining(self)
-            results, extra = self._fused.train(bref, data, schedule)
+                self.fused_training = FusedTraining(self)
+            results, extra = self.fused_training.train(bref, data, schedule)
         else:
             futures = {kind: self._submit(role, "train", role, kind, bref, data, schedule)
                        for kind, role in (("actor", "actor_train"), ("critic", "critic_train"))}
@@ -257,8 +258,8 @@ class DistributedPPOTrainer(PPOTrainer):
 
     def step(self) -> dict:
         metrics = super().step()
-        if self.fused is not None:  # fused gen/inference spans replace the stage times
-            metrics.update(self.fused.metrics())
+        if self.rollout is not None:  # fused gen/inference spans replace the stage times
+            metrics.update(self.rollout.metrics())
         t0 = time.perf_counter()
         moved = self.sync_weights(self.step_pairs)
         dt = time.perf_counter() - t0

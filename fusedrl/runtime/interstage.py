@@ -54,7 +54,6 @@ from dataclasses import dataclass, field, replace
 
 import ray
 import torch
-import torch.nn.functional as F
 
 from fusedrl.config import ConfigError
 from fusedrl.generation.engine import Request
