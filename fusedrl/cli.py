@@ -46,6 +46,12 @@ def train(
     cluster: Optional[str] = typer.Option(
         None, "--cluster", help="Join this Ray cluster (the address `ray start --head` "
                                 "printed) instead of starting a local one; sets cluster.address."),
+    plan: Optional[str] = typer.Option(
+        None, "--plan", help="Execution plan: a PLAN.yaml (fusedrl plan --out) or 'auto' (search "
+                             "one for this config on cluster.devices CPU devices, write it to "
+                             "OUT/plan.yaml); applied before --set."),
+    plan_time_limit: float = typer.Option(10.0, "--plan-time-limit",
+                                          help="Seconds of each search chain of --plan auto."),
 ) -> None:
     """Train with PPO; writes OUT/metrics.jsonl and OUT/checkpoints/iter_N/."""
     _quiet()
@@ -60,6 +66,11 @@ def train(
         overrides = list(set_) + ([f"cluster.address={cluster}"] if cluster else [])
         cfg = load_config(config if config is not None else DEFAULT_CONFIG, overrides)
         out_dir = out if out is not None else Path(cfg.trainer.out_dir)
+        if plan is not None:
+            from fusedrl.plan_apply import train_config_with_plan
+
+            cfg = train_config_with_plan(plan, config if config is not None else DEFAULT_CONFIG,
+                                         overrides, cfg, out_dir, time_limit=plan_time_limit)
         run_train(cfg, out_dir, resume=resume)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
