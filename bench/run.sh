@@ -3,8 +3,8 @@
 #
 #   bench/run.sh [--quick] [SCENARIO ...]
 #
-# Scenarios (all by default): e2e gen realloc interstage schedule fused_train scaling
-# plan sim. --quick shrinks every scenario (whole run under ~5 minutes on a
+# Scenarios (all by default): e2e sim_check gen realloc interstage schedule fused_train
+# scaling plan sim (sim_check needs e2e's result). --quick shrinks every scenario (whole run under ~5 minutes on a
 # 2-core machine). Results: bench/results/<scenario>.json, then bench/results/latest.json,
 # latest.md and PNG plots beside them (bench/report.py).
 set -euo pipefail
@@ -24,7 +24,7 @@ for arg in "$@"; do
     *) SCENARIOS+=("$arg") ;;
   esac
 done
-ALL=(e2e gen realloc interstage schedule fused_train scaling plan sim)
+ALL=(e2e sim_check gen realloc interstage schedule fused_train scaling plan sim)
 [ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=("${ALL[@]}")
 
 if "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
@@ -64,6 +64,8 @@ run_scenario() {
       "$PY" bench/scaling.py --iterations "$(q 2 4)" --json "$OUT/scaling.json" ;;
     plan)
       "$PY" bench/plan_bench.py --time-limit "$(q 3 15)" --out "$OUT/plan.json" ;;
+    sim_check)
+      "$PY" bench/sim_check.py --e2e "$OUT/e2e.json" --out "$OUT/sim_check.json" ;;
     sim)
       "$FUSEDRL" simulate --config configs/rlhfuse-13b.yaml --json > "$OUT/sim.json" ;;
     *)

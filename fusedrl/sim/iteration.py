@@ -294,7 +294,8 @@ class IterationSimulator:
     """Simulates one PPO iteration of ``actor``/``critic`` on ``num_gpus`` devices.
 
     The reference model has the actor's shape, the reward model the critic's
-    (RLHFuse's setting). ``schedule_time_s``: search budget of each fused
+    (RLHFuse's setting). ``dtype_bytes``: 2 (bf16 on GPUs) or 4 (float32, the CPU
+    runs). ``schedule_time_s``: search budget of each fused
     pipeline schedule. ``memory_headroom``: share of HBM usable (the rest is
     fragmentation, workspace, the runtime's own memory).
     """
@@ -302,13 +303,14 @@ class IterationSimulator:
     def __init__(self, actor: ModelConfig, critic: ModelConfig, workload: Workload,
                  num_gpus: int, hardware: Hardware = Hardware(),
                  efficiency: Efficiency = Efficiency(), *, schedule_time_s: float = 2.0,
-                 memory_headroom: float = 0.9, recompute: bool = False, seed: int = 0):
+                 memory_headroom: float = 0.9, recompute: bool = False, seed: int = 0,
+                 dtype_bytes: int = 2):
         if num_gpus < 1:
             raise ValueError(f"num_gpus must be >= 1, got {num_gpus}")
         if not 0 < memory_headroom <= 1:
             raise ValueError(f"memory_headroom must be in (0, 1], got {memory_headroom}")
-        self.actor = Roofline(actor, hardware, efficiency, 2, recompute)
-        self.critic = Roofline(critic, hardware, efficiency, 2, recompute)
+        self.actor = Roofline(actor, hardware, efficiency, dtype_bytes, recompute)
+        self.critic = Roofline(critic, hardware, efficiency, dtype_bytes, recompute)
         self.w, self.n, self.hw = workload, num_gpus, hardware
         self.schedule_time_s, self.seed = schedule_time_s, seed
         self.hbm = hardware.hbm_bytes * memory_headroom
