@@ -53,5 +53,19 @@ test-vllm: $(VLLM_STAMP)
 	VLLM_CPU_OMP_THREADS_BIND=nobind VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1 \
 		$(VLLM_PY) -m pytest tests/test_vllm_backend.py tests/test_vllm_train.py -rs
 
+# Optional: TRL's PPO trainer for `bench/run.sh peer`, in its own venv. TRL 1.x dropped
+# PPO; trl==0.29.1 is the last with it (trl.experimental.ppo). torch first and pinned.
+TRL_VENV := .venv-trl
+TRL_PY := $(TRL_VENV)/bin/python
+
+.PHONY: bench-peer-env
+bench-peer-env:
+	test -x $(TRL_PY) || $(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_PY) -m pip install --quiet --upgrade pip
+	$(TRL_PY) -m pip install --quiet torch==2.13.0
+	$(TRL_PY) -m pip install --quiet trl==0.29.1 accelerate datasets
+	$(TRL_PY) -c "import torch; v = torch.__version__; assert v == '2.13.0+cpu', v"
+	$(TRL_PY) -c "from trl.experimental.ppo import PPOTrainer"
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 SCENARIOS = ("e2e", "sim_check", "gen", "realloc", "interstage", "schedule", "fused_train", "scaling",
-             "plan", "sim")
+             "plan", "sim", "peer")
 # Keys holding a measured ratio (fused vs baseline, ours vs peer, achieved vs limit).
 RATIO_HINTS = ("speedup", "ratio", "fraction", "over", "vs_")
 

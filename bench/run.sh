@@ -4,7 +4,7 @@
 #   bench/run.sh [--quick] [SCENARIO ...]
 #
 # Scenarios (all by default): e2e sim_check gen realloc interstage schedule fused_train
-# scaling plan sim (sim_check needs e2e's result). --quick shrinks every scenario (whole run under ~5 minutes on a
+# scaling plan sim peer (sim_check needs e2e's result; peer needs `make bench-peer-env`). --quick shrinks every scenario (whole run under ~5 minutes on a
 # 2-core machine). Results: bench/results/<scenario>.json, then bench/results/latest.json,
 # latest.md and PNG plots beside them (bench/report.py).
 set -euo pipefail
@@ -24,7 +24,7 @@ for arg in "$@"; do
     *) SCENARIOS+=("$arg") ;;
   esac
 done
-ALL=(e2e sim_check gen realloc interstage schedule fused_train scaling plan sim)
+ALL=(e2e sim_check gen realloc interstage schedule fused_train scaling plan sim peer)
 [ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=("${ALL[@]}")
 
 if "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
@@ -68,6 +68,8 @@ run_scenario() {
       "$PY" bench/sim_check.py --e2e "$OUT/e2e.json" --out "$OUT/sim_check.json" ;;
     sim)
       "$FUSEDRL" simulate --config configs/rlhfuse-13b.yaml --json > "$OUT/sim.json" ;;
+    peer)
+      "$PY" bench/peer_trl.py --iterations "$(q 1 3)" --rounds "$(q 1 2)" --out "$OUT/peer.json" ;;
     *)
       echo "unknown scenario '$name' (known: ${ALL[*]})" >&2; return 2 ;;
   esac
