@@ -150,8 +150,11 @@ def run_trl(w: dict, a: argparse.Namespace, workdir: Path) -> list[float]:
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"TRL worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
-    return json.loads(line)["iteration_s"]
+    line = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+    if line["response_lengths"] != [a.response_length]:
+        raise RuntimeError(f"TRL generated responses of lengths {line['response_lengths']}, "
+                           f"not exactly {a.response_length} tokens")
+    return line["iteration_s"]
 
 
 def trl_worker(spec_path: str) -> None:
@@ -171,6 +174,17 @@ def trl_worker(spec_path: str) -> None:
                                                                dtype=torch.float32)
     reward = AutoModelForSequenceClassification.from_pretrained(s["value"], num_labels=1,
                                                                 dtype=torch.float32)
+    # Record every generated response length, to check the workload really is fixed-length.
+    generated: set[int] = set()
+    generate = policy.generate
+
+    def recording_generate(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        prompt = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        generated.add(out.sequences.shape[1] - prompt.shape[1])
+        return out
+
+    policy.generate = recording_generate
     b, m, n = s["batch"], s["micro_batch"], 1 + s["iterations"]
     args = PPOConfig(
         output_dir=s["output_dir"], report_to="none", use_cpu=True, seed=0,
@@ -202,7 +216,8 @@ def trl_worker(spec_path: str) -> None:
     times = [t1 - t0 for t0, t1 in zip(clock.marks, clock.marks[1:])]
     import trl
     import transformers
-    print(json.dumps({"iteration_s": times, "trl": trl.__version__,
+    print(json.dumps({"iteration_s": times, "response_lengths": sorted(generated),
+                      "trl": trl.__version__,
                       "transformers": transformers.__version__, "torch": torch.__version__}))
 
 
