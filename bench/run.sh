@@ -67,7 +67,12 @@ run_scenario() {
     sim_check)
       "$PY" bench/sim_check.py --e2e "$OUT/e2e.json" --out "$OUT/sim_check.json" ;;
     sim)
-      "$FUSEDRL" simulate --config configs/rlhfuse-13b.yaml --json > "$OUT/sim.json" ;;
+      # RLHFuse's settings (13B/33B/65B pairs on 256 GPUs) next to its published ranges.
+      for m in 13b 33b 65b; do
+        "$FUSEDRL" simulate --config "configs/rlhfuse-$m.yaml" --json > "$OUT/sim-$m.json"
+      done
+      "$PY" -c 'import json, sys; out, files = sys.argv[1], sys.argv[2:]; json.dump({f.split("sim-")[1][:-5]: {"speedups": json.load(open(f))["speedups"], "rlhfuse_reported": json.load(open(f))["rlhfuse_reported"]} for f in files}, open(out, "w"), indent=2)' \
+        "$OUT/sim.json" "$OUT"/sim-13b.json "$OUT"/sim-33b.json "$OUT"/sim-65b.json ;;
     peer)
       "$PY" bench/peer_trl.py --iterations "$(q 1 3)" --rounds "$(q 1 2)" --out "$OUT/peer.json" ;;
     *)
