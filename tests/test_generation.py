@@ -7,7 +7,7 @@ from fusedrl.generation import GenerationEngine, Request, SamplingParams, forced
 from fusedrl.generation.sampling import filter_probs, stream_uniform
 from fusedrl.models import ModelConfig
 from fusedrl.models.build import build_model
-from fusedrl.models.llama import token_logprobs
+from gen_helpers import fresh_logprobs, random_requests
 
 CFG = ModelConfig(vocab_size=50, hidden_size=48, intermediate_size=96, num_layers=2,
                   num_heads=4, num_kv_heads=2, max_position_embeddings=96)
@@ -20,21 +20,7 @@ def model():
 
 
 def requests(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        length = int(torch.randint(1, 9, (1,), generator=g))
-        out.append(Request(i, torch.randint(3, CFG.vocab_size, (length,), generator=g).tolist()))
-    return out
-
-
-def fresh_logprobs(model, sample, temperature):
-    seq = torch.tensor([sample.prompt_ids + sample.response_ids])
-    with torch.no_grad():
-        logits = model(seq)
-    p = len(sample.prompt_ids)
-    lp = token_logprobs(logits[:, p - 1:-1], seq[:, p:], model.tp_group, temperature)
-    return lp[0]
+    return random_requests(n, CFG.vocab_size, seed)
 
 
 @pytest.mark.parametrize("params", [

@@ -15,7 +15,7 @@ from fusedrl.generation.backend import (GenerationBackend, available_backends, g
                                         make_backend)
 from fusedrl.models import ModelConfig
 from fusedrl.models.build import build_model
-from fusedrl.models.llama import token_logprobs
+from gen_helpers import fresh_logprobs, random_requests
 
 # vLLM's CPU attention wants a head size it has kernels for: 128 / 4 heads = 32.
 CFG = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
@@ -29,20 +29,7 @@ needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed (ma
 
 
 def requests(n, seed=0, lo=2, hi=12):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        length = int(torch.randint(lo, hi, (1,), generator=g))
-        out.append(Request(i, torch.randint(3, CFG.vocab_size, (length,), generator=g).tolist()))
-    return out
-
-
-def fresh_logprobs(model, sample, temperature):
-    seq = torch.tensor([sample.prompt_ids + sample.response_ids])
-    with torch.no_grad():
-        logits = model(seq)
-    p = len(sample.prompt_ids)
-    return token_logprobs(logits[:, p - 1:-1], seq[:, p:], model.tp_group, temperature)[0]
+    return random_requests(n, CFG.vocab_size, seed, lo, hi)
 
 
 def max_logprob_diff(model, samples, temperature) -> float:
