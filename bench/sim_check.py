@@ -10,6 +10,16 @@ same forced output lengths (same spec and seeds as ``generation.forced_lengths``
 simulate it on 2 devices in float32 with the calibrated cost model; compare each
 stage the two share. Inference is compared for the variants where it runs after
 generation (no inter-stage overlap).
+
+Then the runtime's own overheads (Ray dispatch per call, per-micro-batch work, gloo
+all-reduce + optimizer step, per engine step) are measured by a separate small
+profile of the real runtime on fixed synthetic shapes
+(:func:`fusedrl.sim.overheads.profile_runtime`, not the e2e runs) and the
+comparison is repeated with them (``overheads``); each row reports both
+(``before``: kernels only, ``after``: kernels + runtime overheads).
+``inference_padding`` is a diagnostic, not used by the prediction: padded tokens
+over real tokens of the runtime's inference micro-batches (each padded to its
+longest sample; the simulator prices the mean length).
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ def main() -> None:
     from fusedrl.models.config import PRESETS
     from fusedrl.sim.calibration import calibrate_on_cpu
     from fusedrl.sim.iteration import IterationSimulator, Variant, Workload
+    from fusedrl.sim.overheads import RuntimeOverheads, profile_runtime
 
     torch.set_num_threads(1)
     e2e = json.loads(args.e2e.read_text())
@@ -56,6 +67,13 @@ def main() -> None:
     max_new = int(_setting(w, "generation.max_new_tokens"))
     spec = _setting(w, "generation.forced_lengths")
     report = calibrate_on_cpu(model)
+    micro = int(_setting(w, "ppo.micro_batch_size"))
+    overheads, overhead_raw = profile_runtime(_setting(w, "model.preset"),
+                                              micro_batch_size=micro,
+                                              prompt_len=args.prompt_len)
+    print("runtime overheads:", json.dumps(overheads.to_dict()))
+    terms = {"before": RuntimeOverheads(), "after": overheads}
+    padding = []
     # The trainer draws iteration i's lengths with seed (trainer.seed * 1_000_003 + i);
     # e2e measures the iterations after the first (seed 0, i >= 1).
     iters = range(1, int(e2e["iterations"]))
@@ -65,7 +83,7 @@ def main() -> None:
         if name not in by_variant:
             continue
         measured = by_variant[name]
-        preds = {s: [] for s in STAGES}
+        preds = {(t, s): [] for t in terms for s in STAGES}
         for i in iters:
             out = np.array(forced_lengths(spec, batch, seed=i, max_len=max_new))
             prev = np.array(forced_lengths(spec, batch, seed=i - 1, max_len=max_new))
@@ -76,28 +94,48 @@ def main() -> None:
                  "realloc": Variant("realloc", True, False, False),
                  "intra-stage": Variant("intra-stage", True, False, True),
                  "inter-stage": Variant("inter-stage", False, True, False)}[sim_name]
-            sim = IterationSimulator(model, model, work, 2, report.hardware, report.after,
-                                     dtype_bytes=4, schedule_time_s=1.0)
-            res = sim.run([v]).by_name(sim_name)
-            for s in STAGES:
-                preds[s].append(res.timing_s[s])
+            if name == "baseline":
+                lens = args.prompt_len + out
+                padding.append(sum(len(c) * c.max() for c in np.split(lens, batch // micro))
+                               / lens.sum())
+            for t, ov in terms.items():
+                sim = IterationSimulator(model, model, work, 2, report.hardware, report.after,
+                                         dtype_bytes=4, schedule_time_s=1.0, overheads=ov)
+                res = sim.run([v]).by_name(sim_name)
+                for s in STAGES:
+                    preds[(t, s)].append(res.timing_s[s])
         row = {"variant": name}
         stages = STAGES if sim_name != "inter-stage" else ("gen", "train")
         for s in stages:
-            pred = float(np.median(preds[s]))
-            row[f"{s}/predicted_s"] = pred
             row[f"{s}/measured_s"] = measured[f"timing_s/{s}"]
-            row[f"{s}/ratio_predicted_over_measured"] = pred / measured[f"timing_s/{s}"]
+            for t in terms:
+                pred = float(np.median(preds[(t, s)]))
+                row[f"{s}/{t}/predicted_s"] = pred
+                row[f"{s}/{t}/ratio_predicted_over_measured"] = pred / measured[f"timing_s/{s}"]
         rows.append(row)
         print(json.dumps(row))
-    errors = [abs(v - 1) for r in rows for k, v in r.items() if k.endswith("measured")
-              and k.startswith(STAGES) and "ratio" in k]
+    errors = {t: [abs(v - 1) for r in rows for k, v in r.items()
+                  if k.endswith(f"/{t}/ratio_predicted_over_measured")] for t in terms}
     result = {"benchmark": "sim_check", "cores": os.cpu_count(),
               "load_average_1m": os.getloadavg()[0], "e2e": str(args.e2e),
-              "calibration": report.to_dict(), "rows": rows,
-              "max_stage_error": max(errors) if errors else None}
+              "calibration": report.to_dict(), "runtime_overheads": overheads.to_dict(),
+              "runtime_profile": overhead_raw,
+              "inference_padding": float(np.median(padding)) if padding else None,
+              "rows": rows,
+              "max_stage_error_before": max(errors["before"]) if errors["before"] else None,
+              "max_stage_error": max(errors["after"]) if errors["after"] else None}
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"max per-stage |predicted/measured - 1| = {result['max_stage_error']}")
+    print(f"{'variant':>11} {'stage':>9} {'measured':>9} {'pred/meas before':>16} "
+          f"{'pred/meas after':>15}")
+    for r in rows:
+        for s in STAGES:
+            if f"{s}/measured_s" in r:
+                print(f"{r['variant']:>11} {s:>9} {r[f'{s}/measured_s']:9.3f} "
+                      f"{r[f'{s}/before/ratio_predicted_over_measured']:16.2f} "
+                      f"{r[f'{s}/after/ratio_predicted_over_measured']:15.2f}")
+    print(f"inference micro-batch padding (padded/real tokens): {result['inference_padding']}")
+    print(f"max per-stage |predicted/measured - 1|: before {result['max_stage_error_before']}, "
+          f"after {result['max_stage_error']}")
 
 
 if __name__ == "__main__":

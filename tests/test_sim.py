@@ -175,3 +175,40 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, words):
 def test_cli_missing_config(tmp_path):
     out = CliRunner().invoke(app, ["simulate", "--config", str(tmp_path / "none.yaml")])
     assert out.exit_code == 2 and "does not exist" in out.stderr
+
+
+def test_runtime_overheads_enter_the_stage_times_as_documented():
+    from fusedrl.sim.iteration import Variant
+    from fusedrl.sim.overheads import RuntimeOverheads
+
+    rng = np.random.default_rng(0)
+    out = rng.integers(4, 32, 16)
+    # 16 samples, mini-batch 8, micro-batch 4; one device: dp1tp1pp1 for every call
+    work = Workload(np.full(16, 6), out, out[::-1].copy(), 32, 8, 4)
+    ov = RuntimeOverheads(gen_call_s=0.5, engine_step_s=0.01, infer_call_s=0.2,
+                          infer_microbatch_s=0.03, train_call_s=0.7, train_microbatch_s=0.05,
+                          optimizer_step_s=0.11)
+    base = Variant("baseline", False, False, False)
+
+    def timing(o):
+        sim = IterationSimulator(TINY, TINY, work, 1, schedule_time_s=0.0, overheads=o)
+        return sim, sim.run([base]).by_name("baseline").timing_s
+
+    sim0, t0 = timing(RuntimeOverheads())
+    # engine_step_s joins the per-step prefill/decode overheads of the roofline ...
+    sim1, t1 = timing(replace(ov, engine_step_s=0.0))
+    sim2, _ = timing(ov)
+    assert sim2.actor.eff.overhead_decode_s == pytest.approx(Efficiency().overhead_decode_s + 0.01)
+    assert sim2.actor.eff.overhead_prefill_s == pytest.approx(Efficiency().overhead_prefill_s + 0.01)
+    # ... the others are added to the stage times: gen + call
+    assert t1["gen"] == pytest.approx(t0["gen"] + 0.5)
+    # inference: call + 3 models x ceil(16 / (4 * dp 1)) = 4 micro-batches
+    assert t1["inference"] == pytest.approx(t0["inference"] + 0.2 + 3 * 4 * 0.03)
+    # train (pp=1, 1F1B one model after the other): 2 steps (16 / 8), 2 micro-batches per
+    # step (8 / 4): call + steps * (2 models * (2 micro * 0.05 + optimizer 0.11))
+    assert t1["train"] == pytest.approx(t0["train"] + 0.7 + 2 * 2 * (2 * 0.05 + 0.11))
+    assert t1["realloc"] == t0["realloc"] == 0.0
+    # all zero by default: the cluster-scale results are unchanged
+    assert RuntimeOverheads() == RuntimeOverheads(*([0.0] * 7))
+    with pytest.raises(ValueError, match="optimizer_step_s"):
+        RuntimeOverheads(optimizer_step_s=-1.0)

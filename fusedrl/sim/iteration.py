@@ -43,6 +43,7 @@ from fusedrl.layout import ParallelLayout, Placement
 from fusedrl.models.config import ModelConfig
 from fusedrl.scheduler import get_policy, simulate_generation
 from fusedrl.scheduler.length_dist import sample_lengths
+from fusedrl.sim.overheads import RuntimeOverheads
 from fusedrl.sim.roofline import Efficiency, Hardware, Roofline
 
 STAGES = ("gen", "inference", "train", "realloc")
@@ -297,18 +298,26 @@ class IterationSimulator:
     (RLHFuse's setting). ``dtype_bytes``: 2 (bf16 on GPUs) or 4 (float32, the CPU
     runs). ``schedule_time_s``: search budget of each fused
     pipeline schedule. ``memory_headroom``: share of HBM usable (the rest is
-    fragmentation, workspace, the runtime's own memory).
+    fragmentation, workspace, the runtime's own memory). ``overheads``: the
+    runtime's time beyond the kernels (:class:`~fusedrl.sim.overheads.RuntimeOverheads`,
+    all 0 by default), added to the stage times as its docstring says.
     """
 
     def __init__(self, actor: ModelConfig, critic: ModelConfig, workload: Workload,
                  num_gpus: int, hardware: Hardware = Hardware(),
                  efficiency: Efficiency = Efficiency(), *, schedule_time_s: float = 2.0,
                  memory_headroom: float = 0.9, recompute: bool = False, seed: int = 0,
-                 dtype_bytes: int = 2):
+                 dtype_bytes: int = 2, overheads: RuntimeOverheads = RuntimeOverheads()):
         if num_gpus < 1:
             raise ValueError(f"num_gpus must be >= 1, got {num_gpus}")
         if not 0 < memory_headroom <= 1:
             raise ValueError(f"memory_headroom must be in (0, 1], got {memory_headroom}")
+        self.ov = overheads
+        if overheads.engine_step_s:  # every engine step of the runtime pays it
+            efficiency = replace(
+                efficiency,
+                overhead_prefill_s=efficiency.overhead_prefill_s + overheads.engine_step_s,
+                overhead_decode_s=efficiency.overhead_decode_s + overheads.engine_step_s)
         self.actor = Roofline(actor, hardware, efficiency, dtype_bytes, recompute)
         self.critic = Roofline(critic, hardware, efficiency, dtype_bytes, recompute)
         self.w, self.n, self.hw = workload, num_gpus, hardware
@@ -349,11 +358,16 @@ class IterationSimulator:
 
     def _stage_times(self, lt: ParallelLayout):
         mb, s = self.w.micro_batch_size, self.w.mean_seq_len
-        return (self.actor.train_stage_s(mb, s, lt, "lm"), self.critic.train_stage_s(mb, s, lt, "value"))
+        out = []
+        for roof, head in ((self.actor, "lm"), (self.critic, "value")):
+            fw, bw = roof.train_stage_s(mb, s, lt, head)
+            out.append(([f + self.ov.train_microbatch_s for f in fw], bw))
+        return tuple(out)
 
     def _per_minibatch_extra_s(self, lt: ParallelLayout) -> float:
         return (self.actor.grad_sync_s(lt, "lm") + self.actor.optimizer_s(lt, "lm")
-                + self.critic.grad_sync_s(lt, "value") + self.critic.optimizer_s(lt, "value"))
+                + self.critic.grad_sync_s(lt, "value") + self.critic.optimizer_s(lt, "value")
+                + 2 * self.ov.optimizer_step_s)
 
     @property
     def _steps(self) -> int:
@@ -365,7 +379,7 @@ class IterationSimulator:
         M = self._microbatches(lt)
         per = sum((M + lt.pp - 1) * max(f + b for f, b in zip(fw, bw))
                   for fw, bw in self._stage_times(lt))
-        return self._steps * (per + self._per_minibatch_extra_s(lt))
+        return self._steps * (per + self._per_minibatch_extra_s(lt)) + self.ov.train_call_s
 
     def train(self, lt: ParallelLayout, fused: bool) -> dict[str, Any]:
         """Training time under ``lt``: 1F1B one model after the other, or the fused
@@ -396,7 +410,8 @@ class IterationSimulator:
                "lower_bound_s": res.lower_bound.value, "microbatches": M,
                "bubble_ratio": 1.0 - work / (nodes * span) if span > 0 else 0.0,
                "minibatch_sync_optimizer_s": self._per_minibatch_extra_s(lt),
-               "train_s": self._steps * (span + self._per_minibatch_extra_s(lt))}
+               "train_s": self._steps * (span + self._per_minibatch_extra_s(lt))
+               + self.ov.train_call_s}
         self._train_cache[key] = out
         return out
 
@@ -441,6 +456,14 @@ class IterationSimulator:
                                    max_batch=plan.max_batch, prompt_lengths=w.prompt_lengths,
                                    policy=policy,
                                    max_sample_tokens=w.max_prompt_len + w.max_new_tokens)
+
+    INFER_MODELS = 3
+    """Inference forwards per sample (old log-probs, reference, values/reward)."""
+
+    def _infer_overhead_s(self, plan: _GenPlan) -> float:
+        """``infer_call_s`` + per micro-batch of each inference model on a dp rank."""
+        micro = math.ceil(self.w.batch_size / (self.w.micro_batch_size * plan.layout.dp))
+        return self.ov.infer_call_s + self.INFER_MODELS * micro * self.ov.infer_microbatch_s
 
     # -- layout choices -----------------------------------------------------------------------------
 
@@ -502,7 +525,8 @@ class IterationSimulator:
                 lt, plan, realloc = flat, self.gen_plan(flat, flat, flatten=True), 0.0
             sim = self.generate(plan, v.inter_stage)
             tr = self.train(lt, v.intra_stage)
-            timing = {"gen": sim.gen_end_s, "inference": sim.makespan_s - sim.gen_end_s,
+            timing = {"gen": sim.gen_end_s + self.ov.gen_call_s,
+                      "inference": sim.makespan_s - sim.gen_end_s + self._infer_overhead_s(plan),
                       "train": tr["train_s"], "realloc": realloc}
             timing["step"] = sum(timing[k] for k in STAGES)
             layouts = {"actor_gen": str(plan.layout), "ref": str(plan.layout),
