@@ -32,6 +32,8 @@ actor; what is left (a ``memory_headroom`` share of HBM) is KV cache.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -114,6 +116,17 @@ class Workload:
     @property
     def mean_seq_len(self) -> float:
         return self.total_tokens / self.batch_size
+
+    def padding_factor(self, micro: int, shuffle_seed: int | None = None) -> float:
+        """Padded over real tokens when the batch is cut into micro-batches of ``micro``
+        samples -- in sample order (inference), or after a seeded shuffle (PPO's
+        mini-batches) -- each padded to its longest sequence, as the runtime does."""
+        lens = self.prompt_lengths + self.output_lengths
+        if shuffle_seed is not None:
+            lens = lens[np.random.default_rng(shuffle_seed).permutation(len(lens))]
+        padded = sum(len(c) * int(c.max()) for c in
+                     (lens[i:i + micro] for i in range(0, len(lens), micro)))
+        return padded / float(lens.sum())
 
     @property
     def max_prompt_len(self) -> int:
@@ -349,15 +362,21 @@ class IterationSimulator:
     def _train_fits(self, lt: ParallelLayout, flatten: bool) -> bool:
         if self._microbatches(lt) < 1:
             return False
-        acts = sum(r.activation_bytes(self.w.micro_batch_size, self.w.mean_seq_len, lt) * lt.pp
+        acts = sum(r.activation_bytes(self.w.micro_batch_size, self._train_seq_len, lt) * lt.pp
                    for r in (self.actor, self.critic))
         resident = self._train_states(lt) + (self._frozen(lt) if flatten else 0.0)
         return resident + acts <= self.hbm
 
     # -- training ----------------------------------------------------------------------------
 
+    @property
+    def _train_seq_len(self) -> float:
+        """Sequence length a training micro-batch is priced at: the mean, scaled by the
+        padding of shuffled micro-batches (each is padded to its longest sample)."""
+        return self.w.mean_seq_len * self.w.padding_factor(self.w.micro_batch_size, self.seed)
+
     def _stage_times(self, lt: ParallelLayout):
-        mb, s = self.w.micro_batch_size, self.w.mean_seq_len
+        mb, s = self.w.micro_batch_size, self._train_seq_len
         out = []
         for roof, head in ((self.actor, "lm"), (self.critic, "value")):
             fw, bw = roof.train_stage_s(mb, s, lt, head)
@@ -391,7 +410,7 @@ class IterationSimulator:
 
         M = self._microbatches(lt)
         (af, ab), (cf, cb) = self._stage_times(lt)
-        mb, s = self.w.micro_batch_size, self.w.mean_seq_len
+        mb, s = self.w.micro_batch_size, self._train_seq_len
         mem_a = self.actor.activation_bytes(mb, s, lt)
         mem_c = self.critic.activation_bytes(mb, s, lt)
         # RLHFuse §5: actor stages in order, critic stages reversed on the same nodes
@@ -442,6 +461,9 @@ class IterationSimulator:
             max_new_tokens=self.w.max_new_tokens, kv_capacity_bytes=kv_capacity,
             infer=[(self.actor, "lm"), (self.critic, "value"), (self.critic, "value")],
             weight_load_s=load_s)
+        # Inference micro-batches (consecutive samples) are padded to their longest one.
+        pad = self.w.padding_factor(self.w.micro_batch_size)
+        cost = dataclasses.replace(cost, infer_per_token_s=cost.infer_per_token_s * pad)
         return _GenPlan(lg, lg.dp, max_batch, cost)
 
     def generate(self, plan: _GenPlan, fused: bool):
