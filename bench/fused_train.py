@@ -67,7 +67,7 @@ def measure(args) -> dict:
                 dt = time.perf_counter() - t0
                 if rep > 0:
                     times[mode].append(dt)
-        fused = t._fused
+        fused = t.fused_training
         shape = next(iter(fused.results))
         res = fused.results[shape]
         predicted = res["baseline"]["sequential_1f1b"]["makespan"] / res["makespan"]

@@ -36,10 +36,10 @@ echo "device: $DEVICE, quick: $QUICK, scenarios: ${SCENARIOS[*]}"
 
 q() { if [ "$QUICK" = 1 ]; then echo "$1"; else echo "$2"; fi; }
 
-run_scenario() {
+# One scenario's command(s). Called from an `if`, where bash ignores `set -e`, so every
+# command of a multi-command scenario ends in `|| return`.
+scenario_cmd() {
   local name=$1
-  local start=$SECONDS
-  echo "== $name"
   case "$name" in
     e2e)
       "$PY" bench/e2e.py --iterations "$(q 2 5)" --out "$OUT/e2e.json" ;;
@@ -63,13 +63,15 @@ run_scenario() {
     scaling)
       "$PY" bench/scaling.py --iterations "$(q 2 4)" --json "$OUT/scaling.json" ;;
     plan)
-      "$PY" bench/plan_bench.py --time-limit "$(q 3 15)" --out "$OUT/plan.json" ;;
+      "$PY" bench/plan_bench.py --time-limit "$(q 3 15)" \
+        --cases "$(q realhf-7b-16 realhf-7b-16,realhf-13b-32,realhf-33b-64,realhf-70b-128,rlhfuse-13b-64,rlhfuse-33b-128,rlhfuse-65b-256)" \
+        --out "$OUT/plan.json" ;;
     sim_check)
       "$PY" bench/sim_check.py --e2e "$OUT/e2e.json" --out "$OUT/sim_check.json" ;;
     sim)
       # RLHFuse's settings (13B/33B/65B pairs on 256 GPUs) next to its published ranges.
       for m in 13b 33b 65b; do
-        "$FUSEDRL" simulate --config "configs/rlhfuse-$m.yaml" --json > "$OUT/sim-$m.json"
+        "$FUSEDRL" simulate --config "configs/rlhfuse-$m.yaml" --json > "$OUT/sim-$m.json" || return
       done
       "$PY" -c 'import json, sys; out, files = sys.argv[1], sys.argv[2:]; json.dump({f.split("sim-")[1][:-5]: {"speedups": json.load(open(f))["speedups"], "rlhfuse_reported": json.load(open(f))["rlhfuse_reported"]} for f in files}, open(out, "w"), indent=2)' \
         "$OUT/sim.json" "$OUT"/sim-13b.json "$OUT"/sim-33b.json "$OUT"/sim-65b.json ;;
@@ -78,7 +80,14 @@ run_scenario() {
     *)
       echo "unknown scenario '$name' (known: ${ALL[*]})" >&2; return 2 ;;
   esac
-  echo "   $name took $((SECONDS - start)) s"
+}
+
+run_scenario() {
+  local name=$1 start=$SECONDS rc=0
+  echo "== $name"
+  scenario_cmd "$name" || rc=$?
+  echo "   $name took $((SECONDS - start)) s (exit $rc)"
+  return $rc
 }
 
 FAILED=()
