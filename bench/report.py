@@ -15,8 +15,8 @@ from pathlib import Path
 
 SCENARIOS = ("e2e", "sim_check", "gen", "realloc", "interstage", "schedule", "fused_train", "scaling",
              "plan", "sim", "peer")
-# Keys holding a measured ratio (fused vs baseline, ours vs peer, achieved vs limit).
-RATIO_HINTS = ("speedup", "ratio", "fraction", "over", "vs_")
+# Words naming a measured ratio (fused vs baseline, ours vs peer, achieved vs limit).
+RATIO_WORDS = {"speedup", "ratio", "fraction", "frac"}
 
 
 def headline(data, prefix: str = "", depth: int = 0) -> dict[str, float | str]:
@@ -57,9 +57,27 @@ def row_tables(data) -> list[str]:
     return out
 
 
-def ratios(figures: dict) -> dict[str, float]:
-    return {k: v for k, v in figures.items() if isinstance(v, (int, float))
-            and any(h in k.split("/")[-1] for h in RATIO_HINTS)}
+def is_ratio(key: str) -> bool:
+    """``speedup_vs_baseline``, ``native_over_hf``, ``ratio_fused_over_sequential``..."""
+    words = key.split("/")[-1].split("_")
+    return bool(RATIO_WORDS & set(words)) or "over" in words[1:-1]
+
+
+def ratios(data) -> dict[str, float]:
+    """Ratio figures of a result, including those of its list-of-record rows (labelled
+    by the row's first text field)."""
+    out = {k: v for k, v in headline(data).items()
+           if isinstance(v, (int, float)) and is_ratio(k)}
+    if isinstance(data, dict):
+        for key, rows in data.items():
+            if not (isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows)):
+                continue
+            for i, row in enumerate(rows):
+                figs = headline(row)
+                label = next((v for v in figs.values() if isinstance(v, str)), str(i))
+                out.update({f"{label}/{k}": v for k, v in figs.items()
+                            if isinstance(v, (int, float)) and is_ratio(k)})
+    return out
 
 
 def main() -> None:
@@ -94,7 +112,7 @@ def main() -> None:
             lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
         lines.append("")
         lines += row_tables(data)
-        all_ratios.update({f"{name}: {k}": v for k, v in ratios(figs).items()})
+        all_ratios.update({f"{name}: {k}": v for k, v in ratios(data).items()})
     (args.results / "latest.md").write_text("\n".join(lines))
 
     if all_ratios:
