@@ -389,6 +389,22 @@ class ReallocExecutor:
     def _views(self, shards, regions, chunk: Chunk) -> torch.Tensor:
         return shards[chunk.param][local_slices(chunk.region, regions[chunk.param])]
 
+    def _pack(self, msg, src_shards, flat: torch.Tensor) -> None:
+        """Copy the message's chunks from this device's source shards into ``flat``."""
+        off = 0
+        for chunk in msg.chunks:
+            view = self._views(src_shards, self.src_regions, chunk)
+            flat[off:off + chunk.numel].view(view.shape).copy_(view)
+            off += chunk.numel
+
+    def _unpack(self, msg, flat: torch.Tensor, dst_shards) -> None:
+        """Copy ``flat`` into the message's chunks of this device's destination shards."""
+        off = 0
+        for chunk in msg.chunks:
+            view = self._views(dst_shards, self.dst_regions, chunk)
+            view.copy_(flat[off:off + chunk.numel].view(view.shape))
+            off += chunk.numel
+
     # ---- execution -------------------------------------------------------------
     def run(self, src_shards: Mapping[str, torch.Tensor] | None,
             dst_shards: Mapping[str, torch.Tensor] | None) -> ReallocStats:
@@ -433,11 +449,7 @@ class ReallocExecutor:
             stats.wait_s += time.perf_counter() - t0
             if msg.src != self.device_id and buf is not None:
                 t0 = time.perf_counter()
-                off = 0
-                for chunk in msg.chunks:
-                    view = self._views(dst_shards, self.dst_regions, chunk)
-                    view.copy_(buf[off:off + chunk.numel].view(view.shape))
-                    off += chunk.numel
+                self._unpack(msg, buf, dst_shards)
                 stats.unpack_s += time.perf_counter() - t0
             if buf is not None:
                 free.append(buf)
@@ -465,11 +477,7 @@ class ReallocExecutor:
                 stats.staged_messages += 1
                 if sending:
                     t0 = time.perf_counter()
-                    off = 0
-                    for chunk in msg.chunks:
-                        view = self._views(src_shards, self.src_regions, chunk)
-                        tensor[off:off + chunk.numel].view(view.shape).copy_(view)
-                        off += chunk.numel
+                    self._pack(msg, src_shards, tensor)
                     stats.pack_s += time.perf_counter() - t0
             t0 = time.perf_counter()
             pending.append((msg, self._issue(msg, tensor, sending), buf))
@@ -516,11 +524,7 @@ class ReallocExecutor:
             stats.wait_s += time.perf_counter() - t0
             t0 = time.perf_counter()
             slot = self._shm.slot(msg.src, self._ordinal[msg.index])
-            off = 0
-            for chunk in msg.chunks:
-                view = self._views(dst_shards, self.dst_regions, chunk)
-                view.copy_(slot[off:off + chunk.numel].view(view.shape))
-                off += chunk.numel
+            self._unpack(msg, slot, dst_shards)
             stats.unpack_s += time.perf_counter() - t0
             acks_sent.append(dist.isend(ready, msg.src, group=pair(msg.src)))
 
@@ -540,11 +544,7 @@ class ReallocExecutor:
                     stats.wait_s += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 slot = self._shm.slot(me, j)
-                off = 0
-                for chunk in msg.chunks:
-                    view = self._views(src_shards, self.src_regions, chunk)
-                    slot[off:off + chunk.numel].view(view.shape).copy_(view)
-                    off += chunk.numel
+                self._pack(msg, src_shards, slot)
                 stats.pack_s += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 works = [dist.isend(ready, d, group=pair(d)) for d in msg.dsts]
