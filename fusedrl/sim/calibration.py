@@ -25,7 +25,7 @@ from fusedrl.sim.roofline import (PHASES, Efficiency, Hardware, ProfilePoint, Ro
                                   calibrate)
 
 
-def _best_time(fn, repeats: int) -> float:
+def best_time(fn, repeats: int) -> float:
     """Fastest of ``repeats`` calls (the least disturbed by other jobs)."""
     best = float("inf")
     for _ in range(repeats):
@@ -50,11 +50,11 @@ def measure_cpu_hardware(threads: int = 1, matmul_size: int = 768, copy_mib: int
         a = torch.randn(matmul_size, matmul_size)
         b = torch.randn(matmul_size, matmul_size)
         a @ b  # warm-up
-        flops = 2 * matmul_size ** 3 / _best_time(lambda: a @ b, repeats)
+        flops = 2 * matmul_size ** 3 / best_time(lambda: a @ b, repeats)
         src = torch.empty(copy_mib * 2 ** 20 // 4)
         dst = torch.empty_like(src)
         dst.copy_(src)
-        bandwidth = 2 * src.numel() * 4 / _best_time(lambda: dst.copy_(src), repeats)
+        bandwidth = 2 * src.numel() * 4 / best_time(lambda: dst.copy_(src), repeats)
     finally:
         torch.set_num_threads(prev)
     return Hardware(name=f"cpu x{threads}", peak_flops=flops, hbm_bandwidth=bandwidth,
@@ -131,7 +131,7 @@ def profile_engine(model: ModelConfig, spec: ProfileSpec = ProfileSpec(), thread
             ids = torch.randint(0, model.vocab_size, (b, s))
             with torch.no_grad():
                 net(ids)
-                t = _best_time(lambda: net(ids), spec.repeats)
+                t = best_time(lambda: net(ids), spec.repeats)
             points.append(ProfilePoint("infer", total(roof.forward_works(b, s, one)), t,
                                        f"infer b={b} s={s}"))
         net.train()

@@ -22,7 +22,6 @@ carry a per-call ``overhead_*_s``; measure these for a real deployment).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -79,15 +78,6 @@ def _two_point(x1: float, y1: float, x2: float, y2: float) -> tuple[float, float
     return max(0.0, y1 - slope * x1), slope
 
 
-def _best(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def profile_runtime(preset: str, *, devices: int = 2, micro_batch_size: int = 8,
                     prompt_len: int = 6, gen_lengths: tuple[int, int] = (8, 40),
                     repeats: int = 2, seed: int = 0) -> tuple[RuntimeOverheads, dict]:
@@ -116,6 +106,7 @@ def profile_runtime(preset: str, *, devices: int = 2, micro_batch_size: int = 8,
     from fusedrl.models.build import build_model
     from fusedrl.rollout import RolloutBatch
     from fusedrl.runtime.controller import DistributedPPOTrainer
+    from fusedrl.sim.calibration import best_time
 
     k1, k2 = gen_lengths
     mb = micro_batch_size
@@ -144,7 +135,7 @@ def profile_runtime(preset: str, *, devices: int = 2, micro_batch_size: int = 8,
             reqs = [Request(i, list(p), max_new_tokens=K) for i, p in enumerate(prompts)]
             params = SamplingParams(max_new_tokens=K, ignore_eos=True, seed=seed)
             trainer.engine.generate(reqs, params)  # warm-up
-            rt = _best(lambda: trainer.engine.generate(reqs, params), repeats)
+            rt = best_time(lambda: trainer.engine.generate(reqs, params), repeats)
             one = reqs[::devices]
             actor.eval()
 
@@ -155,7 +146,7 @@ def profile_runtime(preset: str, *, devices: int = 2, micro_batch_size: int = 8,
                     eng.generate(one, params)
 
             bare()
-            bt = _best(bare, repeats)
+            bt = best_time(bare, repeats)
             excess_gen[K] = rt - bt
             raw[f"gen/K={K}"] = {"runtime_s": rt, "bare_s": bt}
             if K == k2:
@@ -172,7 +163,7 @@ def profile_runtime(preset: str, *, devices: int = 2, micro_batch_size: int = 8,
         for u in (1, 2):
             b = sub(u * mb * devices)
             trainer.infer(b)
-            rt = _best(lambda: trainer.infer(b), repeats)
+            rt = best_time(lambda: trainer.infer(b), repeats)
             ids = b.input_ids[:mb]
 
             def bare_inf():
@@ -181,7 +172,7 @@ def profile_runtime(preset: str, *, devices: int = 2, micro_batch_size: int = 8,
                         actor(ids), actor(ids), critic(ids)
 
             bare_inf()
-            bt = _best(bare_inf, repeats)
+            bt = best_time(bare_inf, repeats)
             excess_inf[u] = rt - bt
             raw[f"infer/u={u}"] = {"runtime_s": rt, "bare_s": bt}
         infer_call, infer_mb = _two_point(3, excess_inf[1], 6, excess_inf[2])
@@ -199,7 +190,7 @@ def profile_runtime(preset: str, *, devices: int = 2, micro_batch_size: int = 8,
             data = [torch.zeros(n, R), torch.zeros(n, R), torch.randn(n, R), torch.randn(n, R)]
             trainer.config.ppo.mini_batch_size = u * mb * devices
             trainer.train(b, *data)
-            rt = _best(lambda: trainer.train(b, *data), repeats)
+            rt = best_time(lambda: trainer.train(b, *data), repeats)
             ids = b.input_ids[:mb]
 
             def bare_train():
@@ -211,7 +202,7 @@ def profile_runtime(preset: str, *, devices: int = 2, micro_batch_size: int = 8,
                         opt.step()
 
             bare_train()
-            bt = _best(bare_train, repeats)
+            bt = best_time(bare_train, repeats)
             rows.append((M, u, rt - bt))
             raw[f"train/M={M},u={u}"] = {"runtime_s": rt, "bare_s": bt}
         # excess = call + 2 M opt + 2 M u micro
