@@ -549,6 +549,17 @@ def anneal_memory(order, pos, node_ptr, dur, node, dep, succ, memd, start, end, 
 
 
 @njit(cache=True)
+def _admissible(c, n, taken, released, class_pair, class_cap, class_mem, node_mem, node_cap):
+    """Whether class ``c`` has a released task that node ``n`` may start now: a forward
+    class (``class_pair[c] >= 0``) also needs room under its outstanding-micro-batch
+    cap and the node's memory cap."""
+    if taken[c] >= released[c]:
+        return False
+    return class_pair[c] < 0 or (taken[c] - taken[class_pair[c]] < class_cap[c]
+                                 and node_mem[n] + class_mem[c] <= node_cap[n])
+
+
+@njit(cache=True)
 def list_schedule(dur, node, succ, class_first, class_stride, class_count, class_node,
                   class_pair, class_cap, class_mem, node_cap, node_class_ptr, node_classes,
                   key_major, key_minor):
@@ -597,10 +608,8 @@ def list_schedule(dur, node, succ, class_first, class_stride, class_count, class
         for n in range(n_nodes):
             for j in range(node_class_ptr[n], node_class_ptr[n + 1]):
                 c = node_classes[j]
-                if taken[c] >= released[c]:
-                    continue
-                if class_pair[c] >= 0 and (taken[c] - taken[class_pair[c]] >= class_cap[c]
-                                           or node_mem[n] + class_mem[c] > node_cap[n]):
+                if not _admissible(c, n, taken, released, class_pair, class_cap, class_mem,
+                                   node_mem, node_cap):
                     continue
                 t = class_first[c] + taken[c] * class_stride[c]
                 s = release_time[t] if release_time[t] > node_free[n] else node_free[n]
@@ -613,10 +622,8 @@ def list_schedule(dur, node, succ, class_first, class_stride, class_count, class
         pick = -1  # among the candidates ready by then
         for j in range(node_class_ptr[n], node_class_ptr[n + 1]):
             c = node_classes[j]
-            if taken[c] >= released[c]:
-                continue
-            if class_pair[c] >= 0 and (taken[c] - taken[class_pair[c]] >= class_cap[c]
-                                       or node_mem[n] + class_mem[c] > node_cap[n]):
+            if not _admissible(c, n, taken, released, class_pair, class_cap, class_mem,
+                               node_mem, node_cap):
                 continue
             t = class_first[c] + taken[c] * class_stride[c]
             if release_time[t] > best_key:
