@@ -151,12 +151,15 @@ class PPOTrainer:
     def prompt_indices(self, iteration: int) -> list[int]:
         """Prompts of ``iteration``: epochs over a per-epoch shuffle of the dataset."""
         n, b = len(self.setup.prompts), self.config.ppo.rollout_batch_size
+        orders: dict[int, list[int]] = {}  # one shuffle per epoch the batch touches
         out = []
         for k in range(iteration * b, (iteration + 1) * b):
             epoch, pos = divmod(k, n)
-            order = list(range(n))
-            random.Random(self.config.trainer.seed * 1_000_003 + epoch).shuffle(order)
-            out.append(order[pos])
+            if epoch not in orders:
+                orders[epoch] = list(range(n))
+                random.Random(self.config.trainer.seed * 1_000_003 + epoch).shuffle(
+                    orders[epoch])
+            out.append(orders[epoch][pos])
         return out
 
     def sampling_params(self) -> SamplingParams:
@@ -165,8 +168,9 @@ class PPOTrainer:
                               max_new_tokens=g.max_new_tokens, seed=self.config.trainer.seed,
                               ignore_eos=bool(g.forced_lengths))
 
-    def requests(self, iteration: int) -> list[Request]:
-        """The iteration's samples; ids are global so every sample has its own stream."""
+    def requests(self, iteration: int, prompts: list[int]) -> list[Request]:
+        """The iteration's samples on dataset rows ``prompts``; ids are global so every
+        sample has its own stream."""
         g, b = self.config.generation, self.config.ppo.rollout_batch_size
         forced = [None] * b
         if g.forced_lengths:
@@ -174,7 +178,7 @@ class PPOTrainer:
                                     seed=self.config.trainer.seed * 1_000_003 + iteration,
                                     max_len=g.max_new_tokens)
         return [Request(iteration * b + j, list(self.setup.prompt_ids[i]), max_new_tokens=n)
-                for j, (i, n) in enumerate(zip(self.prompt_indices(iteration), forced))]
+                for j, (i, n) in enumerate(zip(prompts, forced))]
 
     # ------------------------------------------------------------- iteration
 
@@ -189,7 +193,7 @@ class PPOTrainer:
         t0 = time.perf_counter()
         idx = self.prompt_indices(it)
         self.actor.eval()
-        samples = self.engine.generate(self.requests(it), self.sampling_params())
+        samples = self.engine.generate(self.requests(it, idx), self.sampling_params())
         batch = RolloutBatch.from_samples(samples, s.tokenizer.pad_token_id)
         timing["gen"] = time.perf_counter() - t0
 
