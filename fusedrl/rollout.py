@@ -1,5 +1,8 @@
 """Rollout batches: generated samples as right-padded tensors, and the per-token model
-outputs (log-probs, values) aligned to response tokens."""
+outputs (log-probs, values) aligned to response tokens.
+
+A batch is built on CPU (:meth:`RolloutBatch.from_samples`) and may move to a device
+(:meth:`RolloutBatch.to`); every tensor it derives is created on its own device."""
 
 from __future__ import annotations
 
@@ -55,7 +58,7 @@ class RolloutBatch:
     def predictor_index(self) -> torch.Tensor:
         """[B, R] position whose output predicts (or values the state before) each
         response token; padded entries point at position 0 and are masked."""
-        j = torch.arange(self.response_mask.shape[1])
+        j = torch.arange(self.response_mask.shape[1], device=self.prompt_lens.device)
         idx = self.prompt_lens[:, None] - 1 + j[None, :]
         return torch.where(self.response_mask > 0, idx, torch.zeros_like(idx))
 
@@ -68,6 +71,8 @@ class RolloutBatch:
         return int((self.prompt_lens + self.response_lens).sum())
 
     def to(self, device) -> "RolloutBatch":
+        """The batch on ``device`` (the trainer's): built on CPU from the engine's token
+        lists, its tensors then meet the models' outputs there."""
         return RolloutBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 

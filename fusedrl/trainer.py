@@ -9,12 +9,18 @@ One iteration (DESIGN.md "One PPO iteration")::
 Every random choice is a function of (seed, iteration) or (seed, sample id): prompt
 order, sampling streams and mini-batch shuffles. A run resumed from a checkpoint
 therefore repeats the uninterrupted run's next iteration exactly.
+
+Device (``cluster.accelerator``, :mod:`fusedrl.devices`): the four models, the engine's
+KV cache (``model.new_cache`` follows the weights), the rollout batch, GAE (its backend
+follows the tensors' device: numba on CPU, cupy or torch on CUDA) and both optimizers
+live on one device. Random draws that fix the run (initialisation, shuffles, sampling
+streams) are made on the CPU, so a seed gives the same run on every device up to float
+rounding. Metrics leave as Python floats; stage timers synchronise the device first.
 """
 
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +29,7 @@ from fusedrl.algorithms import ppo
 from fusedrl.algorithms.rewards import load_reward_fn
 from fusedrl.config import Config
 from fusedrl.data.prompts import PromptRecord, load_prompts
+from fusedrl.devices import device_of, timer
 from fusedrl.generation import Request, SamplingParams, forced_lengths
 from fusedrl.generation.backend import make_backend
 from fusedrl.models.build import build_model
@@ -114,22 +121,29 @@ class PPOTrainer:
     ``iteration``, ``save_checkpoint(out)``, ``load_checkpoint(path)``, ``close()``.
     """
 
+    device = torch.device("cpu")
+    """Where the models and the iteration's tensors live (the Ray runtime's controller,
+    a subclass, holds only CPU tensors and keeps this default)."""
+
     def __init__(self, config: Config, setup: Setup | None = None):
         self.config = config
+        self.device = dev = device_of(config)  # ConfigError before any model is built
         self.setup = setup or build_setup(config)
         s, c = self.setup, config
         dtype = _DTYPES[c.model.dtype]
         seed = c.trainer.seed
         mc = s.model_config
-        self.actor = build_model(mc, "lm", s.actor_state, seed=seed, dtype=dtype)
-        self.ref = build_model(mc, "lm", s.actor_state, seed=seed, dtype=dtype).eval()
+        self.actor = build_model(mc, "lm", s.actor_state, seed=seed, dtype=dtype, device=dev)
+        self.ref = build_model(mc, "lm", s.actor_state, seed=seed, dtype=dtype,
+                               device=dev).eval()
         self.ref.requires_grad_(False)
         self.critic = build_model(mc, "value", s.critic_state or s.actor_state, seed=seed + 1,
-                                  dtype=dtype)
+                                  dtype=dtype, device=dev)
         self.reward_model = None
         if c.reward.type == "model":
             rm_config, rm_state = load_checkpoint(resolve_model_path(c.reward.model_path))
-            self.reward_model = build_model(rm_config, "value", rm_state, dtype=dtype).eval()
+            self.reward_model = build_model(rm_config, "value", rm_state, dtype=dtype,
+                                            device=dev).eval()
             self.reward_model.requires_grad_(False)
         self.actor_opt = torch.optim.AdamW(self.actor.parameters(), lr=c.ppo.actor_lr,
                                            weight_decay=c.ppo.weight_decay)
@@ -187,21 +201,24 @@ class PPOTrainer:
         c, s = self.config, self.setup
         it = self.iteration
         timing: dict[str, float] = {}
-        t_step = time.perf_counter()
+        dev = self.device
+        t_step = timer(dev)
 
         # 1. generate
-        t0 = time.perf_counter()
+        t0 = timer(dev)
         idx = self.prompt_indices(it)
         self.actor.eval()
         samples = self.engine.generate(self.requests(it, idx), self.sampling_params())
         batch = RolloutBatch.from_samples(samples, s.tokenizer.pad_token_id)
-        timing["gen"] = time.perf_counter() - t0
+        if batch.input_ids.device != dev:
+            batch = batch.to(dev)
+        timing["gen"] = timer(dev) - t0
 
         # 2. inference: scores, old/ref log-probs, values
-        t0 = time.perf_counter()
+        t0 = timer(dev)
         scores = self.score(batch, [s.prompts[i] for i in idx])
         old_logp, ref_logp, values = self.infer(batch)
-        timing["inference"] = time.perf_counter() - t0
+        timing["inference"] = timer(dev) - t0
 
         # 3. advantages
         mask = batch.response_mask
@@ -218,15 +235,15 @@ class PPOTrainer:
         kl = ppo.masked_mean(ppo.kl_penalty(old_logp, ref_logp, c.ppo.kl_estimator), mask)
 
         # 4. train
-        t0 = time.perf_counter()
+        t0 = timer(dev)
         train_stats = self.train(batch, old_logp, values, advantages, returns)
-        timing["train"] = time.perf_counter() - t0
+        timing["train"] = timer(dev) - t0
         if c.generation.backend != "native":
-            t0 = time.perf_counter()
+            t0 = timer(dev)
             self.engine.update_weights()
-            timing["realloc"] = time.perf_counter() - t0
+            timing["realloc"] = timer(dev) - t0
         self.kl_ctl.update(float(kl), len(batch))
-        timing["step"] = time.perf_counter() - t_step
+        timing["step"] = timer(dev) - t_step
 
         self.iteration += 1
         rlen = batch.response_lens.float()
@@ -256,17 +273,19 @@ class PPOTrainer:
     def score(self, batch: RolloutBatch, records: list[PromptRecord]) -> torch.Tensor:
         if self.reward_model is not None:
             with torch.no_grad():
-                return torch.cat([sequence_scores(self.reward_model, batch.select(i)).float()
+                return torch.cat([sequence_scores(self.reward_model,
+                                                  batch.select(i.to(self.device))).float()
                                   for i in self._micro_indices(len(batch))])
         tok = self.setup.tokenizer
         out = []
-        responses = batch.response_ids()
+        # Rule rewards read token ids in Python: one copy to the host, not one per row.
+        responses, mask = batch.response_ids().cpu(), batch.response_mask.cpu()
         for b, rec in enumerate(records):
-            ids = responses[b][batch.response_mask[b] > 0].tolist()
+            ids = responses[b][mask[b] > 0].tolist()
             ids = [t for t in ids if t not in tok.eos_token_ids]
             prompt = rec.prompt if isinstance(rec.prompt, str) else rec.prompt[-1]["content"]
             out.append(float(self.setup.reward_fn(prompt, tok.decode(ids), rec.label)))
-        return torch.tensor(out)
+        return torch.tensor(out, device=self.device)
 
     def _micro_indices(self, n: int) -> list[torch.Tensor]:
         m = self.config.ppo.micro_batch_size
@@ -279,7 +298,7 @@ class PPOTrainer:
         self.critic.eval()
         outs = {"old": [], "ref": [], "val": []}
         for idx in self._micro_indices(len(batch)):
-            mb = batch.select(idx)
+            mb = batch.select(idx.to(self.device))
             r = batch.response_mask.shape[1]
             pad = (lambda x: torch.nn.functional.pad(x.float(), (0, r - x.shape[1])))
             outs["old"].append(pad(response_logprobs(self.actor, mb, temp)))
@@ -296,7 +315,8 @@ class PPOTrainer:
         stats: dict[str, list[float]] = {}
         n_micro = c.mini_batch_size // c.micro_batch_size
         for _ in range(c.ppo_epochs):
-            perm = torch.randperm(len(batch), generator=gen)
+            # Drawn on the CPU generator (the same shuffle on every device), then moved.
+            perm = torch.randperm(len(batch), generator=gen).to(self.device)
             for start in range(0, len(batch), c.mini_batch_size):
                 mini = perm[start:start + c.mini_batch_size]
                 self.actor_opt.zero_grad(set_to_none=True)

@@ -168,7 +168,9 @@ def token_level_rewards(
     rewards = _fill(-kl_coef * kl, valid)
     positions = torch.arange(mask.shape[-1], device=mask.device)
     is_last = positions == last_token_index(mask).unsqueeze(-1)  # no match for empty rows
-    return rewards + is_last.to(rewards.dtype) * score.to(rewards.dtype).unsqueeze(-1)
+    # A rule reward's scores are computed on CPU; the rewards live with the log-probs.
+    score = score.to(device=rewards.device, dtype=rewards.dtype)
+    return rewards + is_last.to(rewards.dtype) * score.unsqueeze(-1)
 
 
 # ----------------------------------------------------------------------------- losses

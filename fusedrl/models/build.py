@@ -51,11 +51,18 @@ def load_full_state(model: Llama, state: dict[str, torch.Tensor], layout=None,
 
 def build_model(config: ModelConfig, head: str = "lm", state: dict | None = None,
                 seed: int = 0, stage: StageSpec | None = None, tp_group=None, layout=None,
-                rank: int = 0, dtype: torch.dtype = torch.float32) -> Llama:
-    """A model initialised from ``state`` (full HF tensors) or randomly from ``seed``."""
+                rank: int = 0, dtype: torch.dtype = torch.float32, device=None) -> Llama:
+    """A model initialised from ``state`` (full HF tensors) or randomly from ``seed``,
+    on ``device`` (default CPU).
+
+    Random initialisation always runs on the CPU generator (megatron's
+    ``use_cpu_initialization``) and the module moves to ``device`` afterwards, so a seed
+    gives the same weights on every device; ``state`` is copied in on the device.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Llama(config, head=head, stage=stage, tp_group=tp_group, dtype=dtype)
+        model = Llama(config, head=head, stage=stage, tp_group=tp_group, dtype=dtype,
+                      device=device)
     if state is not None:
         load_full_state(model, state, layout, rank)
     return model

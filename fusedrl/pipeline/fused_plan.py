@@ -18,11 +18,20 @@ Problem (DESIGN.md "Fused schedule problem")::
         {"name": "critic", "stage_nodes": stage_map, "microbatches": m_c, ...}]}
 
 Its solution's ``tasks`` become, per node, a list of :class:`Task` in execution order.
+
+Memory: without a measurement the solver caps each node's peak at the two 1F1B
+schedules side by side (fusion never costs memory). Given the bytes each node's
+device has free for activations (:func:`fusedrl.runtime.memory.device_memory`, after
+weights, gradients and optimizer state), :func:`memory_cap` gives the real bound
+instead, so the search may hold more micro-batches in flight where they fit.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple, Sequence
+
+MEM_UNIT = 2 ** 20
+"""Bytes per memory unit of the schedule problem (:func:`build_problem` writes MiB)."""
 
 PIPELINES = ("actor", "critic")
 """Pipeline index 0 trains the actor (``actor_train``), 1 the critic (``critic_train``)."""
@@ -85,8 +94,44 @@ def build_problem(smap: Sequence[int], microbatches: Sequence[int],
             "name": name, "stage_nodes": stage_nodes[p], "microbatches": int(microbatches[p]),
             "fwd": [max(1e-3, 1e3 * f) for f, _, _ in prof],
             "bwd": [max(1e-3, 1e3 * b) for _, b, _ in prof],
-            "mem": [max(1e-3, m / 2 ** 20) for _, _, m in prof]})
+            "mem": [max(1e-3, m / MEM_UNIT) for _, _, m in prof]})
     return {"nodes": pp, "pipelines": pipes}
+
+
+def memory_cap(problem: dict, free_bytes: Sequence[float] | None) -> float | None:
+    """The per-node peak-memory cap of ``problem`` (in its units) from ``free_bytes[node]``,
+    the activation memory each node's device has free; ``None`` when not measured
+    (the solver's default: 1F1B side by side).
+
+    The solver takes one cap for all nodes: the smallest node's. A node that cannot
+    hold even one micro-batch of its stages of one pipeline (the schedule's floor) is a
+    ``ValueError`` that says how many micro-batches fit there (RLHFuse §5: the fused
+    schedule must fit the device memory left after the models' states).
+    """
+    from fusedrl.runtime.memory import max_inflight_microbatches
+
+    if free_bytes is None:
+        return None
+    if len(free_bytes) != problem["nodes"]:
+        raise ValueError(f"memory_cap: {len(free_bytes)} free-memory values for "
+                         f"{problem['nodes']} nodes")
+    # The floor of any schedule: some node holds all of one micro-batch's stages there
+    # (its backward starts only after its last forward), per pipeline.
+    need = [0.0] * problem["nodes"]
+    for pipe in problem["pipelines"]:
+        held = [0.0] * problem["nodes"]
+        mems = pipe["mem"]
+        if isinstance(mems, (int, float)):  # one number for every stage
+            mems = [mems] * len(pipe["stage_nodes"])
+        for node, mem in zip(pipe["stage_nodes"], mems):
+            held[node] += mem * MEM_UNIT
+        need = [max(a, b) for a, b in zip(need, held)]
+    for node, (free, one) in enumerate(zip(free_bytes, need)):
+        if max_inflight_microbatches(free, one) < 1:
+            raise ValueError(f"memory_cap: node {node} has {free / MEM_UNIT:.1f} MiB free for "
+                             f"activations, less than one micro-batch of its stages "
+                             f"({one / MEM_UNIT:.1f} MiB); use smaller micro-batches")
+    return min(free_bytes) / MEM_UNIT
 
 
 def node_tasks(result: dict, nodes: int) -> list[list[Task]]:
