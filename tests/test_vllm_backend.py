@@ -183,3 +183,62 @@ def test_vllm_greedy_equals_native():
                for a, b in zip(got, want))
     print(f"vllm vs native greedy: max |logprob diff| = {diff:.3g}")
     assert diff <= LOGPROB_TOL
+
+
+# ------------------------------------------------------------------ head padding
+
+TINY = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2,
+                   num_heads=4, num_kv_heads=2, max_position_embeddings=128)  # head_dim 16
+
+
+@pytest.mark.parametrize("size", [32, 48, 64])
+def test_head_padding_is_exact(size):
+    """A model with its heads zero-padded (head_padding.py) gives the same logits: the
+    transformation vLLM's CPU kernels need for head_dim 16."""
+    from fusedrl.generation.head_padding import HeadPadding
+    from fusedrl.runtime.weights import load_into
+
+    model = build_model(TINY, "lm", seed=3).eval()
+    pad = HeadPadding(TINY, size)
+    padded = build_model(pad.padded_config, "lm", seed=4).eval()
+    load_into(padded, {k: pad.tensor(k, v) for k, v in model.hf_state_dict().items()})
+    ids = torch.randint(0, TINY.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = model(ids), padded(ids)
+    assert (got - want).abs().max() < 1e-4
+    assert padded.config.head_dim == size
+
+
+def test_head_padding_choice():
+    from fusedrl.generation.head_padding import HeadPadding
+
+    assert HeadPadding.choose(TINY, [16, 32]) is None
+    assert HeadPadding.choose(TINY, [32, 64]).size == 32
+    with pytest.raises(ValueError, match="head_dim=16"):
+        HeadPadding.choose(TINY, [8, 12])
+
+
+@needs_vllm
+def test_vllm_runs_head_dim_16_padded():
+    """The default preset's head size, which vLLM's CPU attention has no kernel for:
+    greedy tokens equal the native engine's, before and after a weight update."""
+    model = build_model(TINY, "lm", seed=5).eval()
+    reqs = random_requests(8, TINY.vocab_size, 2, 2, 10)
+    params = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True)
+    kw = dict(max_batch_size=8, max_seq_len=MAX_SEQ, eos_token_ids=[EOS])
+    vllm = make_backend("vllm", model, **kw)
+    try:
+        assert vllm.padding is not None and vllm.padding.size == 32
+        for seed in (None, 6):
+            if seed is not None:
+                new = build_model(TINY, "lm", seed=seed)
+                model.load_state_dict(new.state_dict())
+                vllm.update_weights()
+            got = vllm.generate(reqs, params)
+            want = make_backend("native", model, **kw).generate(reqs, params)
+            assert [s.response_ids for s in got] == [s.response_ids for s in want]
+            diff = max((torch.tensor(a.logprobs) - torch.tensor(b.logprobs)).abs().max().item()
+                       for a, b in zip(got, want))
+            assert diff <= LOGPROB_TOL
+    finally:
+        vllm.stop()

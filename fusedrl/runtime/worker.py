@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 
 import ray
@@ -183,6 +184,11 @@ class Worker(InterStageWorker):
     def shutdown(self) -> None:
         import torch.distributed as dist
 
+        for shard in self.shards.values():
+            if shard.engine is not None:
+                shard.engine.stop()
+                shard.engine = None
+
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -197,33 +203,66 @@ class Worker(InterStageWorker):
         dp, d = shard.groups.placement.layout.dp, shard.groups.coord.dp
         return [(k, idx) for k, idx in enumerate(micros) if k % dp == d]
 
+    def generation_backend(self, role: str):
+        """The generation backend (``generation.backend``) of this device's stage-0 rank of
+        ``role``, built on first use from the weights the shard holds then."""
+        from fusedrl.generation.backend import make_backend
+        from fusedrl.pipeline.generate import StageProxy
+
+        shard = self.shards[role]
+        if shard.engine is None:
+            g, c = shard.groups, self.spec.config
+            if not g.is_last:
+                shard.proxy = StageProxy(shard.model, g)
+            shard.engine = make_backend(
+                c.generation.backend, shard.proxy or shard.model,
+                max_batch_size=c.generation.max_batch_size,
+                max_seq_len=c.data.max_prompt_len + c.generation.max_new_tokens,
+                eos_token_ids=self.spec.eos_token_ids, pad_token_id=self.spec.pad_token_id,
+                process_group=self.registry.get([self.device]))
+        return shard.engine
+
     def generate(self, role: str, requests_by_dp: list, params):
         """Generate this dp replica's requests; returns its samples on stage 0, tp rank 0."""
-        from fusedrl.generation import GenerationEngine
-        from fusedrl.pipeline.generate import StageProxy, serve
+        from fusedrl.pipeline.generate import serve
 
         shard = self.shards[role]
         g = shard.groups
         c = self.spec.config
-        max_len = c.data.max_prompt_len + c.generation.max_new_tokens
         if not g.is_first:
             if shard.serve_cache is None:
+                max_len = c.data.max_prompt_len + c.generation.max_new_tokens
                 shard.serve_cache = shard.model.new_cache(c.generation.max_batch_size, max_len)
             serve(shard.model, g, shard.serve_cache)
             return None
-        if shard.engine is None:
-            if not g.is_last:
-                shard.proxy = StageProxy(shard.model, g)
-            shard.engine = GenerationEngine(
-                shard.proxy or shard.model, max_batch_size=c.generation.max_batch_size,
-                max_seq_len=max_len, eos_token_ids=self.spec.eos_token_ids,
-                pad_token_id=self.spec.pad_token_id)
+        backend = self.generation_backend(role)
         try:
-            samples = shard.engine.generate(requests_by_dp[g.coord.dp], params)
+            samples = backend.generate(requests_by_dp[g.coord.dp], params)
         finally:
             if shard.proxy is not None:
                 shard.proxy.stop()
         return samples if g.coord.tp == 0 else None
+
+    def refresh_generation(self, role: str) -> float:
+        """Load the weights that training or :meth:`sync_weights` just left in ``role``'s
+        copy on this device into a generation backend that keeps its own (vLLM:
+        ``update_weights`` in place, nothing crosses devices), building the backend on
+        the first call; then drop that copy's storage, which only stages weights for
+        the backend (:meth:`sync_weights` re-allocates it). Seconds taken; 0 for the
+        native engine, which generates with the copy itself."""
+        from fusedrl.runtime.reshard import free_storage
+
+        shard = self.shards.get(role)
+        if shard is None or self.spec.config.generation.backend == "native":
+            return 0.0
+        t0 = time.perf_counter()
+        if shard.engine is None:
+            self.generation_backend(role)
+        else:
+            shard.engine.update_weights()
+        if shard.optimizer is None and not self.is_alias(role):
+            free_storage(shard.model)
+        return time.perf_counter() - t0
 
     def infer(self, role: str, kind: str, batch, micros: list, temperature: float):
         """Pipelined forward of this replica's micro-batches; ``[(k, result)]`` from the
@@ -325,7 +364,9 @@ class Worker(InterStageWorker):
         shard = self.shards.get(role)
         if shard is None or shard.optimizer is not None or self.is_alias(role):
             return 0  # not here, or the trainable module itself: never dropped
-        shard.engine = shard.proxy = shard.serve_cache = None
+        if shard.engine is not None:
+            shard.engine.release()  # kept: building a backend (vLLM) is expensive
+        shard.serve_cache = None
         return free_storage(shard.model)
 
     def save_model(self, role: str, directory: str) -> bool:
