@@ -127,8 +127,9 @@ class GenerationSection:
     inference as they finish, and the long tail migrates onto fewer generation
     instances so the freed devices start inference. Unset (default): on when
     ``actor_gen`` has at least 2 dp replicas and it and every inference call are placed
-    ``tp=pp=1`` with the native backend; ``true``: required (a config error where the
-    placements do not allow it); ``false``: off."""
+    ``tp=pp=1`` (either backend; vLLM migrates by re-prefill with a fresh per-sample
+    seed); ``true``: required (a config error where the placements do not allow it);
+    ``false``: off."""
     interstage_policy: str = "rlhfuse"
     """How the migration threshold ``Rt`` is chosen: a name in
     ``fusedrl.scheduler.interstage.available_policies()`` (``rlhfuse``: simulated over
@@ -161,9 +162,6 @@ class GenerationSection:
         _require(self.interstage_policy in available_policies(),
                  "generation.interstage_policy", self.interstage_policy,
                  f"known policies: {', '.join(available_policies())}")
-        _require(not (self.interstage and self.backend != "native"), "generation.interstage",
-                 self.interstage, f"needs the native backend (generation.backend="
-                 f"{self.backend!r} cannot be driven step by step)")
         if self.backend != "native":  # the registry imports torch: only when needed
             from fusedrl.generation.backend import available_backends
 
