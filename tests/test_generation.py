@@ -131,3 +131,26 @@ def test_bad_requests(model):
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="lognormal"):
         forced_lengths("lognormal:5", 3)
+
+
+def test_sample_tokens_match_reference_draw():
+    # The inverse-CDF draw by binary search and the greedy max must pick the tokens the
+    # plain formulas pick (full comparison count, argmax), ties included.
+    from fusedrl.generation.sampling import sample_tokens
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 300, generator=g) * 3
+    logits[0, [5, 9]] = 50.0  # a tie: the first index wins
+    ids, steps = list(range(8)), [3] * 8
+    for params in (SamplingParams(temperature=1.0, seed=2),
+                   SamplingParams(temperature=0.7, top_k=40, top_p=0.9, seed=2)):
+        tokens, logps = sample_tokens(logits, params, ids, steps)
+        logp = torch.log_softmax(logits / params.temperature, dim=-1)
+        probs = filter_probs(logp.exp(), params.top_k, params.top_p)
+        cdf = torch.cumsum(probs.double(), dim=-1)
+        u = torch.from_numpy(stream_uniform(params.seed, ids, steps))
+        ref = (cdf <= u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=logits.shape[-1] - 1)
+        assert tokens.tolist() == ref.tolist()
+        assert torch.equal(logps, logp.gather(-1, tokens[:, None]).squeeze(-1))
+    tokens, _ = sample_tokens(logits, SamplingParams(temperature=0.0), ids, steps)
+    assert tokens.tolist() == logits.argmax(-1).tolist() and tokens[0].item() == 5

@@ -85,7 +85,8 @@ class GenerationEngine:
         self.slots: list[_Slot | None] = [None] * max_batch_size
         self.tokens_generated = 0
         # A full model on one rank runs through the lean forward (same math, fewer ops).
-        self._forward = fastpath.FastForward(model) if fastpath.supports(model) else model
+        self._forward = (fastpath.FastForward(model, pack_rows=max_batch_size)
+                         if fastpath.supports(model) else model)
 
     # ------------------------------------------------------------------ lifecycle
 
