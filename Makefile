@@ -51,7 +51,8 @@ install-vllm: $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
 	VLLM_CPU_OMP_THREADS_BIND=nobind VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1 \
-		$(VLLM_PY) -m pytest tests/test_vllm_backend.py tests/test_vllm_train.py -rs
+		$(VLLM_PY) -m pytest tests/test_vllm_backend.py tests/test_vllm_train.py \
+		tests/test_vllm_runtime.py -rs -p no:warnings
 
 # Optional: TRL's PPO trainer for `bench/run.sh peer`, in its own venv. TRL 1.x dropped
 # PPO; trl==0.29.1 is the last with it (trl.experimental.ppo). torch first and pinned.

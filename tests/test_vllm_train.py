@@ -30,3 +30,21 @@ def test_train_with_vllm_backend(tmp_path):
     assert hist[1]["actor/ppo_kl"] != 0 or hist[1]["actor/pg_loss"] != 0
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["iteration"] == 2
+
+
+def test_cli_default_config_with_vllm(tmp_path):
+    """The literal ``fusedrl train --set generation.backend=vllm`` on the packaged default
+    (tiny preset, head_dim 16, run by vLLM with padded heads), a few iterations."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fusedrl.cli", "train", "--set", "generation.backend=vllm",
+         "--set", "trainer.iterations=3", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in hist] == [1, 2, 3]
+    assert all(m["rollout/logprob_diff_max"] < 1e-3 for m in hist)
+    assert "iter 3/3" in proc.stdout + proc.stderr
