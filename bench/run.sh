@@ -4,8 +4,9 @@
 #   bench/run.sh [--quick] [SCENARIO ...]
 #
 # Scenarios (all by default): e2e sim_check gen realloc interstage schedule fused_train
-# scaling plan sim peer (sim_check needs e2e's result; peer needs `make bench-peer-env`). --quick shrinks every scenario (whole run under ~5 minutes on a
-# 2-core machine). Results: bench/results/<scenario>.json, then bench/results/latest.json,
+# scaling plan sim peer vllm_sync (sim_check needs e2e's result; peer needs
+# `make bench-peer-env`, vllm_sync `make install-vllm`). --quick shrinks every scenario
+# (whole run under ~5 minutes on a 2-core machine). Results: bench/results/<scenario>.json, then bench/results/latest.json,
 # latest.md and PNG plots beside them (bench/report.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,11 +21,11 @@ SCENARIOS=()
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=1 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) SCENARIOS+=("$arg") ;;
   esac
 done
-ALL=(e2e sim_check gen realloc interstage schedule fused_train scaling plan sim peer)
+ALL=(e2e sim_check gen realloc interstage schedule fused_train scaling plan sim peer vllm_sync)
 [ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=("${ALL[@]}")
 
 if "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
@@ -77,6 +78,14 @@ scenario_cmd() {
         "$OUT/sim.json" "$OUT"/sim-13b.json "$OUT"/sim-33b.json "$OUT"/sim-65b.json ;;
     peer)
       "$PY" bench/peer_trl.py --iterations "$(q 1 3)" --rounds "$(q 1 2)" --out "$OUT/peer.json" ;;
+    vllm_sync)
+      if [ -x .venv-vllm/bin/python ]; then
+        VLLM_CPU_OMP_THREADS_BIND=nobind VLLM_ENABLE_V1_MULTIPROCESSING=0 \
+          .venv-vllm/bin/python bench/vllm_sync.py --model "$(q '' pkg:smollm2-135m-instruct)" \
+          --repeats "$(q 1 3)" --out "$OUT/vllm_sync.json"
+      else
+        echo '{"skipped": ".venv-vllm is missing: run make install-vllm"}' > "$OUT/vllm_sync.json"
+      fi ;;
     *)
       echo "unknown scenario '$name' (known: ${ALL[*]})" >&2; return 2 ;;
   esac

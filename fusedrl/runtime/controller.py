@@ -260,8 +260,10 @@ class DistributedPPOTrainer(PPOTrainer):
         ``actor_gen`` device loads its copy into a generation backend that keeps its own
         weights (vLLM), in place on that device (``Worker.refresh_generation``).
 
-        Returns ``perf/realloc_bytes`` (bytes that crossed devices) and
-        ``perf/realloc_alloc_bytes`` (storage re-allocated for dropped copies).
+        Returns ``perf/realloc_bytes`` (bytes that crossed devices),
+        ``perf/realloc_alloc_bytes`` (storage re-allocated for dropped copies) and
+        ``timing_s/realloc_backend_load`` (the slowest replica's load into its backend;
+        0 for the native engine).
         """
         outs = []
         if pairs:
@@ -269,9 +271,10 @@ class DistributedPPOTrainer(PPOTrainer):
             outs = ray.get(self._submit("", "sync_weights", pairs,
                                         devices=self._devices(*roles)))
         # A backend with its own weights (vLLM) loads them from the copy on its device.
-        ray.get(self._submit("actor_gen", "refresh_generation", "actor_gen"))
+        load_s = ray.get(self._submit("actor_gen", "refresh_generation", "actor_gen"))
         return {"perf/realloc_bytes": sum(o["bytes_received"] for o in outs),
-                "perf/realloc_alloc_bytes": sum(o["bytes_allocated"] for o in outs)}
+                "perf/realloc_alloc_bytes": sum(o["bytes_allocated"] for o in outs),
+                "timing_s/realloc_backend_load": max(load_s)}
 
     def release_inference_copies(self) -> None:
         """Drop the inference-only copies (``placement.keep_inference_copies: false``) once
