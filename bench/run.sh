@@ -6,8 +6,8 @@
 # Scenarios (all by default): e2e sim_check gen realloc interstage schedule fused_train
 # scaling plan sim peer vllm_sync (sim_check needs e2e's result; peer needs
 # `make bench-peer-env`, vllm_sync `make install-vllm`). --quick shrinks every scenario
-# (whole run under ~5 minutes on a 2-core machine). Results: bench/results/<scenario>.json, then bench/results/latest.json,
-# latest.md and PNG plots beside them (bench/report.py).
+# (whole run under ~5 minutes on a 2-core machine). Results: bench/results/<scenario>.json,
+# then bench/results/latest.json, latest.md and PNG plots beside them (bench/report.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -21,7 +21,7 @@ SCENARIOS=()
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=1 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     *) SCENARIOS+=("$arg") ;;
   esac
 done
