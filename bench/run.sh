@@ -21,7 +21,7 @@ SCENARIOS=()
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=1 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) SCENARIOS+=("$arg") ;;
   esac
 done
