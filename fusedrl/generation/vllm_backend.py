@@ -22,9 +22,20 @@ fuses q/k/v and gate/up into vLLM's stacked parameters) layer by layer and then 
 layer's ``process_weights_after_loading`` again; a bare ``model.load_weights`` is not
 enough on CPU, where linear weights are repacked for oneDNN and the original
 parameter is dropped. The prefix cache is reset after an update (cached keys/values
-were computed with the old weights). With a multiprocess or multi-GPU executor the
-same RPC sends the tensors to each worker process; the reallocation engine should then
-deliver each worker's shard on its own device instead (not done here).
+were computed with the old weights).
+
+In the Ray runtime each ``actor_gen`` replica (tp = pp = 1) runs one in-process engine
+on its own worker (``Worker.generation_backend``): the reallocation engine fills the
+replica's copy on that device -- locally from the training shard where they share the
+device, over the worker group where they do not -- and ``Worker.refresh_generation``
+loads it with ``update_weights()``; no device ever holds more than its replica. vLLM's
+own tensor parallelism (several processes per engine) is not used: its tp ranks would
+need their shards delivered to each process.
+
+Inside a worker, torch.distributed's default world is fusedrl's (all devices), which
+vLLM would join; :func:`_vllm_world` gives it this rank alone. Models with a head size
+vLLM's CPU kernels lack (the tiny preset's 16) run with zero-padded heads, exactly
+(:mod:`fusedrl.generation.head_padding`).
 
 Streams. A request's ``SamplingParams.seed`` is a hash of ``(params.seed, sample_id,
 len(response_ids))``, so a sample's tokens do not depend on the batch it ran in. A
@@ -218,6 +229,12 @@ class VLLMBackend:
                           enforce_eager=True, enable_prefix_caching=False,
                           logprobs_mode="processed_logprobs", kv_cache_memory_bytes=kv_cache_bytes,
                           seed=0, disable_log_stats=True, generation_config="vllm")
+            # On GPU, release() frees the KV cache for training (vLLM's sleep mode, which
+            # needs CUDA's memory pool: not on CPU).
+            self._can_sleep = torch.cuda.is_available()
+            self._asleep = False
+            if self._can_sleep:
+                kwargs["enable_sleep_mode"] = True
             kwargs.update(engine_kwargs or {})
             # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole
             # process; the in-process engine shares it with training, so put it back.
@@ -236,7 +253,13 @@ class VLLMBackend:
     def start(self, params: SamplingParams) -> None:
         if self.has_unfinished():
             raise RuntimeError("start() while samples are still generating")
+        self._wake()
         self.params = params
+
+    def _wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
 
     def update_weights(self, weights: NamedTensors | None = None) -> None:
         """Load HF-named full tensors into vLLM's model in place (see the module doc)."""
@@ -248,6 +271,7 @@ class VLLMBackend:
                                  "on a model")
             weights = self.model.hf_state_dict().items()
         weights = list(self._for_vllm(weights))
+        self._wake()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         self.llm.reset_prefix_cache()
 
@@ -340,9 +364,15 @@ class VLLMBackend:
         return run_to_completion(self, requests, params, on_finish)
 
     def release(self) -> None:
-        """vLLM keeps its KV cache allocated; ``LLM.sleep`` frees it on GPU only."""
+        """Free the KV cache until the next :meth:`start` or :meth:`update_weights`. On
+        GPU: ``LLM.sleep(level=1)`` (KV cache dropped, weights offloaded to host memory,
+        both back on ``wake_up``; not run yet: no GPU in the sessions so far). On CPU
+        vLLM has no sleep mode and keeps its cache: nothing is freed."""
         if self.has_unfinished():
             raise RuntimeError("release() while samples are generating")
+        if self._can_sleep and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
 
     def stop(self) -> None:
         """Shut the engine down. Call it rather than dropping the backend: vLLM's
