@@ -154,3 +154,31 @@ def test_sample_tokens_match_reference_draw():
         assert torch.equal(logps, logp.gather(-1, tokens[:, None]).squeeze(-1))
     tokens, _ = sample_tokens(logits, SamplingParams(temperature=0.0), ids, steps)
     assert tokens.tolist() == logits.argmax(-1).tolist() and tokens[0].item() == 5
+
+
+@pytest.mark.parametrize("batch", [1, 3, 4, 8])  # pack_rows=4: packed for 2-4 rows
+def test_fast_forward_matches_model_and_follows_weight_updates(batch):
+    from fusedrl.generation import fastpath
+
+    m = build_model(CFG, "lm", seed=2).eval()
+    fast = fastpath.FastForward(m, pack_rows=4)
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(3, CFG.vocab_size, (batch, 5), generator=g)
+    positions = torch.arange(5).expand(batch, 5)
+    select = torch.full((batch,), 4)
+
+    def both():
+        slots = torch.arange(batch)
+        got = fast(ids, positions, m.new_cache(batch, 16).bind(slots), select)
+        with torch.no_grad():
+            ref = m(ids, positions, m.new_cache(batch, 16).bind(slots), select=select)
+        return got, ref
+
+    got, ref = both()
+    assert (got - ref).abs().max().item() <= 1e-5
+    with torch.no_grad():  # in place, as training and weight sync do
+        m.lm_head.weight.mul_(2.0)
+        next(iter(m.model.layers.values())).mlp.down_proj.weight.add_(0.01)
+    got2, ref2 = both()
+    assert (got2 - ref2).abs().max().item() <= 1e-5
+    assert (got2 - got).abs().max().item() > 1e-3

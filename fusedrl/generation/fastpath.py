@@ -10,19 +10,20 @@ dominated by this per-op overhead (gpt-fast's observation), so it pays off most 
 small models and batches.
 
 For larger models (SmolLM2-135M: 30 layers, hidden 576, vocab 49152) a decode step is
-dominated by float32 matmuls with few rows (one per running sample), which stream the
-weights from memory. Two layouts make those matmuls faster on CPU without changing
-their math (each output is the same float32 dot product; measured bitwise equal to
-``F.linear`` from 16 rows up, within 1e-6 below):
-
-- the layer weights are kept transposed (``[in, out]``, contiguous), so ``x @ w`` is a
-  plain NN GEMM: MKL's NT GEMM (``F.linear`` on ``[out, in]``) with a few rows was
-  1.3-2.3x slower on the 576x960, 576x3072 and 1536x576 shapes on one thread;
-- the LM head (49152x576, a third of the step's GEMM time) uses MKL's packed GEMM
-  (``torch.ops.mkl._mkl_linear``, what inductor's CPU freezing uses), packed once for
-  ``pack_rows`` rows; batches of at least half that are zero-padded up to it (the rows
-  are independent). 1.4-1.7x faster than ``F.linear`` at 8-32 rows. Skipped when MKL
-  is not available or the weights are not float32 on CPU.
+dominated by float32 GEMMs with few rows (one per running sample) that stream every
+weight from memory once per step: the weights (536 MB) do not fit in any cache, and
+MKL's GEMM reaches only ~5 GB/s on such cold weights with 16 rows on one thread,
+whether the weight is ``[out, in]`` (``F.linear``) or transposed (measured; a plain
+sum streams ~14 GB/s on the same core). MKL's packed GEMM (``torch.ops.mkl._mkl_linear``
+on a weight reordered by ``_mkl_reorder_linear_weight``, what inductor's CPU freezing
+uses) streams them faster: 1.3-1.4x on the layer shapes and 1.4-1.7x on the LM head,
+the same float32 dot products (bitwise equal to ``F.linear`` at the packed row count).
+A packed weight serves one row count, ``pack_rows`` (the engine's batch size):
+batches of at least half of it are zero-padded up to it (rows are independent), other
+row counts (prefill, a nearly drained batch) use ``F.linear``. Packing costs memory
+(MKL's format is larger than the weight: 1.9 GB for SmolLM2's 0.54 GB), so weights are
+packed, LM head first, only up to ``pack_bytes`` in all, and only for float32 weights
+on CPU with MKL; repacking after a weight update took ~0.5 s for SmolLM2.
 
 The prepared weights are rebuilt when any parameter's version counter changes, so
 weights updated in place by training or reallocation (``param.copy_``, optimizer steps)
@@ -68,48 +69,66 @@ def _mkl_packing() -> bool:
 class FastForward:
     """``forward(ids, positions, cache, select)`` -> logits ``[B, V]`` at ``select``."""
 
-    def __init__(self, model, pack_rows: int = 16):
+    def __init__(self, model, pack_rows: int = 16, pack_bytes: int = 3 << 30):
         if not supports(model):
             raise ValueError("FastForward needs a full lm model at tp=1")
         self.model = model
         self.pack_rows = max(1, int(pack_rows))
+        self.pack_bytes = pack_bytes
         self._params = list(model.parameters())
         self._versions: tuple | None = None
         self._layers: list[tuple] = []
-        self._head_packed: torch.Tensor | None = None
+        self._head: tuple = ()
 
     def _weights(self) -> list[tuple]:
         versions = tuple(p._version for p in self._params)
         if versions != self._versions:
-            self._layers, self._head_packed = [], None  # free the old copies first
+            self._layers, self._head = [], ()  # free the old copies first
+            head = self.model.lm_head.weight.detach()
+            can_pack = (head.dtype == torch.float32 and head.device.type == "cpu"
+                        and _mkl_packing())
+            budget = [self.pack_bytes if can_pack else 0]
+
+            def prepared(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+                # (weight [out, in], its MKL-packed form or None), packed within the budget
+                w = w.detach()
+                if budget[0] > 0:
+                    try:
+                        packed = torch.ops.mkl._mkl_reorder_linear_weight(w, self.pack_rows)
+                    except RuntimeError:
+                        return w, None
+                    size = packed.numel() * packed.element_size()
+                    if size <= budget[0]:
+                        budget[0] -= size
+                        return w, packed
+                    budget[0] = 0
+                return w, None
+
+            self._head = prepared(head)
             layers = []
             for layer in self.model.model.layers.values():
                 a, m = layer.self_attn, layer.mlp
                 n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
                 wqkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
                 wgu = torch.cat([m.gate_proj.weight, m.up_proj.weight])
-                layers.append((n1.weight.detach(), n1.eps, wqkv.detach().t().contiguous(),
-                               a.o_proj.weight.detach().t().contiguous(),
-                               n2.weight.detach(), n2.eps, wgu.detach().t().contiguous(),
-                               m.down_proj.weight.detach().t().contiguous(), a.layer_idx))
-            head = self.model.lm_head.weight.detach()
-            if head.dtype == torch.float32 and head.device.type == "cpu" and _mkl_packing():
-                try:
-                    self._head_packed = torch.ops.mkl._mkl_reorder_linear_weight(
-                        head, self.pack_rows)
-                except RuntimeError:
-                    self._head_packed = None
+                layers.append((n1.weight.detach(), n1.eps, prepared(wqkv),
+                               prepared(a.o_proj.weight), n2.weight.detach(), n2.eps,
+                               prepared(wgu), prepared(m.down_proj.weight), a.layer_idx))
             self._layers, self._versions = layers, versions
         return self._layers
 
-    def _lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        weight = self.model.lm_head.weight
-        n, p = h.shape[0], self.pack_rows
-        if self._head_packed is None or not p // 2 <= n <= p:
-            return F.linear(h, weight)
-        if n < p:
-            h = torch.cat([h, h.new_zeros(p - n, h.shape[1])])
-        return torch.ops.mkl._mkl_linear(h, self._head_packed, weight, None, p)[:n]
+    def _linear(self, x: torch.Tensor, weight: tuple) -> torch.Tensor:
+        """``x @ w.T`` for ``weight = (w, packed)``: packed GEMM when the rows fit the pack."""
+        w, packed = weight
+        p = self.pack_rows
+        rows = x.numel() // x.shape[-1]
+        if packed is None or not p // 2 <= rows <= p:
+            return F.linear(x, w)
+        x2 = x.reshape(rows, x.shape[-1])
+        if rows < p:
+            x2 = torch.cat([x2, x2.new_zeros(p - rows, x2.shape[1])])
+        out = torch.ops.mkl._mkl_linear(x2, packed, w, None, p)
+        return out[:rows].view(*x.shape[:-1], w.shape[0])
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
@@ -131,7 +150,7 @@ class FastForward:
         cos, sin = model.rope_cos[positions][:, None], model.rope_sin[positions][:, None]
         h = F.embedding(ids, model.model.embed_tokens.weight)
         for w1, eps1, wqkv, wo, w2, eps2, wgu, wdown, idx in weights:
-            qkv = torch.matmul(_rms_norm(h, w1, eps1), wqkv)
+            qkv = self._linear(_rms_norm(h, w1, eps1), wqkv)
             # RoPE on the q and k heads together: [b, t, nh + nkv, hd] -> [b, nh + nkv, t, hd]
             qk = _rope(qkv[..., :q_size + kv_size].view(b, t, nh + nkv, hd).transpose(1, 2),
                        cos, sin)
@@ -146,12 +165,13 @@ class FastForward:
                 keys, values = ck[slots, :, :span], cv[slots, :, :span]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                  enable_gqa=True)
-            h = h + torch.matmul(out.transpose(1, 2).reshape(b, t, q_size), wo)
-            gu = torch.matmul(_rms_norm(h, w2, eps2), wgu)
+            h = h + self._linear(out.transpose(1, 2).reshape(b, t, q_size), wo)
+            gu = self._linear(_rms_norm(h, w2, eps2), wgu)
             gate, up = gu.chunk(2, dim=-1)
-            h = h + torch.matmul(F.silu(gate) * up, wdown)
+            h = h + self._linear(F.silu(gate) * up, wdown)
         h = h[torch.arange(b, device=h.device), select]
-        return self._lm_head(_rms_norm(h, model.model.norm.weight, model.model.norm.eps))
+        return self._linear(_rms_norm(h, model.model.norm.weight, model.model.norm.eps),
+                            self._head)
 
 
 __all__ = ["FastForward", "supports"]
