@@ -271,17 +271,16 @@ class ClusterSection:
     """Ray cluster to join (``ray start --head`` prints it, e.g. ``10.0.0.1:6379``);
     empty starts a local Ray instance. ``fusedrl train --cluster`` overrides it."""
     accelerator: str = "cpu"
-    """Device kind the models run on: ``cpu`` or ``cuda`` (GPU 0 of this process; needs a
-    CUDA build of torch, checked when the trainer starts). The Ray runtime runs on CPU
-    so far: ``cuda`` needs ``cluster.devices: 1`` with trivial placements."""
+    """Device kind the models run on: ``cpu`` or ``cuda``. The single-device trainer uses
+    GPU 0 of its process (needs a CUDA build of torch, checked when the trainer starts);
+    the Ray runtime gives each worker one GPU and needs ``cluster.devices`` GPUs in the
+    Ray cluster (checked before any worker starts). Collectives: gloo on CPU, NCCL for
+    CUDA tensors."""
 
     def __post_init__(self) -> None:
         _require(self.devices >= 1, "cluster.devices", self.devices, "must be >= 1")
         _require(self.accelerator in ("cpu", "cuda"), "cluster.accelerator", self.accelerator,
                  "must be cpu or cuda")
-        _require(self.accelerator == "cpu" or self.devices == 1, "cluster.accelerator",
-                 self.accelerator, f"the Ray runtime (cluster.devices={self.devices}) runs on "
-                 f"CPU only; cuda needs cluster.devices=1")
 
 
 PLACEMENT_ROLES = ("actor_train", "actor_gen", "critic_train", "critic_infer", "ref", "reward")

@@ -13,8 +13,11 @@ same micro-batch order when the schedule is FIFO per stage (the scheduler's are)
 shape both sides know (``[B, T, hidden]`` of the micro-batch, whose token ids every
 stage holds), tagged with ``(pipeline, micro-batch, direction)``. On one link (ordered
 pair of devices) the actor's activations and the critic's gradients (or the reverse)
-travel together; the tag makes each ``recv`` match its own message whichever order the
-two sides post them in, and within one tag gloo delivers in send order.
+travel together. Each (pipeline, direction) has its own channel group
+(:meth:`~fusedrl.runtime.groups.PlacementGroups.link`): NCCL ignores tags and runs a
+group's operations in posting order, and on one channel both ends post in micro-batch
+order (the scheduler's schedules are FIFO per stage). On gloo the tag also makes each
+``recv`` match its own message whichever order the two sides post them in.
 
 **Why it cannot deadlock.** A valid schedule is a timed one: every task starts after
 the task on its node before it, and after the task whose output it receives (forward
@@ -43,9 +46,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 
+from fusedrl.devices import timer
 from fusedrl.pipeline.fused_plan import Task
+from fusedrl.pipeline.p2p import P2P
 
 TAG_BASE = 1 << 10
 """Fused messages use tags from here on (plain 1F1B / generation use tag 0)."""
@@ -72,32 +76,13 @@ class FusedPipeline:
     before_last_backward: Callable[[], None] | None = None
 
 
-class _Link:
-    """Tagged isend / blocking recv on the world group (world rank = device)."""
-
-    def __init__(self):
-        self._pending: list[tuple[object, torch.Tensor]] = []
-
-    def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
-        t = tensor.detach().contiguous()
-        self._pending.append((dist.isend(t, dst, tag=tag), t))
-
-    def recv(self, shape, dtype: torch.dtype, src: int, tag: int) -> torch.Tensor:
-        t = torch.empty(tuple(shape), dtype=dtype)
-        dist.recv(t, src, tag=tag)
-        return t
-
-    def flush(self) -> None:
-        for work, _ in self._pending:
-            work.wait()
-        self._pending.clear()
-
-
 def train_fused(runs: Sequence[FusedPipeline], tasks: Sequence[Task]) -> None:
     """Run this node's ``tasks`` (forward/backward of pipeline ``runs[t.pipeline]``'s
     micro-batch ``t.microbatch`` through this worker's stage ``t.stage``) in order,
     accumulating each model's gradients."""
-    link = _Link()
+    if not runs:
+        raise ValueError("train_fused needs at least one pipeline")
+    link = P2P(next(runs[0].model.parameters()).device)
     n = len(runs)
     inputs: dict[tuple[int, int], torch.Tensor] = {}
     outputs: dict[tuple[int, int], torch.Tensor] = {}
@@ -123,13 +108,15 @@ def train_fused(runs: Sequence[FusedPipeline], tasks: Sequence[Task]) -> None:
                 x = ids
             else:
                 x = link.recv((ids.shape[0], ids.shape[1], hidden), dtype, g.prev,
+                              g.link(g.prev, t.pipeline, grad=False),
                               message_tag(t.pipeline, t.microbatch, False, n))
                 x.requires_grad_(True)
             out = run.model(x)
             if g.is_last:
                 out = run.loss_fn(out, t.microbatch)
             else:
-                link.send(out, g.next, message_tag(t.pipeline, t.microbatch, False, n))
+                link.send(out, g.next, g.link(g.next, t.pipeline, grad=False),
+                          message_tag(t.pipeline, t.microbatch, False, n))
             inputs[key], outputs[key] = x, out
         elif t.kind == "B":
             if k == last_backward[t.pipeline] and run.before_last_backward is not None:
@@ -139,10 +126,12 @@ def train_fused(runs: Sequence[FusedPipeline], tasks: Sequence[Task]) -> None:
                 out.backward()
             else:
                 grad = link.recv(out.shape, out.dtype, g.next,
+                                 g.link(g.next, t.pipeline, grad=True),
                                  message_tag(t.pipeline, t.microbatch, True, n))
                 out.backward(grad)
             if not g.is_first:
-                link.send(x.grad, g.prev, message_tag(t.pipeline, t.microbatch, True, n))
+                link.send(x.grad, g.prev, g.link(g.prev, t.pipeline, grad=True),
+                          message_tag(t.pipeline, t.microbatch, True, n))
         else:
             raise ValueError(f"task kind must be 'F' or 'B', got {t.kind!r}")
     if inputs:
@@ -160,15 +149,19 @@ def profile_stage(model: torch.nn.Module, groups, ids: torch.Tensor,
     right shape, an intermediate stage random output gradients, the last stage a
     log-softmax loss over its output (the cost of the PPO losses' log-probs). Memory
     is the bytes of the tensors autograd saves for backward, parameters excluded
-    (RLHFuse's per-micro-batch activation memory). The model's gradients are cleared
-    afterwards. Runs no collective beyond the model's own (tp), so every tp rank of a
-    stage must call it together.
+    (RLHFuse's per-micro-batch activation memory,
+    :class:`fusedrl.runtime.memory.SavedActivations`). Timers synchronise the device
+    first (CUDA kernels are asynchronous). The random inputs are drawn on the CPU and
+    moved to the model's device. The model's gradients are cleared afterwards. Runs no
+    collective beyond the model's own (tp), so every tp rank of a stage must call it
+    together.
     """
+    from fusedrl.runtime.memory import SavedActivations
+
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     params = list(model.parameters())
-    dtype = params[0].dtype
-    param_storages = {p.untyped_storage().data_ptr() for p in params}
+    dtype, dev = params[0].dtype, params[0].device
     gen = torch.Generator().manual_seed(0)
     hidden = model.config.hidden_size
     fwd, bwd, mem = [], [], 0
@@ -177,30 +170,24 @@ def profile_stage(model: torch.nn.Module, groups, ids: torch.Tensor,
             x = ids
         else:
             x = torch.randn(ids.shape[0], ids.shape[1], hidden, generator=gen,
-                            dtype=torch.float32).to(dtype).requires_grad_(True)
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in param_storages:
-                seen[ptr] = t.untyped_storage().nbytes()
-            return t
-
-        t0 = time.perf_counter()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                            dtype=torch.float32).to(dev, dtype).requires_grad_(True)
+        t0 = timer(dev)
+        with SavedActivations(model) as saved:
             out = model(x)
             if groups.is_last:
                 out = out.float().log_softmax(-1).mean()
-        t1 = time.perf_counter()
+        t1 = timer(dev)
+        nbytes = saved.nbytes  # before backward frees the saved tensors
         if groups.is_last:
             out.backward()
         else:
-            out.backward(torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out.dtype))
-        t2 = time.perf_counter()
+            out.backward(torch.randn(out.shape, generator=gen, dtype=torch.float32)
+                         .to(dev, out.dtype))
+        t2 = timer(dev)
         if r > 0:
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
-            mem = max(mem, sum(seen.values()))
+            mem = max(mem, nbytes)
     for p in params:
         p.grad = None
     return min(fwd), min(bwd), float(mem)

@@ -134,6 +134,21 @@ def memory_cap(problem: dict, free_bytes: Sequence[float] | None) -> float | Non
     return min(free_bytes) / MEM_UNIT
 
 
+def solver_memory_cap(problem: dict, free_bytes: Sequence[float] | None) -> float | None:
+    """The ``memory_cap`` to give the solver: :func:`memory_cap` of the measured free
+    bytes where it is below the solver's default cap (the two pipelines' 1F1B schedules
+    side by side, so fusion never costs memory), else ``None`` (that default). So the
+    schedule changes only where the device is really short of memory; a node that cannot
+    hold one micro-batch is :func:`memory_cap`'s ``ValueError``."""
+    cap = memory_cap(problem, free_bytes)
+    if cap is None:
+        return None
+    from fusedrl.scheduler.pipeline_schedule import FusedProblem, TaskTable, side_by_side_peak
+
+    fp = FusedProblem.from_dict(problem)
+    return cap if cap < side_by_side_peak(fp, TaskTable.build(fp)) else None
+
+
 def node_tasks(result: dict, nodes: int) -> list[list[Task]]:
     """Per node, its tasks in execution order, from a result's ``tasks`` records."""
     index = {name: p for p, name in enumerate(PIPELINES)}

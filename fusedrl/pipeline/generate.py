@@ -15,6 +15,11 @@ messages of one step travel in tp parallel chains.
 Message (stage s -> s+1): header ``[cmd, B, T, has_select]`` (int64), positions
 ``[B, T]``, slots ``[B]``, select ``[B]`` if any, hidden ``[B, T, hidden]``. Reply
 (last -> stage 0): logits ``[B, V/tp]`` (with select) or ``[B, T, V/tp]``.
+
+The header stays on the CPU (over gloo, also on a GPU run: its numbers are read on the
+host to size the next receives, which would otherwise synchronise the device); the rest
+lives on the stage models' device (NCCL on GPU). Each backend delivers a pair's messages
+in order, so the mix keeps the protocol's order.
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ def _send(t: torch.Tensor, dst: int) -> None:
     dist.send(t.contiguous(), dst)
 
 
-def _recv(shape, dtype, src: int) -> torch.Tensor:
-    t = torch.empty(tuple(shape), dtype=dtype)
+def _recv(shape, dtype, src: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    t = torch.empty(tuple(shape), dtype=dtype, device=device)
     dist.recv(t, src)
     return t
 
@@ -71,7 +76,7 @@ class StageProxy:
         _send_step(self.groups.next, positions, cache.slots, select, hidden)
         b, t = ids.shape
         shape = (b, self._vocab) if select is not None else (b, t, self._vocab)
-        return _recv(shape, hidden.dtype, self._last)
+        return _recv(shape, hidden.dtype, self._last, hidden.device)
 
     def stop(self) -> None:
         """Release the serving stages (call once the engine is done)."""
@@ -82,7 +87,8 @@ class StageProxy:
 def serve(stage_model, groups, cache) -> int:
     """Run this (non-first) stage for stage 0's engine until it stops; returns the
     number of steps served."""
-    dtype = next(stage_model.parameters()).dtype
+    param = next(stage_model.parameters())
+    dtype, dev = param.dtype, param.device
     h = stage_model.config.hidden_size
     steps = 0
     while True:
@@ -92,10 +98,10 @@ def serve(stage_model, groups, cache) -> int:
                 _send(header, groups.next)
             return steps
         b, t, has_select = (int(x) for x in header[1:])
-        positions = _recv((b, t), torch.int64, groups.prev)
-        slots = _recv((b,), torch.int64, groups.prev)
-        select = _recv((b,), torch.int64, groups.prev) if has_select else None
-        hidden = _recv((b, t, h), dtype, groups.prev)
+        positions = _recv((b, t), torch.int64, groups.prev, dev)
+        slots = _recv((b,), torch.int64, groups.prev, dev)
+        select = _recv((b,), torch.int64, groups.prev, dev) if has_select else None
+        hidden = _recv((b, t, h), dtype, groups.prev, dev)
         out = stage_model(hidden, positions, cache.bind(slots), select)
         if groups.is_last:
             _send(out, groups.stage0)

@@ -7,8 +7,16 @@ for the matching ``recv``). Messages between one ordered pair of ranks arrive in
 order they were sent; within one call every pair carries one kind of message in one
 direction (activations downstream, gradients upstream), so no tags are needed.
 
-Lifecycle: ``comm = P2P()``; ``comm.send(t, dst)`` / ``comm.recv(shape, dtype, src)``;
-``comm.flush()`` before the sent tensors may be reused or freed.
+Each message goes on the channel group of its pipeline and direction
+(:meth:`fusedrl.runtime.groups.PlacementGroups.link`): NCCL runs a group's operations in
+posting order on one stream, so activations and gradients between two stages must not
+share one, or "send ``i+1``, receive gradient ``i``" on one side and "send gradient
+``i``, receive ``i+1``" on the other wait for each other. Receive buffers are allocated
+on ``device`` (the stage model's), so the same code runs over gloo on CPU and NCCL on GPU.
+
+Lifecycle: ``comm = P2P(device)``; ``comm.send(t, dst, group)`` /
+``comm.recv(shape, dtype, src, group)``; ``comm.flush()`` before the sent tensors may be
+reused or freed.
 """
 
 from __future__ import annotations
@@ -18,16 +26,17 @@ import torch.distributed as dist
 
 
 class P2P:
-    def __init__(self):
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
         self._pending: list[tuple[object, torch.Tensor]] = []
 
-    def send(self, tensor: torch.Tensor, dst: int) -> None:
+    def send(self, tensor: torch.Tensor, dst: int, group=None, tag: int = 0) -> None:
         t = tensor.detach().contiguous()
-        self._pending.append((dist.isend(t, dst), t))
+        self._pending.append((dist.isend(t, dst, group=group, tag=tag), t))
 
-    def recv(self, shape, dtype: torch.dtype, src: int) -> torch.Tensor:
-        t = torch.empty(tuple(shape), dtype=dtype)
-        dist.recv(t, src)
+    def recv(self, shape, dtype: torch.dtype, src: int, group=None, tag: int = 0) -> torch.Tensor:
+        t = torch.empty(tuple(shape), dtype=dtype, device=self.device)
+        dist.recv(t, src, group=group, tag=tag)
         return t
 
     def flush(self) -> None:

@@ -42,8 +42,9 @@ def train_1f1b(model, groups, micro_ids: list[torch.Tensor],
     pp = groups.placement.layout.pp
     stage = groups.coord.pp
     hidden = model.config.hidden_size
-    dtype = next(model.parameters()).dtype
-    comm = P2P()
+    param = next(model.parameters())
+    dtype = param.dtype
+    comm = P2P(param.device)
     inputs: list[torch.Tensor | None] = [None] * m
     outputs: list[torch.Tensor | None] = [None] * m
 
@@ -51,13 +52,14 @@ def train_1f1b(model, groups, micro_ids: list[torch.Tensor],
         if groups.is_first:
             x = micro_ids[i]
         else:
-            x = comm.recv(_hidden_shape(micro_ids[i], hidden), dtype, groups.prev)
+            x = comm.recv(_hidden_shape(micro_ids[i], hidden), dtype, groups.prev,
+                          groups.link(groups.prev, 0, grad=False))
             x.requires_grad_(True)
         out = model(x)
         if groups.is_last:
             out = loss_fn(out, i)
         else:
-            comm.send(out, groups.next)
+            comm.send(out, groups.next, groups.link(groups.next, 0, grad=False))
         inputs[i], outputs[i] = x, out
 
     def backward(i: int) -> None:
@@ -67,10 +69,11 @@ def train_1f1b(model, groups, micro_ids: list[torch.Tensor],
         if groups.is_last:
             out.backward()
         else:
-            grad = comm.recv(out.shape, out.dtype, groups.next)
+            grad = comm.recv(out.shape, out.dtype, groups.next,
+                             groups.link(groups.next, 0, grad=True))
             out.backward(grad)
         if not groups.is_first:
-            comm.send(inputs[i].grad, groups.prev)
+            comm.send(inputs[i].grad, groups.prev, groups.link(groups.prev, 0, grad=True))
         inputs[i] = outputs[i] = None  # free activations
 
     warmup = min(pp - stage - 1, m)
@@ -91,15 +94,17 @@ def pipelined_forward(model, groups, micro_ids: list[torch.Tensor],
     sent ``i`` on, so stages overlap. Returns ``head_fn(output, i)`` per micro-batch on
     the last stage, an empty list elsewhere."""
     hidden = model.config.hidden_size
-    dtype = next(model.parameters()).dtype
-    comm = P2P()
+    param = next(model.parameters())
+    comm = P2P(param.device)
     results = []
     for i, ids in enumerate(micro_ids):
-        x = ids if groups.is_first else comm.recv(_hidden_shape(ids, hidden), dtype, groups.prev)
+        x = ids if groups.is_first else comm.recv(_hidden_shape(ids, hidden), param.dtype,
+                                                  groups.prev,
+                                                  groups.link(groups.prev, 0, grad=False))
         out = model(x)
         if groups.is_last:
             results.append(head_fn(out, i))
         else:
-            comm.send(out, groups.next)
+            comm.send(out, groups.next, groups.link(groups.next, 0, grad=False))
     comm.flush()
     return results

@@ -62,7 +62,9 @@ Lifecycle::
     ex.stats                                 # seconds spent packing, waiting, ...
     ex.release_buffers()                     # optional: free the staging buffers
 
-On CUDA tensors the backend must be NCCL and the current device set; on CPU, gloo.
+On CUDA tensors the backend carrying them must be NCCL (``nccl`` or torch's per-device
+``cpu:gloo,cuda:nccl``) and the current device set; on CPU, gloo. Staging buffers are
+allocated on the shards' device.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
+from fusedrl.devices import backend_for
 from fusedrl.realloc.plan import ReallocPlan
 from fusedrl.models.sharding import (
     Region,
@@ -422,8 +425,10 @@ class ReallocExecutor:
         if any(t.device != device for t in tensors):
             raise ValueError("all source and destination shards must be on one device")
         if device.type == "cuda" and self.my_messages:
+            # The group may be NCCL alone or torch's per-device "cpu:gloo,cuda:nccl" (the
+            # Ray runtime on GPUs): what matters is the backend that carries CUDA tensors.
             backend = dist.get_backend(self._group(self.my_messages[0].ranks))
-            if backend != "nccl":
+            if backend_for(backend, "cuda") != "nccl":
                 raise ValueError(f"CUDA shards need the NCCL backend, got {backend}")
         stats = self.stats = ReallocStats()
         t_start = time.perf_counter()

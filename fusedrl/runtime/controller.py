@@ -42,7 +42,7 @@ from fusedrl.algorithms import ppo
 from fusedrl.config import PLACEMENT_ROLES, ConfigError
 from fusedrl.layout import Placement
 from fusedrl.runtime.interstage import FusedRollout, interstage_enabled
-from fusedrl.runtime.launch import ensure_ray
+from fusedrl.runtime.launch import check_gpus, ensure_ray, worker_options
 from fusedrl.runtime.reshard import sync_pairs
 from fusedrl.runtime.worker import RemoteWorker, RunSpec
 from fusedrl.trainer import PPOTrainer, build_setup
@@ -159,21 +159,23 @@ class DistributedPPOTrainer(PPOTrainer):
         self.engine = _Generation(self)
         # Inter-stage fusion (RLHFuse §4): generation streams into inference, the long
         # tail migrates; infer()/score() then take the results computed during generate.
-        self.rollout = (FusedRollout(self) if interstage_enabled(
-            c, self.placements, reward_config is not None) else None)
-        if self.rollout is not None:
-            self.engine = self.rollout
+        fuse_rollout = interstage_enabled(c, self.placements, reward_config is not None)
+        self.rollout = None  # built once the workers hold their weights (below)
         self.fused_training = None  # intra-stage fusion (RLHFuse §5), built on first use
 
         self._owns_ray = ensure_ray(c.cluster.address, c.cluster.devices)
-        n = c.cluster.devices
-        self.workers = [RemoteWorker.options(num_cpus=1).remote(d, n) for d in range(n)]
+        n, acc = c.cluster.devices, c.cluster.accelerator
         try:
+            check_gpus(c.cluster, ray.cluster_resources())
+            self.workers = [RemoteWorker.options(**worker_options(acc)).remote(d, n, acc)
+                            for d in range(n)]
             host, port = ray.get(self.workers[0].address.remote())
             ray.get([w.init_distributed.remote(host, port) for w in self.workers])
             ray.get([w.setup.remote(spec) for w in self.workers])
             self.init_pairs, self.step_pairs = sync_pairs(spec.placements, roles)
             self.sync_weights(self.init_pairs + self.step_pairs)
+            if fuse_rollout:  # measures the generation devices' free memory (its C)
+                self.rollout = self.engine = FusedRollout(self)
         except BaseException:
             self.close()
             raise

@@ -6,12 +6,17 @@ models' micro-batches in one fused schedule:
 
 1. **Profile** (first training call of the run): each worker times a few forward and
    backward passes of one real micro-batch through its stage of each model
-   (:func:`fusedrl.pipeline.fused.profile_stage`); per stage the slowest replica / tp
-   rank counts.
+   (:func:`fusedrl.pipeline.fused.profile_stage`, which also counts the activation
+   bytes one micro-batch holds) and reports its device's free memory once weights
+   exist, less what gradients and optimizer state will still take
+   (:meth:`Worker.device_memory`, :func:`fusedrl.runtime.memory.pending_training_bytes`);
+   per stage the slowest replica / tp rank counts, per node the least free memory.
 2. **Solve** (once per micro-batch counts, cached): the problem of
    :func:`fusedrl.pipeline.fused_plan.build_problem` goes to the scheduler library
    (:func:`fusedrl.scheduler.pipeline_schedule.solve`, a few seconds at most, stopping
-   at the lower bound; memory capped at the two 1F1B schedules side by side).
+   at the lower bound; memory capped at the two 1F1B schedules side by side, or lower
+   where the measured free memory is shorter: RLHFuse §5's cap,
+   :func:`fusedrl.pipeline.fused_plan.solver_memory_cap`).
 3. **Execute** per mini-batch: each worker runs its node's task list
    (:func:`fusedrl.pipeline.fused.train_fused`), then reduces, clips and steps each
    model exactly as the sequential path (:meth:`Worker.train`) does. The two models
@@ -30,8 +35,9 @@ import time
 
 import ray
 
+from fusedrl.devices import to_device
 from fusedrl.pipeline.fused_plan import (PIPELINES, build_problem, check_node_tasks,
-                                         node_tasks, stage_map)
+                                         node_tasks, solver_memory_cap, stage_map)
 
 SOLVE_SECONDS = 3.0
 """Search time per schedule shape (the search stops earlier at the lower bound)."""
@@ -41,16 +47,24 @@ ROLES = ("actor_train", "critic_train")
 # ------------------------------------------------------------------ worker side
 
 def worker_profile(worker, batch, idx) -> dict:
-    """``{name: (dp, stage, fwd_s, bwd_s, mem_bytes)}`` of this worker's stages."""
+    """``{"stages": {name: (dp, stage, fwd_s, bwd_s, mem_bytes)}, "node", "free_bytes"}``
+    of this worker: its stages' times and activation bytes per micro-batch, its node
+    (actor stage) and the device memory left for activations once both models'
+    gradients and optimizer states exist."""
     from fusedrl.pipeline.fused import profile_stage
+    from fusedrl.runtime.memory import pending_training_bytes
 
-    ids = batch.select(idx).input_ids
-    out = {}
+    ids = to_device(batch.select(idx).input_ids, worker.torch_device)
+    stages = {}
     for name, role in zip(PIPELINES, ROLES):
         shard = worker.shards[role]
         c = shard.groups.coord
-        out[name] = (c.dp, c.pp, *profile_stage(shard.model, shard.groups, ids))
-    return out
+        stages[name] = (c.dp, c.pp, *profile_stage(shard.model, shard.groups, ids))
+    shards = [worker.shards[r] for r in ROLES]
+    free, _ = worker.device_memory()  # after profile_stage dropped its graphs and gradients
+    pending = sum(pending_training_bytes(s.model, s.optimizer) for s in shards)
+    return {"stages": stages, "node": shards[0].groups.coord.pp,
+            "free_bytes": max(0, free - pending)}
 
 
 def worker_train(worker, batch, data: dict, schedule: list[list], smap: tuple,
@@ -64,6 +78,7 @@ def worker_train(worker, batch, data: dict, schedule: list[list], smap: tuple,
 
     c = worker.spec.config
     temp = c.generation.temperature
+    batch, data = to_device((batch, data), worker.torch_device)
     shards = [worker.shards[r] for r in ROLES]
     node = shards[0].groups.coord.pp
     micro_stats = {name: [] for name in PIPELINES}
@@ -108,6 +123,7 @@ class FusedTraining:
         self.smap = stage_map(self.actor, self.critic)
         self.time_limit = time_limit
         self.profile: dict[str, list[tuple[float, float, float]]] | None = None
+        self.free_bytes: list[float] | None = None  # per node, for activations
         self.plans: dict[tuple[int, int], list] = {}
         self.results: dict[tuple[int, int], dict] = {}
         self.solve_seconds = 0.0
@@ -120,18 +136,22 @@ class FusedTraining:
                         for d in self._devices()])
         pp = self.actor.layout.pp
         prof = {name: [(0.0, 0.0, 0.0)] * pp for name in PIPELINES}
+        free = [math.inf] * pp
         for out in outs:
-            for name, (_, stage, f, b, mem) in out.items():
+            for name, (_, stage, f, b, mem) in out["stages"].items():
                 old = prof[name][stage]
                 prof[name][stage] = (max(old[0], f), max(old[1], b), max(old[2], mem))
+            free[out["node"]] = min(free[out["node"]], out["free_bytes"])
         self.profile = prof
+        self.free_bytes = free
 
     def _solve(self, counts: tuple[int, int]) -> None:
         from fusedrl.scheduler.pipeline_schedule import solve
 
         t0 = time.perf_counter()
         problem = build_problem(self.smap, counts, self.profile)
-        result = solve(problem, time_limit=self.time_limit, seed=0).to_dict()
+        cap = solver_memory_cap(problem, self.free_bytes)
+        result = solve(problem, time_limit=self.time_limit, seed=0, memory_cap=cap).to_dict()
         self.solve_seconds += time.perf_counter() - t0
         self.results[counts] = result
         self.plans[counts] = node_tasks(result, len(self.smap))

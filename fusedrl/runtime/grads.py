@@ -1,6 +1,7 @@
 """Gradient synchronisation of one model shard: data-parallel all-reduce (bucketed,
 overlapped with the last backward), replicated-kv-head reduction, and global-norm
-clipping across model-parallel ranks.
+clipping across model-parallel ranks. Buckets and the norm live on the parameters'
+device, so the reductions run over gloo on CPU and NCCL on GPU alike.
 
 Data parallelism follows PyTorch DDP / Megatron's ``DistributedDataParallel``:
 parameters are packed into buckets in reverse order (roughly the order backward
@@ -132,7 +133,10 @@ def clip_grad_norm(model: torch.nn.Module, groups, max_norm: float) -> float:
     the norm before clipping (``torch.nn.utils.clip_grad_norm_`` semantics: coefficient
     ``max_norm / (norm + 1e-6)`` capped at 1; ``max_norm <= 0`` only measures)."""
     named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
-    sq = torch.zeros((), dtype=torch.float64)
+    # On the gradients' device: the sum stays there and the all-reduce takes the
+    # device's backend (NCCL on GPU); one host sync when the norm is read.
+    device = named[0][1].device if named else next(model.parameters()).device
+    sq = torch.zeros((), dtype=torch.float64, device=device)
     for n, p in named:
         if _counted(n, groups):
             sq += p.grad.detach().double().pow(2).sum()

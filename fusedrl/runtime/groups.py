@@ -9,7 +9,21 @@ Each placement (DESIGN.md "Layouts") needs, for the rank a device holds in it:
   as Megatron's ``get_model_parallel_group``),
 - its **kv-share group** when ``tp > num_kv_heads`` (ranks holding the same replicated
   kv head sum that head's gradients),
-- its pipeline neighbours (point-to-point, on the world group).
+- its pipeline neighbours, and for each neighbour pair one point-to-point **channel**
+  group per (pipeline, direction) (:func:`pipeline_channels`).
+
+Channels exist for NCCL (``cluster.accelerator: cuda``): an NCCL communicator runs its
+operations in posting order on one stream and ignores tags, so a stage that posts
+"send activation ``i+1``, receive gradient ``i``" while its neighbour posts "send
+gradient ``i``, receive activation ``i+1``" deadlocks once messages outgrow NCCL's
+buffers (Megatron batches such pairs for this reason), and fused actor/critic messages
+on one link (RLHFuse §5) could be matched to the wrong receive. With one group per
+(pipeline, direction) each stream carries one pipeline's messages in one direction,
+posted in the same micro-batch order on both ends (the schedules are FIFO per stage).
+gloo uses the same channels (tags still apply), so the CPU tests run this routing.
+
+Every group is created with the run's backend (:func:`fusedrl.devices.collective_backend`:
+gloo on CPU, ``cpu:gloo,cuda:nccl`` on GPU), so CPU tensors still travel over gloo.
 
 Groups are cached by rank list (placements on the same devices share their groups)
 and created as Megatron's ``initialize_model_parallel`` does: every worker walks the
@@ -22,14 +36,15 @@ exactly the situation of overlapping placements.
 
 Lifecycle::
 
-    registry = GroupRegistry(device)
-    registry.create_all(rank_lists([(placement, model_config), ...], world, extra))   # same on every worker
+    registry = GroupRegistry(device, backend)
+    registry.create_all(rank_lists([(placement, model_config), ...], world, extra),
+                        pipeline_channels([placement, ...]))    # same on every worker
     groups = placement_groups(registry, placement, device, model_config)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
@@ -37,22 +52,58 @@ from fusedrl.layout import Placement, RankCoord
 from fusedrl.models.config import ModelConfig
 
 
+PIPELINES = 2
+"""Point-to-point channels per neighbour pair: pipeline 0 (any single pipeline: 1F1B,
+pipelined inference; the actor when fused) and pipeline 1 (the critic when fused)."""
+
+
+def channel_name(pipeline: int, grad: bool) -> str:
+    """The channel of one pipeline's activations (``grad=False``, downstream) or
+    activation gradients (upstream)."""
+    if not 0 <= pipeline < PIPELINES:
+        raise ValueError(f"pipeline must be in [0, {PIPELINES}), got {pipeline}")
+    return f"p{pipeline}{'grad' if grad else 'act'}"
+
+
 class GroupRegistry:
-    """Cache of process groups of this worker, keyed by the sorted tuple of world ranks."""
+    """Cache of process groups of this worker, keyed by the sorted tuple of world ranks
+    (and, for point-to-point channels, the channel name). ``backend`` is the run's
+    :func:`fusedrl.devices.collective_backend` (``None``: the world's)."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, backend: str | None = None):
         self.rank = rank
+        self.backend = backend
         self._groups: dict[tuple[int, ...], object] = {}
+        self._channels: dict[tuple[tuple[int, ...], str], object] = {}
 
-    def create_all(self, rank_lists: list[tuple[int, ...]]) -> None:
-        """Create, in order, every group of ``rank_lists``; every rank of the world must
-        call this with the same list. Keeps the groups this rank belongs to."""
+    def _new(self, ranks: tuple[int, ...]):
+        return dist.new_group(list(ranks), backend=self.backend)
+
+    def create_all(self, rank_lists: list[tuple[int, ...]],
+                   channels: list[tuple[tuple[int, ...], str]] = ()) -> None:
+        """Create, in order, every group of ``rank_lists`` and then every channel
+        ``(ranks, name)``; every rank of the world must call this with the same lists.
+        Keeps the groups this rank belongs to."""
         for ranks in rank_lists:
             if ranks in self._groups:
                 continue
-            group = dist.new_group(list(ranks))
+            group = self._new(ranks)
             if self.rank in ranks:
                 self._groups[ranks] = group
+        for key in channels:
+            if key in self._channels:
+                continue
+            group = self._new(key[0])
+            if self.rank in key[0]:
+                self._channels[key] = group
+
+    def channel(self, peer: int, name: str) -> object:
+        """The channel ``name`` between this rank and ``peer``."""
+        key = (tuple(sorted((self.rank, peer))), name)
+        if key not in self._channels:
+            raise KeyError(f"channel {key} was not created on rank {self.rank}: add it to "
+                           f"the channels every worker creates at setup")
+        return self._channels[key]
 
     def get(self, ranks) -> object:
         key = tuple(sorted(ranks))
@@ -107,6 +158,22 @@ def rank_lists(placements: list[tuple[Placement, ModelConfig]], world_size: int,
     return unique
 
 
+def pipeline_channels(placements: list[Placement]) -> list[tuple[tuple[int, int], str]]:
+    """Every point-to-point channel of a run, in a fixed order: for each placement with
+    ``pp > 1``, each pair of neighbouring stages of a (dp, tp) chain, each
+    :func:`channel_name` (module doc: why NCCL needs them)."""
+    out: list[tuple[tuple[int, int], str]] = []
+    names = [channel_name(p, g) for p in range(PIPELINES) for g in (False, True)]
+    for p in placements:
+        L, dev = p.layout, p.devices
+        for dp in range(L.dp):
+            for tp in range(L.tp):
+                for pp in range(L.pp - 1):
+                    pair = tuple(sorted((dev[L.rank(dp, tp, pp)], dev[L.rank(dp, tp, pp + 1)])))
+                    out.extend((pair, n) for n in names if (pair, n) not in out)
+    return out
+
+
 def check_tp_order(p: Placement, key: str) -> None:
     """megatron-core uses the group rank as the tp rank and torch orders a group by world
     rank, so the devices of a tp group must increase with the tp rank."""
@@ -134,6 +201,12 @@ class PlacementGroups:
     prev: int | None  # device of the previous pipeline stage (same dp, tp), or None
     next: int | None
     stage0: int  # device of stage 0 (same dp, tp): where pipelined generation returns
+    channels: dict = field(default_factory=dict)  # (peer, channel name) -> group
+
+    def link(self, peer: int, pipeline: int, grad: bool):
+        """The group carrying ``pipeline``'s activations (``grad=False``) or gradients
+        between this rank and its neighbour ``peer``."""
+        return self.channels[peer, channel_name(pipeline, grad)]
 
     @property
     def is_first(self) -> bool:
@@ -163,5 +236,8 @@ def placement_groups(registry: GroupRegistry, p: Placement, device: int,
                                 for t in range(h * share, (h + 1) * share))
     prev = dev[L.rank(c.dp, c.tp, c.pp - 1)] if c.pp > 0 else None
     nxt = dev[L.rank(c.dp, c.tp, c.pp + 1)] if c.pp < L.pp - 1 else None
+    names = [channel_name(q, g) for q in range(PIPELINES) for g in (False, True)]
+    channels = {(peer, n): registry.channel(peer, n)
+                for peer in (prev, nxt) if peer is not None for n in names}
     return PlacementGroups(p, rank, c, tp_group, dp_group, mp_group, kv_group, share, prev, nxt,
-                           dev[L.rank(c.dp, c.tp, 0)])
+                           dev[L.rank(c.dp, c.tp, 0)], channels)

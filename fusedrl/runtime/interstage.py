@@ -134,15 +134,23 @@ class FusedRollout:
         self.role_devices = {role: set(trainer.placements[role].devices) for role, _ in self.calls}
         self.steps_per_call = c.generation.interstage_steps
         self.max_batch = c.generation.max_batch_size
+        from fusedrl.runtime import memory
+
         mc = trainer.spec.model_config
         dtype_bytes = 2 if c.model.dtype == "bfloat16" else 4
-        kv_per_token = (2 * mc.num_layers * mc.num_kv_heads
-                        * (mc.hidden_size // mc.num_heads) * dtype_bytes)
         max_len = c.data.max_prompt_len + c.generation.max_new_tokens
-        # Until the first calibration: the engine's real KV geometry, weights already on
-        # the devices (inference replicas are placed, not loaded), re-prefill only.
+        # C of the migration rule (RLHFuse §4): the KV bytes an instance can hold, from the
+        # least free memory among the generation devices, measured now that every replica's
+        # weights are resident (weight_bytes=0: inference replicas are placed, not loaded);
+        # at most the slot cache the engine preallocates (max_batch x max_len).
+        free = min(f for f, _ in ray.get([trainer.workers[d].device_memory.remote()
+                                          for d in self.instances]))
+        kv_per_token = memory.kv_bytes_per_token(mc, dtype_bytes)
+        capacity = memory.kv_capacity_bytes(mc, free, dtype_bytes=dtype_bytes, weight_bytes=0,
+                                            max_slots=self.max_batch, max_len=max_len)
+        # Until the first calibration: that capacity, re-prefill only.
         self.cost = GenCostModel(kv_bytes_per_token=float(kv_per_token),
-                                 kv_capacity_bytes=float(kv_per_token * max_len * self.max_batch),
+                                 kv_capacity_bytes=float(capacity),
                                  transfer_latency_s=_NO_KV_TRANSFER_S, weight_load_s=0.0,
                                  bs_max=self.max_batch)
         self.policy = get_policy(c.generation.interstage_policy, cost=self.cost,

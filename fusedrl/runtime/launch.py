@@ -1,4 +1,9 @@
-"""Starting or joining Ray, and choosing the trainer for a config."""
+"""Starting or joining Ray, the Ray resources of a worker, and choosing the trainer for a
+config.
+
+One worker is one device: a CPU core (``cluster.accelerator: cpu``) or a GPU (``cuda``:
+the worker asks Ray for ``num_gpus=1``, and the cluster must have ``cluster.devices``
+GPUs, checked by :func:`check_gpus` before any worker starts)."""
 
 from __future__ import annotations
 
@@ -26,13 +31,40 @@ def ensure_ray(address: str, num_devices: int) -> bool:
     return True
 
 
+def worker_options(accelerator: str) -> dict:
+    """Ray actor options of one worker: a CPU core, plus a whole GPU on ``cuda`` (Ray then
+    sets the actor's ``CUDA_VISIBLE_DEVICES`` to it, :func:`fusedrl.devices.worker_device`)."""
+    if accelerator == "cuda":
+        return {"num_cpus": 1, "num_gpus": 1}
+    return {"num_cpus": 1}
+
+
+def check_gpus(cluster, resources: dict) -> None:
+    """A :class:`~fusedrl.config.ConfigError` when ``cluster.accelerator: cuda`` asks for
+    more GPUs (one per device) than the Ray cluster's ``resources``
+    (``ray.cluster_resources()``) has: Ray would otherwise leave the extra workers
+    pending forever."""
+    from fusedrl.config import ConfigError
+
+    if cluster.accelerator != "cuda":
+        return
+    found = resources.get("GPU", 0)
+    if found < cluster.devices:
+        raise ConfigError(f"config keys cluster.accelerator=cuda, cluster.devices="
+                          f"{cluster.devices}: the Ray cluster has {found:g} GPUs, one per "
+                          f"device is needed")
+
+
 def is_single_device(config) -> bool:
     return config.cluster.devices == 1 and config.placement.is_trivial()
 
 
 def make_trainer(config, setup=None):
     """The in-process :class:`~fusedrl.trainer.PPOTrainer` for one device with trivial
-    placements, else the Ray runtime's :class:`DistributedPPOTrainer` (same interface)."""
+    placements, else the Ray runtime's :class:`DistributedPPOTrainer` (same interface).
+    Both honour ``cluster.accelerator``: the single-device trainer runs on that device,
+    the runtime's workers each take one (also with ``cluster.devices: 1`` and a
+    non-trivial placement)."""
     if is_single_device(config):
         from fusedrl.trainer import PPOTrainer
 

@@ -131,37 +131,80 @@ def module_bytes(model) -> int:
     return sum(seen.values())
 
 
+def pending_training_bytes(model, optimizer) -> int:
+    """Bytes that training ``model`` with the Adam-family ``optimizer`` will allocate that
+    do not exist yet: gradients not allocated, and Adam's moments (``exp_avg``,
+    ``exp_avg_sq``, plus ``max_exp_avg_sq`` with ``amsgrad``) of parameters without
+    optimizer state (torch creates them at the first step).
+
+    Free memory measured before the first step counts these as free; RLHFuse §5's
+    schedule cap must not hand them to activations.
+    """
+    pending = 0
+    for group in optimizer.param_groups:
+        moments = 3 if group.get("amsgrad", False) else 2
+        for p in group["params"]:
+            nbytes = p.numel() * p.element_size()
+            if p.requires_grad and p.grad is None:
+                pending += nbytes
+            if not optimizer.state.get(p):
+                pending += moments * nbytes
+    return pending
+
+
+class SavedActivations:
+    """Counts the bytes autograd saves for backward while active (a context manager):
+    RLHFuse §5's per-micro-batch activation memory, held from a micro-batch's forward
+    until its backward. The one counter of fusedrl (:func:`activation_bytes_per_microbatch`,
+    :func:`fusedrl.pipeline.fused.profile_stage`).
+
+    Counts the unique storages of the saved tensors, ``model``'s own parameters and
+    buffers excluded (they are resident anyway). It is device-independent (no allocator
+    statistics), so the same measurement runs on CPU; on CUDA the allocator's rounding
+    adds at most a few hundred bytes per tensor. Keep the graph (the forward's output)
+    alive until :attr:`nbytes` is read: a freed storage could be re-used under the same
+    address and be counted once for two tensors.
+    """
+
+    def __init__(self, model):
+        import torch
+
+        self._resident = {t.untyped_storage().data_ptr()
+                          for t in list(model.parameters()) + list(model.buffers())}
+        self._seen: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in self._resident:
+            self._seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    def __enter__(self) -> "SavedActivations":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._seen.values())
+
+
 def activation_bytes_per_microbatch(model, inputs) -> int:
     """Bytes autograd saves for backward during one forward of ``model`` on ``inputs``
-    (token ids for a first stage, hidden states for a later one): RLHFuse §5's
-    per-micro-batch activation memory, held from a micro-batch's forward until its
-    backward.
-
-    Counted with ``saved_tensors_hooks`` as the unique storages of the saved tensors,
-    the model's own parameters and buffers excluded (they are resident anyway). It is
-    device-independent (no allocator statistics), so the same measurement runs on CPU;
-    on CUDA the allocator's rounding adds at most a few hundred bytes per tensor. The
-    graph is dropped before returning. Parameters with ``requires_grad=False`` save
-    nothing for their own gradients, as in training.
+    (token ids for a first stage, hidden states for a later one), counted by
+    :class:`SavedActivations`. The graph is dropped before returning. Parameters with
+    ``requires_grad=False`` save nothing for their own gradients, as in training.
     """
     import torch
 
-    resident = {t.untyped_storage().data_ptr()
-                for t in list(model.parameters()) + list(model.buffers())}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st.data_ptr() not in resident:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    # The graph keeps every saved tensor alive until `out` is dropped, so no storage is
-    # freed and re-used (and counted twice under one address) during the forward.
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.enable_grad(), SavedActivations(model) as saved:
         out = model(inputs)
+    nbytes = saved.nbytes  # read while `out` keeps every saved storage alive
     del out
-    return sum(seen.values())
+    return nbytes
 
 
 def max_inflight_microbatches(free_bytes: float, act_bytes: float) -> int:
@@ -173,4 +216,5 @@ def max_inflight_microbatches(free_bytes: float, act_bytes: float) -> int:
 
 
 __all__ = ["device_memory", "kv_bytes_per_token", "kv_capacity_bytes", "kv_capacity_tokens",
-           "module_bytes", "activation_bytes_per_microbatch", "max_inflight_microbatches"]
+           "module_bytes", "pending_training_bytes", "SavedActivations", "activation_bytes_per_microbatch",
+           "max_inflight_microbatches"]

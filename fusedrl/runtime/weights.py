@@ -8,7 +8,10 @@ from the seed, then cut), so every layout starts from the same weights.
 
 Weights move between the placements of two calls through the reallocation engine
 (:mod:`fusedrl.runtime.reshard`), never through a full copy on one device; only a
-checkpoint is gathered whole (:func:`gather_full`, on the writing rank).
+checkpoint is gathered whole (:func:`gather_full`, on the writing rank, on the model's
+device; ``save_hf_checkpoint`` writes CPU copies). Shards are read to the CPU and copied
+into the parameters on their device (:func:`load_into`); a from-scratch model is built
+on the CPU (the seed gives the same weights on every device) and only its shard moves.
 """
 
 from __future__ import annotations
@@ -95,12 +98,14 @@ def gather_full(model, groups, head: str) -> dict | None:
     root = p.devices[0]
     replica0 = [L.rank(0, t, s) for s in range(L.pp) for t in range(L.tp)]
     if groups.rank == 0:
-        dtype = next(model.parameters()).dtype
+        param = next(model.parameters())
         shards = {0: model.hf_state_dict()}
         for r in replica0[1:]:
             regions = shard_regions(model.config, L, r, head)
             shapes = {n: region_shape(reg) for n, reg in regions.items()}
-            flat = torch.empty(sum(torch.Size(s).numel() for s in shapes.values()), dtype=dtype)
+            # On the model's device: the senders' shards are there (NCCL on GPU).
+            flat = torch.empty(sum(torch.Size(s).numel() for s in shapes.values()),
+                               dtype=param.dtype, device=param.device)
             dist.recv(flat, p.devices[r])
             shards[r] = _unflat(flat, shapes)
         return merge_shards(shards, model.config, L, head)

@@ -3,8 +3,9 @@ placement includes it, and runs its part of each model function call.
 
 Lifecycle (driven by :class:`fusedrl.runtime.controller.DistributedPPOTrainer`)::
 
-    w = Worker.options(num_cpus=1).remote(device, world_size)
-    w.init_distributed.remote(host, port)        # all workers: one gloo world, rank = device
+    w = RemoteWorker.options(**worker_options(accelerator)).remote(device, world_size,
+                                                                  accelerator)
+    w.init_distributed.remote(host, port)        # all workers: one world, rank = device
     w.setup.remote(spec)                         # all workers: groups, model shards, optimizers
     ... generate / infer / train / sync_weights / save_model  (called on every device of
         the call's placement, in the same order on each, so collectives line up)
@@ -13,6 +14,15 @@ Lifecycle (driven by :class:`fusedrl.runtime.controller.DistributedPPOTrainer`):
 A Ray actor runs one method at a time, in submission order; the controller submits a
 call to all its workers before the next call, so two calls sharing devices never
 interleave their collectives.
+
+Device (``cluster.accelerator``; :mod:`fusedrl.devices`): on ``cpu`` a worker is one core
+and its world is gloo; on ``cuda`` Ray gives it one GPU (``num_gpus=1``,
+:func:`fusedrl.runtime.launch.worker_options`), it makes that GPU its current device and
+its world uses ``cpu:gloo,cuda:nccl``. Its shards, optimizer state, pipeline and
+reallocation buffers live on that device; what the controller sends (rollout batches,
+PPO targets) is moved there on arrival and inference results go back on the CPU (Ray
+objects). :meth:`Worker.device_memory` reports the device's free memory for the two
+schedulers that size themselves by it (RLHFuse §4's ``C``, §5's memory cap).
 """
 
 from __future__ import annotations
@@ -65,7 +75,9 @@ class Shard:
 
 
 class Worker(InterStageWorker):
-    def __init__(self, device: int, world_size: int):
+    def __init__(self, device: int, world_size: int, accelerator: str = "cpu"):
+        from fusedrl.devices import worker_device
+
         torch.set_num_threads(1)  # one device = one core (DESIGN.md "Measuring")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import warnings
@@ -73,8 +85,10 @@ class Worker(InterStageWorker):
         warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
         warnings.filterwarnings("ignore", message=".*Apex.*")
         warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
-        self.device = device
+        self.device = device  # world rank = device id
         self.world_size = world_size
+        self.accelerator = accelerator
+        self.torch_device = worker_device(accelerator)  # where this worker's tensors live
         self.shards: dict[str, Shard] = {}
 
     # --------------------------------------------------------------- lifecycle
@@ -91,20 +105,38 @@ class Worker(InterStageWorker):
 
         from datetime import timedelta
 
+        from fusedrl.devices import collective_backend
+
         # A finite timeout turns a mismatched collective into an error instead of a hang.
-        dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=self.device,
+        dist.init_process_group(collective_backend(self.accelerator),
+                                init_method=f"tcp://{host}:{port}", rank=self.device,
                                 world_size=self.world_size, timeout=timedelta(minutes=10))
 
+    def device_memory(self) -> tuple[int, int]:
+        """``(free, total)`` bytes of this worker's device
+        (:func:`fusedrl.runtime.memory.device_memory`). On CPU the workers share the
+        host's RAM, one ``world_size``-th each (all on one host, as a local Ray
+        instance runs them); on CUDA the GPU is this worker's alone, and blocks the
+        caching allocator holds unused are returned first so that they count as free."""
+        from fusedrl.runtime.memory import device_memory
+
+        if self.torch_device.type == "cuda":
+            torch.cuda.empty_cache()
+        share = self.world_size if self.torch_device.type == "cpu" else 1
+        return device_memory(self.torch_device, share=share)
+
     def setup(self, spec: RunSpec) -> None:
+        from fusedrl.devices import collective_backend
         from fusedrl.layout import Placement
-        from fusedrl.runtime.groups import GroupRegistry, placement_groups, rank_lists
+        from fusedrl.runtime.groups import (GroupRegistry, pipeline_channels, placement_groups,
+                                            rank_lists)
         from fusedrl.runtime.reshard import WeightSync, sync_pairs
 
         self.spec = spec
         c = spec.config
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[c.model.dtype]
         self.placements = {r: Placement.parse(t) for r, t in spec.placements.items()}
-        self.registry = GroupRegistry(self.device)
+        self.registry = GroupRegistry(self.device, collective_backend(self.accelerator))
         # Reallocation plans and executors of every weight copy the run makes (ReaLHF),
         # built once; their groups join the global list below.
         init_pairs, step_pairs = sync_pairs(spec.placements, spec.roles)
@@ -115,7 +147,8 @@ class Worker(InterStageWorker):
         # The same list on every worker, in the same order (see groups.py).
         self.registry.create_all(rank_lists(
             [(self.placements[r], spec.reward_config if r == "reward" else spec.model_config)
-             for r in spec.roles], self.world_size, self.weight_sync.group_rank_lists()))
+             for r in spec.roles], self.world_size, self.weight_sync.group_rank_lists()),
+            pipeline_channels([self.placements[r] for r in spec.roles]))
 
         full_cache: dict = {}
         for role in spec.roles:
@@ -158,7 +191,7 @@ class Worker(InterStageWorker):
         stage = StageSpec(stage_layers(mc.num_layers, L.pp)[coord.pp], coord.pp == 0,
                           coord.pp == L.pp - 1)
         model = build_model(mc, head, None, seed=c.trainer.seed, stage=stage,
-                            tp_group=groups.tp_group, dtype=dtype)
+                            tp_group=groups.tp_group, dtype=dtype, device=self.torch_device)
         if not load:
             return model
         # Same sources and seeds as the single-device PPOTrainer.
@@ -267,9 +300,11 @@ class Worker(InterStageWorker):
     def infer(self, role: str, kind: str, batch, micros: list, temperature: float):
         """Pipelined forward of this replica's micro-batches; ``[(k, result)]`` from the
         reporting rank (``kind``: logp, values or score)."""
+        from fusedrl.devices import to_device, to_host
         from fusedrl.pipeline.schedule import pipelined_forward
         from fusedrl.runtime.calls import infer_head
 
+        batch = to_device(batch, self.torch_device)
         shard = self.shards[role]
         mine = self._mine(shard, micros)
         mbs = [batch.select(idx) for _, idx in mine]
@@ -278,7 +313,9 @@ class Worker(InterStageWorker):
         results = pipelined_forward(
             shard.model, shard.groups, [mb.input_ids for mb in mbs],
             lambda out, i: infer_head(kind, out, mbs[i], tp_group, width, temperature))
-        return [(k, r) for (k, _), r in zip(mine, results)] if self._reporting(shard) else None
+        if not self._reporting(shard):
+            return None
+        return to_host([(k, r) for (k, _), r in zip(mine, results)])
 
     def train(self, role: str, kind: str, batch, data: dict, schedule: list[list]):
         """PPO updates of one model: for each mini-batch (a list of micro-batch index
@@ -286,10 +323,12 @@ class Worker(InterStageWorker):
 
         Returns ``{"micro": [(mini, k, stats)], "grad_norm": [...]}`` on reporting ranks.
         """
+        from fusedrl.devices import to_device
         from fusedrl.pipeline.schedule import train_1f1b
         from fusedrl.runtime.calls import LOSSES
         from fusedrl.runtime.grads import clip_grad_norm
 
+        batch, data = to_device((batch, data), self.torch_device)
         c = self.spec.config
         shard = self.shards[role]
         model, g = shard.model, shard.groups
