@@ -78,7 +78,7 @@ def worker_train(worker, batch, data: dict, schedule: list[list], smap: tuple,
 
     c = worker.spec.config
     temp = c.generation.temperature
-    batch, data = to_device((batch, data), worker.torch_device)
+    batch, data, schedule = to_device((batch, data, schedule), worker.torch_device)
     shards = [worker.shards[r] for r in ROLES]
     node = shards[0].groups.coord.pp
     micro_stats = {name: [] for name in PIPELINES}

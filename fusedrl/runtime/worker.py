@@ -304,7 +304,8 @@ class Worker(InterStageWorker):
         from fusedrl.pipeline.schedule import pipelined_forward
         from fusedrl.runtime.calls import infer_head
 
-        batch = to_device(batch, self.torch_device)
+        # indices too, as the single-device trainer does (no host-to-device copy per use)
+        batch, micros = to_device((batch, micros), self.torch_device)
         shard = self.shards[role]
         mine = self._mine(shard, micros)
         mbs = [batch.select(idx) for _, idx in mine]
@@ -328,7 +329,7 @@ class Worker(InterStageWorker):
         from fusedrl.runtime.calls import LOSSES
         from fusedrl.runtime.grads import clip_grad_norm
 
-        batch, data = to_device((batch, data), self.torch_device)
+        batch, data, schedule = to_device((batch, data, schedule), self.torch_device)
         c = self.spec.config
         shard = self.shards[role]
         model, g = shard.model, shard.groups
