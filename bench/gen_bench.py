@@ -2,8 +2,9 @@
 
     python bench/gen_bench.py [--models tiny,smollm2] [--workloads fixed,natural]
                               [--batch 16] [--prompt-len 8,32] [--new-tokens 64]
-                              [--natural-samples 4] [--natural-cap 64]
-                              [--natural-lengths auto] [--rounds 3]
+                              [--natural-samples 4] [--natural-cap 128]
+                              [--natural-lengths auto] [--natural-prompts auto]
+                              [--rounds 3]
                               [--out bench/results/gen.json]
 
 Two workloads, each on the same prompts, weights and batch size on every side, on one
@@ -21,7 +22,11 @@ in a different order may flip a near tie late in a long sequence).
 
 ``natural`` (an RLHF rollout): ``--natural-samples`` x ``--batch`` prompts (more samples
 than slots, so there is a queue), sampled at temperature 1.0 (no top-k/top-p), each
-sample capped at ``--natural-cap`` new tokens, output lengths varying. The native
+sample capped at ``--natural-cap`` new tokens, output lengths varying. The prompts
+(``--natural-prompts``) are, for SmolLM2, this project's arithmetic task ("What is
+49+97?") in the model's chat template, as the trainer renders them, so the instruct
+model answers and ends its turn with ``<|im_end|>``; random token ids (``random``, and
+always for ``tiny``) make SmolLM2 ramble to the cap. The native
 engine (and vLLM) run all samples with ``--batch`` slots and continuous batching: a
 finished sample's slot is refilled from the queue at the next step. HF ``generate()``
 runs them as consecutive static batches of ``--batch`` prompts (in the same order),
@@ -43,7 +48,7 @@ sides. How the lengths vary (``--natural-lengths``):
   batching vs static batches plus the per-step speed.
 - ``auto`` (default): ``eos`` for SmolLM2; the random ``tiny`` model puts ~1/vocab of
   its mass on any token, so it (almost) never ends a sample and gets
-  ``lognormal:16,64``-style forced lengths scaled to the cap (median cap/4, p99 = cap).
+  forced lengths ``lognormal:CAP/4,CAP`` (median a quarter of the cap, p99 the cap).
 
 With vLLM, ``vllm_update_weights_s`` is the time to load the full weights into the
 running engine in place (``VLLMBackend.update_weights``), the colocated weight sync.
@@ -233,6 +238,18 @@ def natural_lengths_spec(name: str, args) -> str:
     return "eos"
 
 
+def arithmetic_chat_prompts(name: str, n: int, seed: int) -> list[list[int]]:
+    """The arithmetic task's prompts in the model's chat template (SmolLM2 only)."""
+    from fusedrl.data.tasks import arithmetic_task
+    from fusedrl.models.hub import packaged_model_path
+    from fusedrl.models.tokenizer import load_hf_tokenizer
+
+    if name != "smollm2":
+        raise ValueError(f"--natural-prompts arithmetic needs a tokenizer: not {name!r}")
+    tok = load_hf_tokenizer(packaged_model_path("smollm2-135m-instruct"))
+    return [tok.render_prompt(r.prompt, chat_template=True) for r in arithmetic_task(n, seed)]
+
+
 def workloads(name: str, config: ModelConfig, args) -> list[Workload]:
     lo, hi = args.prompt_len
     out = []
@@ -248,8 +265,17 @@ def workloads(name: str, config: ModelConfig, args) -> list[Workload]:
                        else forced_lengths(spec, n, seed=args.seed, max_len=args.natural_cap))
             params = SamplingParams(temperature=1.0, max_new_tokens=args.natural_cap,
                                     ignore_eos=lengths is not None, seed=args.seed)
-            work = Workload("natural", make_prompts(config, n, lo, hi, seed=1), params, lengths)
-            work.lengths_spec = spec
+            kind = args.natural_prompts
+            if kind == "auto":
+                kind = "arithmetic" if name == "smollm2" else "random"
+            if kind == "arithmetic":
+                prompts = arithmetic_chat_prompts(name, n, seed=args.seed)
+            elif kind == "random":
+                prompts = make_prompts(config, n, lo, hi, seed=1)
+            else:
+                raise ValueError(f"--natural-prompts {kind!r}: auto, arithmetic or random")
+            work = Workload("natural", prompts, params, lengths)
+            work.lengths_spec, work.prompts_kind = spec, kind
             out.append(work)
         else:
             raise ValueError(f"unknown workload {kind!r} (fixed, natural)")
@@ -288,6 +314,8 @@ def bench_workload(name: str, work: Workload, built: list, args) -> dict:
     else:
         row["cap"] = work.params.max_new_tokens
         row["lengths"] = work.lengths_spec
+        row["prompts"] = work.prompts_kind
+        row["prompt_len"] = [min(map(len, work.prompts)), max(map(len, work.prompts))]
         row["temperature"] = work.params.temperature
         if work.lengths is not None:  # forced: every side must have produced them exactly
             row["lengths_match"] = {k: [len(o) for o in v] == work.lengths
@@ -335,10 +363,12 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64, help="fixed: tokens per sample")
     ap.add_argument("--natural-samples", type=int, default=4,
                     help="natural: samples per batch slot (samples = this x --batch)")
-    ap.add_argument("--natural-cap", type=int, default=64,
+    ap.add_argument("--natural-cap", type=int, default=128,
                     help="natural: max_new_tokens of every sample")
     ap.add_argument("--natural-lengths", default="auto",
                     help="natural: eos, auto, or a forced-length spec (lognormal:MEDIAN,P99)")
+    ap.add_argument("--natural-prompts", default="auto",
+                    help="natural: auto, arithmetic (chat-template task prompts) or random")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-vllm", dest="vllm", action="store_false")
