@@ -31,6 +31,8 @@ import time
 
 import torch
 
+from fusedrl.devices import timer
+
 
 class InterStageWorker:
     """Mixin of the Ray worker: step-level generation and per-micro-batch inference."""
@@ -75,9 +77,9 @@ class InterStageWorker:
             admits = [p for p in progress if not p.started][:max_batch - len(running)]
             # tokens in the KV cache: the last generated token is fed by this step
             context = sum(p.prompt_len + max(p.generated - 1, 0) for p in running)
-            t0 = time.perf_counter()
+            t0 = timer(self.torch_device)
             finished.extend(engine.step())
-            dt = time.perf_counter() - t0
+            dt = timer(self.torch_device) - t0  # the cost model's points: device time
             if running and not admits:
                 decode.append((len(running), context / len(running), dt))
             elif admits and not running:
@@ -101,11 +103,12 @@ class InterStageWorker:
         results are padded to the micro-batch's longest response (the controller pads
         them to the batch's).
         """
+        from fusedrl.devices import to_host
         from fusedrl.rollout import RolloutBatch
         from fusedrl.runtime.calls import infer_head
 
         t0 = time.perf_counter()
-        mb = RolloutBatch.from_samples(samples, self.spec.pad_token_id)
+        mb = RolloutBatch.from_samples(samples, self.spec.pad_token_id).to(self.torch_device)
         width = mb.response_mask.shape[1]
         results = {}
         for role, kind in jobs:
@@ -113,5 +116,5 @@ class InterStageWorker:
             out = shard.model(mb.input_ids)
             results[(role, kind)] = infer_head(kind, out, mb, shard.model.tp_group, width,
                                                temperature)
-        return {"results": results, "tokens": mb.num_tokens(),
+        return {"results": to_host(results), "tokens": mb.num_tokens(),
                 "busy_s": time.perf_counter() - t0}
