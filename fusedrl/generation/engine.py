@@ -151,6 +151,10 @@ class GenerationEngine:
                 req = self.queue.popleft()
                 self.slots[i] = _Slot(req, req.max_new_tokens or self.params.max_new_tokens)
                 admitted.append(i)
+        if admitted and decoding and isinstance(self._forward, fastpath.FastForward):
+            # One forward for both: on CPU a step costs a pass over the weights.
+            self._prefill(admitted, finished, decoding)
+            return finished
         if admitted:
             self._prefill(admitted, finished)
         if decoding:
@@ -167,31 +171,45 @@ class GenerationEngine:
     def _device(self):
         return next(self.model.parameters()).device
 
-    def _prefill(self, slot_ids: list[int], finished: list[Sample]) -> None:
+    def _prefill_group(self, slot_ids: list[int], dev) -> tuple:
         seqs = [self.slots[i].req.prompt_ids + self.slots[i].req.response_ids for i in slot_ids]
         width = max(len(s) for s in seqs)
-        dev = self._device()
         ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
         for row, s in enumerate(seqs):
             ids[row, :len(s)] = torch.tensor(s)
         positions = torch.arange(width).expand(len(seqs), width)
         last = torch.tensor([len(s) - 1 for s in seqs])
-        logits = self._forward(ids.to(dev), positions.to(dev),
-                               self.cache.bind(torch.tensor(slot_ids, device=dev)),
-                               select=last.to(dev))
         for i, s in zip(slot_ids, seqs):
             self.slots[i].seq_len = len(s)
+        return (ids.to(dev), positions.to(dev), torch.tensor(slot_ids, device=dev),
+                last.to(dev))
+
+    def _decode_group(self, slot_ids: list[int], dev) -> tuple:
+        ids = torch.tensor([[self.slots[i].req.response_ids[-1]] for i in slot_ids])
+        positions = torch.tensor([[self.slots[i].seq_len] for i in slot_ids])
+        for i in slot_ids:
+            self.slots[i].seq_len += 1
+        return (ids.to(dev), positions.to(dev), torch.tensor(slot_ids, device=dev),
+                torch.zeros(len(slot_ids), dtype=torch.long, device=dev))
+
+    def _prefill(self, slot_ids: list[int], finished: list[Sample],
+                 decoding: list[int] = ()) -> None:
+        """Prefill ``slot_ids``; with ``decoding`` (fast path only), decode those slots in
+        the same forward."""
+        dev = self._device()
+        groups = [self._prefill_group(slot_ids, dev)]
+        if decoding:
+            groups.append(self._decode_group(decoding, dev))
+            logits = self._forward.forward_groups(groups, self.cache)
+            self._sample(list(slot_ids) + list(decoding), logits, finished)
+            return
+        ids, positions, slots, last = groups[0]
+        logits = self._forward(ids, positions, self.cache.bind(slots), select=last)
         self._sample(slot_ids, logits, finished)
 
     def _decode(self, slot_ids: list[int], finished: list[Sample]) -> None:
-        dev = self._device()
-        ids = torch.tensor([[self.slots[i].req.response_ids[-1]] for i in slot_ids])
-        positions = torch.tensor([[self.slots[i].seq_len] for i in slot_ids])
-        logits = self._forward(ids.to(dev), positions.to(dev),
-                               self.cache.bind(torch.tensor(slot_ids, device=dev)),
-                               select=torch.zeros(len(slot_ids), dtype=torch.long, device=dev))
-        for i in slot_ids:
-            self.slots[i].seq_len += 1
+        ids, positions, slots, select = self._decode_group(slot_ids, self._device())
+        logits = self._forward(ids, positions, self.cache.bind(slots), select=select)
         self._sample(slot_ids, logits, finished)
 
     def _sample(self, slot_ids: list[int], logits: torch.Tensor, finished: list[Sample]) -> None:

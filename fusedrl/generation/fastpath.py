@@ -133,43 +133,69 @@ class FastForward:
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                  select: torch.Tensor) -> torch.Tensor:
+        return self.forward_groups([(ids, positions, cache.slots, select)], cache)
+
+    @torch.inference_mode()
+    def forward_groups(self, groups: list[tuple], cache: KVCache) -> torch.Tensor:
+        """One forward over the tokens of several groups ``(ids [b, t], positions [b, t],
+        slots [b], select [b])`` -> logits ``[sum of b, V]`` (groups' rows in order).
+
+        The linear layers run once on all the groups' tokens (one pass over the weights,
+        which is what a decode step costs on CPU); attention runs per group. The engine
+        uses it to decode the running samples and prefill the admitted ones together.
+        """
         model, cfg = self.model, self.model.config
         weights = self._weights()
-        b, t = ids.shape
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_size, kv_size = nh * hd, nkv * hd
-        slots = cache.slots
-        # Rows of the cache this batch reads: a view when the slots are a contiguous run.
-        slot_list = slots.tolist()
-        first = slot_list[0]
-        contiguous = slot_list == list(range(first, first + b))
-        span = int(positions.max()) + 1
-        rows = slots[:, None].expand(b, t)
-        mask = (torch.arange(span, device=ids.device)[None, None, :]
-                <= positions[:, :, None])[:, None]
+        dev = groups[0][0].device
+        attn, flat_ids, flat_pos, flat_slots, picks = [], [], [], [], []
+        offset = 0
+        for ids, positions, slots, select in groups:
+            b, t = ids.shape
+            # Rows of the cache this group reads: a view when the slots are a contiguous run.
+            slot_list = slots.tolist()
+            first = slot_list[0]
+            contiguous = slot_list == list(range(first, first + b))
+            span = int(positions.max()) + 1
+            mask = (torch.arange(span, device=dev)[None, None, :]
+                    <= positions[:, :, None])[:, None]
+            attn.append((b, t, slots, first, contiguous, span, mask))
+            flat_ids.append(ids.reshape(-1))
+            flat_pos.append(positions.reshape(-1))
+            flat_slots.append(slots[:, None].expand(b, t).reshape(-1))
+            picks.append(offset + torch.arange(b, device=dev) * t + select)
+            offset += b * t
+        one = len(groups) == 1
+        ids, positions, slots = ((flat_ids[0], flat_pos[0], flat_slots[0]) if one else
+                                 (torch.cat(flat_ids), torch.cat(flat_pos), torch.cat(flat_slots)))
+        n = ids.shape[0]  # tokens of all groups, one row each
         cos, sin = model.rope_cos[positions][:, None], model.rope_sin[positions][:, None]
         h = F.embedding(ids, model.model.embed_tokens.weight)
         for w1, eps1, wqkv, wo, w2, eps2, wgu, wdown, idx in weights:
             qkv = self._linear(_rms_norm(h, w1, eps1), wqkv)
-            # RoPE on the q and k heads together: [b, t, nh + nkv, hd] -> [b, nh + nkv, t, hd]
-            qk = _rope(qkv[..., :q_size + kv_size].view(b, t, nh + nkv, hd).transpose(1, 2),
-                       cos, sin)
-            q, k = qk[:, :nh], qk[:, nh:]
-            v = qkv[..., q_size + kv_size:].view(b, t, nkv, hd)
+            # RoPE on the q and k heads together: [n, nh + nkv, hd]
+            qk = _rope(qkv[:, :q_size + kv_size].view(n, nh + nkv, hd), cos, sin)
+            q = qk[:, :nh]
             ck, cv = cache.k[idx], cache.v[idx]
-            ck[rows, :, positions] = k.transpose(1, 2)
-            cv[rows, :, positions] = v
-            if contiguous:
-                keys, values = ck[first:first + b, :, :span], cv[first:first + b, :, :span]
-            else:
-                keys, values = ck[slots, :, :span], cv[slots, :, :span]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                                 enable_gqa=True)
-            h = h + self._linear(out.transpose(1, 2).reshape(b, t, q_size), wo)
+            ck[slots, :, positions] = qk[:, nh:]
+            cv[slots, :, positions] = qkv[:, q_size + kv_size:].view(n, nkv, hd)
+            outs, start = [], 0
+            for b, t, gslots, first, contiguous, span, mask in attn:
+                if contiguous:
+                    keys, values = ck[first:first + b, :, :span], cv[first:first + b, :, :span]
+                else:
+                    keys, values = ck[gslots, :, :span], cv[gslots, :, :span]
+                qg = q[start:start + b * t].view(b, t, nh, hd).transpose(1, 2)
+                out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask,
+                                                     enable_gqa=True)
+                outs.append(out.transpose(1, 2).reshape(b * t, q_size))
+                start += b * t
+            h = h + self._linear(outs[0] if one else torch.cat(outs), wo)
             gu = self._linear(_rms_norm(h, w2, eps2), wgu)
             gate, up = gu.chunk(2, dim=-1)
             h = h + self._linear(F.silu(gate) * up, wdown)
-        h = h[torch.arange(b, device=h.device), select]
+        h = h[picks[0] if one else torch.cat(picks)]
         return self._linear(_rms_norm(h, model.model.norm.weight, model.model.norm.eps),
                             self._head)
 
