@@ -12,7 +12,9 @@ Lifecycle::
 
 The model is used in place: weights updated by training or reallocation between calls
 are picked up by the next call. A finished sample's slot is refilled from the queue at
-the next step (continuous batching, Yu et al. OSDI'22 "Orca").
+the next step (continuous batching, Yu et al. OSDI'22 "Orca"); on the fast path
+(``fastpath.FastForward``) the admitted samples' prefill and the running samples' decode
+share that step's forward (Orca's iteration-level batching: one pass over the weights).
 """
 
 from __future__ import annotations
