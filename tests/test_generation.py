@@ -182,3 +182,33 @@ def test_fast_forward_matches_model_and_follows_weight_updates(batch):
     got2, ref2 = both()
     assert (got2 - ref2).abs().max().item() <= 1e-5
     assert (got2 - got).abs().max().item() > 1e-3
+
+
+def test_fast_forward_groups_equal_separate_forwards():
+    # Prefill of admitted samples and decode of running ones in one forward (the engine's
+    # mixed step) gives each group the logits of its own forward.
+    from fusedrl.generation import fastpath
+
+    m = build_model(CFG, "lm", seed=3).eval()
+    fast = fastpath.FastForward(m, pack_rows=4)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, CFG.vocab_size, (2, 6), generator=g)
+    pre = (prompt, torch.arange(6).expand(2, 6), torch.tensor([0, 2]), torch.tensor([5, 3]))
+
+    def decoded(cache):
+        # slots 1 and 3 hold 4 tokens; decode one more at position 4
+        ctx = torch.randint(3, CFG.vocab_size, (2, 4), generator=torch.Generator().manual_seed(1))
+        fast(ctx, torch.arange(4).expand(2, 4), cache.bind(torch.tensor([1, 3])),
+             torch.tensor([3, 3]))
+        return (torch.tensor([[7], [9]]), torch.tensor([[4], [4]]), torch.tensor([1, 3]),
+                torch.tensor([0, 0]))
+
+    cache = m.new_cache(4, 16)
+    dec = decoded(cache)
+    both = fast.forward_groups([pre, dec], cache)
+    cache = m.new_cache(4, 16)
+    dec = decoded(cache)
+    alone = torch.cat([fast(*pre[:2], cache.bind(pre[2]), pre[3]),
+                       fast(*dec[:2], cache.bind(dec[2]), dec[3])])
+    assert both.shape == (4, CFG.vocab_size)
+    assert (both - alone).abs().max().item() <= 1e-5
