@@ -31,7 +31,7 @@ from fusedrl.config import Config
 from fusedrl.data.prompts import PromptRecord, load_prompts
 from fusedrl.devices import device_of, timer
 from fusedrl.generation import Request, SamplingParams, forced_lengths
-from fusedrl.generation.backend import make_backend
+from fusedrl.generation.backend import backend_from_config
 from fusedrl.models.build import build_model
 from fusedrl.models.checkpoint import load_checkpoint
 from fusedrl.models.config import PRESETS, ModelConfig
@@ -154,10 +154,8 @@ class PPOTrainer:
         tok = s.tokenizer
         # The native engine generates with the actor module itself (weights in place);
         # other backends (vLLM) hold their own copy, refreshed after every train step.
-        self.engine = make_backend(
-            c.generation.backend, self.actor, max_batch_size=c.generation.max_batch_size,
-            max_seq_len=c.data.max_prompt_len + c.generation.max_new_tokens,
-            eos_token_ids=tok.eos_token_ids, pad_token_id=tok.pad_token_id)
+        self.engine = backend_from_config(c, self.actor, eos_token_ids=tok.eos_token_ids,
+                                          pad_token_id=tok.pad_token_id)
         self.iteration = 0  # iterations completed
 
     # ------------------------------------------------------------------ data

@@ -212,3 +212,29 @@ def test_fast_forward_groups_equal_separate_forwards():
                        fast(*dec[:2], cache.bind(dec[2]), dec[3])])
     assert both.shape == (4, CFG.vocab_size)
     assert (both - alone).abs().max().item() <= 1e-5
+
+
+def test_packed_weight_budget_from_config():
+    # generation.packed_weights_gib bounds the MKL-packed copies; 0 packs nothing and
+    # the engine still generates the same tokens.
+    from fusedrl.config import ConfigError, load_config
+    from fusedrl.generation import fastpath
+    from fusedrl.generation.backend import backend_from_config
+
+    with pytest.raises(ConfigError, match="generation.packed_weights_gib=-1"):
+        load_config(None, ["generation.packed_weights_gib=-1"])
+    m = build_model(CFG, "lm", seed=4).eval()
+    reqs = [Request(i, [3 + i, 4, 5], max_new_tokens=6) for i in range(4)]
+    params = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+    out = {}
+    for gib in (0, 1):
+        cfg = load_config(None, [f"generation.packed_weights_gib={gib}",
+                                 "generation.max_batch_size=4", "data.max_prompt_len=16",
+                                 "generation.max_new_tokens=8"])
+        backend = backend_from_config(cfg, m, eos_token_ids=(), pad_token_id=0)
+        out[gib] = [s.response_ids for s in backend.generate(reqs, params)]
+        fast = backend.engine._forward
+        assert isinstance(fast, fastpath.FastForward)
+        packed = [w[1] is not None for w in [fast._head] + [l[2] for l in fast._layers]]
+        assert not any(packed) if gib == 0 else (all(packed) or not fastpath._mkl_packing())
+    assert out[0] == out[1]

@@ -137,6 +137,18 @@ def make_backend(name: str, model, **kwargs) -> GenerationBackend:
     return get_backend(name)(model, **kwargs)
 
 
+def backend_from_config(config, model, *, eos_token_ids: Iterable[int], pad_token_id: int,
+                        **kwargs) -> GenerationBackend:
+    """The ``generation.backend`` of a :class:`~fusedrl.config.Config` on ``model``, sized by
+    its ``generation`` and ``data`` sections (``kwargs``: e.g. ``process_group``)."""
+    g = config.generation
+    if g.backend == "native":
+        kwargs.setdefault("packed_weight_bytes", int(g.packed_weights_gib * (1 << 30)))
+    return make_backend(g.backend, model, max_batch_size=g.max_batch_size,
+                        max_seq_len=config.data.max_prompt_len + g.max_new_tokens,
+                        eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, **kwargs)
+
+
 def _load_builtin() -> None:
     # vllm_backend imports vllm lazily, so registering it costs nothing without vllm.
     import fusedrl.generation.vllm_backend  # noqa: F401
@@ -156,12 +168,13 @@ class NativeBackend:
 
     def __init__(self, model, *, max_batch_size: int = 64, max_seq_len: int | None = None,
                  eos_token_ids: Iterable[int] = (), pad_token_id: int = 0,
-                 process_group=None):
+                 process_group=None, packed_weight_bytes: int = 3 << 30):
         del process_group  # the native engine runs no collectives of its own
         self.model = model
         self.engine = GenerationEngine(model, max_batch_size=max_batch_size,
                                        max_seq_len=max_seq_len, eos_token_ids=eos_token_ids,
-                                       pad_token_id=pad_token_id)
+                                       pad_token_id=pad_token_id,
+                                       packed_weight_bytes=packed_weight_bytes)
         self._stopped = False
 
     def _check(self) -> None:
@@ -223,4 +236,4 @@ class NativeBackend:
 
 
 __all__ = ["GenerationBackend", "NativeBackend", "SampleProgress", "register_backend",
-           "get_backend", "available_backends", "make_backend"]
+           "get_backend", "available_backends", "make_backend", "backend_from_config"]

@@ -70,7 +70,8 @@ class GenerationEngine:
     """Generates on one model instance (one dp replica of the generation placement)."""
 
     def __init__(self, model, *, max_batch_size: int = 64, max_seq_len: int | None = None,
-                 eos_token_ids: Iterable[int] = (), pad_token_id: int = 0):
+                 eos_token_ids: Iterable[int] = (), pad_token_id: int = 0,
+                 packed_weight_bytes: int = 3 << 30):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model
@@ -87,7 +88,8 @@ class GenerationEngine:
         self.slots: list[_Slot | None] = [None] * max_batch_size
         self.tokens_generated = 0
         # A full model on one rank runs through the lean forward (same math, fewer ops).
-        self._forward = (fastpath.FastForward(model, pack_rows=max_batch_size)
+        self._forward = (fastpath.FastForward(model, pack_rows=max_batch_size,
+                                              pack_bytes=packed_weight_bytes)
                          if fastpath.supports(model) else model)
 
     # ------------------------------------------------------------------ lifecycle

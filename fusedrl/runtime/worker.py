@@ -239,7 +239,7 @@ class Worker(InterStageWorker):
     def generation_backend(self, role: str):
         """The generation backend (``generation.backend``) of this device's stage-0 rank of
         ``role``, built on first use from the weights the shard holds then."""
-        from fusedrl.generation.backend import make_backend
+        from fusedrl.generation.backend import backend_from_config
         from fusedrl.pipeline.generate import StageProxy
 
         shard = self.shards[role]
@@ -247,11 +247,9 @@ class Worker(InterStageWorker):
             g, c = shard.groups, self.spec.config
             if not g.is_last:
                 shard.proxy = StageProxy(shard.model, g)
-            shard.engine = make_backend(
-                c.generation.backend, shard.proxy or shard.model,
-                max_batch_size=c.generation.max_batch_size,
-                max_seq_len=c.data.max_prompt_len + c.generation.max_new_tokens,
-                eos_token_ids=self.spec.eos_token_ids, pad_token_id=self.spec.pad_token_id,
+            shard.engine = backend_from_config(
+                c, shard.proxy or shard.model, eos_token_ids=self.spec.eos_token_ids,
+                pad_token_id=self.spec.pad_token_id,
                 process_group=self.registry.get([self.device]))
         return shard.engine
 
