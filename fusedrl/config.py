@@ -132,9 +132,9 @@ class GenerationSection:
     inference as they finish, and the long tail migrates onto fewer generation
     instances so the freed devices start inference. Unset (default): on when
     ``actor_gen`` has at least 2 dp replicas and it and every inference call are placed
-    ``tp=pp=1`` (either backend; vLLM migrates by re-prefill with a fresh per-sample
-    seed); ``true``: required (a config error where the placements do not allow it);
-    ``false``: off."""
+    ``tp=pp=1`` (either backend; migration re-prefills and the sample continues its
+    random stream); ``true``: required (a config error where the placements do not
+    allow it); ``false``: off."""
     interstage_policy: str = "rlhfuse"
     """How the migration threshold ``Rt`` is chosen: a name in
     ``fusedrl.scheduler.interstage.available_policies()`` (``rlhfuse``: simulated over

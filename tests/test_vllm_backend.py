@@ -109,9 +109,11 @@ def test_forced_lengths_and_eos(setup):
     assert any(s.finish_reason == "eos" for s in free)
 
 
-def test_abort_and_resume(setup):
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_abort_and_resume(setup, temperature):
     _, _, _, backend = setup
-    params = SamplingParams(temperature=0.0, max_new_tokens=30, ignore_eos=True)
+    params = SamplingParams(temperature=temperature, max_new_tokens=30, ignore_eos=True,
+                            seed=5)
     reqs = requests(4, seed=9)
     whole = {s.sample_id: s for s in backend.generate(reqs, params)}
     backend.start(params)
@@ -131,7 +133,8 @@ def test_abort_and_resume(setup):
         done += backend.step()
     resumed = {s.sample_id: s for s in done}
     assert sorted(resumed) == [0, 1, 2, 3]
-    # Greedy: the resumed sample is the one an unmigrated run makes.
+    # The resumed sample is the one an unmigrated run makes (sampled too: its stream
+    # continues at its offset).
     assert resumed[2].response_ids == whole[2].response_ids
     assert (torch.tensor(resumed[2].logprobs) - torch.tensor(whole[2].logprobs)).abs().max() \
         <= LOGPROB_TOL
@@ -242,3 +245,23 @@ def test_vllm_runs_head_dim_16_padded():
             assert diff <= LOGPROB_TOL
     finally:
         vllm.stop()
+
+
+@needs_vllm
+def test_vllm_sampled_equals_native():
+    """vLLM computes the logits, fusedrl's stream sampler draws: the same tokens as the
+    native engine for the same seed, with temperature, top-k and top-p, and log-probs
+    under the untruncated ``softmax(logits / temperature)``."""
+    model = build_model(CFG, "lm", seed=7).eval()
+    reqs = requests(12, seed=12)
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, max_new_tokens=32,
+                            seed=11)
+    kw = dict(max_batch_size=8, max_seq_len=MAX_SEQ, eos_token_ids=[EOS])
+    vllm = make_backend("vllm", model, **kw)
+    try:
+        got = vllm.generate(reqs, params)
+    finally:
+        vllm.stop()
+    want = make_backend("native", model, **kw).generate(reqs, params)
+    assert [s.response_ids for s in got] == [s.response_ids for s in want]
+    assert max_logprob_diff(model, got, 0.8) <= LOGPROB_TOL

@@ -88,3 +88,34 @@ def test_vllm_needs_single_device_replicas():
     cfg = load_config(None, BASE + ["cluster.devices=2", "placement.actor_gen=dp1tp2pp1@0-1"])
     with pytest.raises(ConfigError, match=r"placement\.actor_gen=dp1tp2pp1@0-1"):
         DistributedPPOTrainer(cfg)
+
+
+@needs_vllm
+def test_vllm_migration_keeps_the_sampled_tokens(ray_session):
+    """A sampled long-tail sample migrated between two vLLM engines (re-prefill) draws
+    the tokens it would have drawn unmigrated: fusedrl's stream sampler continues its
+    stream at its offset."""
+    import torch
+
+    from fusedrl.generation import Request, SamplingParams
+    from fusedrl.runtime.controller import DistributedPPOTrainer, _Generation
+
+    t = DistributedPPOTrainer(load_config(None, BASE + [
+        "cluster.devices=2", "placement.default=dp2tp1pp1@0-1", "generation.max_new_tokens=24",
+        "generation.interstage=true", "generation.interstage_policy=test-vllm-migrate-early",
+        "generation.interstage_steps=2"]))
+    try:
+        prompts = t.setup.prompt_ids
+        lengths = [2, 3, 2, 4, 3, 24, 2, 3, 20, 2]
+        requests = [Request(100 + j, list(prompts[j]), max_new_tokens=n)
+                    for j, n in enumerate(lengths)]
+        params = SamplingParams(temperature=1.0, max_new_tokens=24, seed=3, ignore_eos=True)
+        unfused = _Generation(t).generate(requests, params)
+        fused = t.rollout.generate(requests, params)
+        assert t.rollout.metrics()["interstage/migrated"] >= 1
+        for a, b in zip(unfused, fused):
+            assert (a.sample_id, a.response_ids) == (b.sample_id, b.response_ids)
+            torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs),
+                                       rtol=1e-4, atol=1e-5)
+    finally:
+        t.close()

@@ -22,9 +22,10 @@ Contract shared by every backend:
 * ``generate`` returns samples in the order of ``requests``; ``on_finish`` is called on
   each sample as it finishes (the inter-stage scheduler streams it to inference).
 * A sample's tokens come from a per-sample random stream seeded by
-  ``(params.seed, sample_id)``: they do not depend on the batch, slot or replica.
-  Greedy decoding (``temperature=0``) is identical across backends; sampled tokens are
-  not (each backend has its own random number generator).
+  ``(params.seed, sample_id)`` and indexed by token position: they do not depend on
+  the batch, slot or replica, and a sample resumed elsewhere continues its stream. The
+  native and vLLM backends share the sampler (``generation/sampling.py``), so their
+  tokens are the same up to float rounding of the logits, sampled or greedy.
 * ``Sample.logprobs[k]`` is the log-probability of token ``k`` under
   ``softmax(logits / temperature)`` (temperature 1 when greedy), the distribution that
   the trainer recomputes for PPO's importance ratio.

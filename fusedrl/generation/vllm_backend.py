@@ -37,18 +37,17 @@ vLLM would join; :func:`_vllm_world` gives it this rank alone. Models with a hea
 vLLM's CPU kernels lack (the tiny preset's 16) run with zero-padded heads, exactly
 (:mod:`fusedrl.generation.head_padding`).
 
-Streams. A request's ``SamplingParams.seed`` is a hash of ``(params.seed, sample_id,
-len(response_ids))``, so a sample's tokens do not depend on the batch it ran in. A
-sample resumed after ``k`` tokens continues from a stream seeded with ``k``: the result
-is deterministic, but not the tokens an unmigrated run would have drawn (vLLM's
-per-request generator state cannot be moved between engines). Greedy decoding matches
-the native engine.
-
-Log-probs. The engine runs with ``logprobs_mode="processed_logprobs"`` and asks for the
-sampled token's log-prob (``logprobs=0``): ``log_softmax(logits / temperature)`` when no
-top-k/top-p truncation is active (temperature 1 when greedy), the native engine's
-definition. With top-k/top-p vLLM reports the log-prob under the truncated,
-renormalised distribution instead.
+Sampling, streams and log-probs. vLLM computes the logits; fusedrl's sampler draws the
+token (:func:`_stream_sampler`, a vLLM logits processor running inside the in-process
+engine): the native engine's draw from the counter-based stream of ``(params.seed,
+sample_id, token index)``, with temperature, top-k and top-p applied as the native
+engine applies them. So a sample's tokens do not depend on the batch, the engine or a
+migration (a resumed sample continues its stream at its offset), and they equal the
+native engine's up to float rounding of the logits. The reported log-prob is the
+drawn token's under ``softmax(logits / temperature)`` before top-k/top-p (temperature 1
+when greedy), the native engine's definition and the distribution the trainer
+recomputes. The sampler hands results back through a process-local table, which is
+why the engine must run in process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
 
 Abort and continue. vLLM's V1 engine cannot hand a request's KV cache to another
 engine; :meth:`VLLMBackend.abort` returns the partial sample and
@@ -58,6 +57,7 @@ engine; :meth:`VLLMBackend.abort` returns the partial sample and
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -66,28 +66,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable
 
-import numpy as np
 import torch
 
 from fusedrl.generation.backend import NamedTensors, SampleProgress, register_backend
 from fusedrl.generation.engine import Request, Sample, run_to_completion
 from fusedrl.generation.head_padding import HeadPadding
-from fusedrl.generation.sampling import SamplingParams, _splitmix64
+from fusedrl.generation.sampling import SamplingParams
 
 VLLM_TESTED_VERSION = "0.32.0"
 
 
-def request_seed(seed: int, sample_id: int, offset: int) -> int:
-    """Seed of vLLM's per-request generator for a sample (resumed after ``offset``
-    tokens), a SplitMix64 hash like the native engine's streams; 63 bits."""
-    x = np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64)
-    for v in (sample_id, offset):
-        x = _splitmix64(x ^ np.uint64(v & 0xFFFFFFFFFFFFFFFF))
-    return int(x[0] >> np.uint64(1))
-
-
 def _import_vllm():
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
+        raise ValueError("generation.backend=vllm runs vLLM's engine in process: unset "
+                         "VLLM_ENABLE_V1_MULTIPROCESSING or set it to 0 (the token sampler "
+                         "shares a table with the backend)")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     # vLLM logs at INFO on every weight update; fusedrl prints one line per iteration.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -140,6 +134,70 @@ def _vllm_world(group):
         yield
     finally:
         dist.get_rank, dist.get_world_size, dist.new_group = get_rank, get_world_size, new_group
+
+
+_STREAM_LOGPROBS: dict[str, dict[int, float]] = {}
+"""vLLM request id -> {index of the request's output token: its log-prob}, written by
+the stream sampler inside the (in-process) engine, read by :meth:`VLLMBackend.step`."""
+
+
+@functools.cache
+def _stream_sampler():
+    """vLLM logits processor drawing every token with fusedrl's sampler
+    (:func:`fusedrl.generation.sampling.sample_tokens`): the counter-based per-sample
+    stream of ``(seed, sample_id, token index)``, the native engine's draw.
+
+    Requests run greedy in vLLM; for each row of a request carrying
+    ``extra_args["fusedrl"]`` the processor draws the token from the row's logits,
+    records its log-prob under ``softmax(logits / temperature)`` (before top-k/top-p,
+    as the native engine reports it) and leaves only that token finite, so vLLM's
+    argmax takes it. A resumed request's stream continues at its ``offset``, so a
+    migrated sample draws what an unmigrated one would (RLHFuse §4's migration is
+    invisible in the tokens), and tokens do not depend on the batch or the engine.
+    """
+    from vllm.v1.sample.logits_processor import LogitsProcessor
+    from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+    from fusedrl.generation.sampling import sample_tokens
+
+    class StreamSampler(LogitsProcessor):
+        def __init__(self, vllm_config, device, is_pin_memory):
+            # batch row -> (request id, SamplingParams, sample id, offset, output ids)
+            self.rows: dict[int, tuple] = {}
+
+        def is_argmax_invariant(self) -> bool:
+            return False  # it chooses the token greedy decoding then takes
+
+        @staticmethod
+        def _added(params, _prompt_ids, output_ids):
+            x = (params.extra_args or {}).get("fusedrl")
+            if x is None:
+                return None
+            rid, seed, sample_id, offset, temperature, top_p, top_k = x
+            return (rid, SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
+                                        seed=seed), sample_id, offset, output_ids)
+
+        def update_state(self, batch_update) -> None:
+            process_dict_updates(self.rows, batch_update, self._added)
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            groups: dict[SamplingParams, list] = {}
+            for row, (rid, params, sid, offset, out) in self.rows.items():
+                groups.setdefault(params, []).append((row, rid, sid, offset, len(out)))
+            for params, rows in groups.items():
+                idx = torch.tensor([r[0] for r in rows], device=logits.device)
+                tokens, logps = sample_tokens(logits[idx], params, [r[2] for r in rows],
+                                              [r[3] + r[4] for r in rows])
+                for (_, rid, _, _, k), lp in zip(rows, logps.tolist()):
+                    # keyed by output index: a step whose token vLLM discards (a partial
+                    # prefill chunk) is overwritten by the one that keeps it
+                    _STREAM_LOGPROBS.setdefault(rid, {})[k] = lp
+                only = torch.full((len(rows), logits.shape[-1]), float("-inf"),
+                                  device=logits.device, dtype=logits.dtype)
+                logits[idx] = only.scatter_(1, tokens[:, None], 0.0)
+            return logits
+
+    return StreamSampler
 
 
 def head_padding(config) -> HeadPadding | None:
@@ -200,6 +258,7 @@ class VLLMBackend:
         self._vllm = vllm
         self._running: dict[str, Request] = {}   # vLLM request id -> request (tokens so far)
         self._started: set[str] = set()  # request ids vLLM has prefilled (output seen)
+        self._offset: dict[str, int] = {}  # request id -> tokens generated before it
         self._done: list[Sample] = []
         self._next_id = 0
         if kv_cache_bytes is None:
@@ -227,7 +286,8 @@ class VLLMBackend:
                           max_model_len=self.max_seq_len, max_num_seqs=max_batch_size,
                           max_num_batched_tokens=max(self.max_seq_len * max_batch_size, 2048),
                           enforce_eager=True, enable_prefix_caching=False,
-                          logprobs_mode="processed_logprobs", kv_cache_memory_bytes=kv_cache_bytes,
+                          logits_processors=[_stream_sampler()],
+                          kv_cache_memory_bytes=kv_cache_bytes,
                           seed=0, disable_log_stats=True, generation_config="vllm")
             # On GPU, release() frees the KV cache for training (vLLM's sleep mode, which
             # needs CUDA's memory pool: not on CPU).
@@ -303,18 +363,21 @@ class VLLMBackend:
             self._done.append(_sample(req, "length"))
             return
         p = self.params
-        sp = self._vllm.SamplingParams(
-            n=1, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or -1,
-            max_tokens=left, ignore_eos=p.ignore_eos,
-            stop_token_ids=[] if p.ignore_eos else sorted(self.eos),
-            seed=request_seed(p.seed, r.sample_id, len(r.response_ids)),
-            logprobs=0, detokenize=False, skip_special_tokens=False,
-            output_kind=self._vllm.sampling_params.RequestOutputKind.DELTA)
-        rid = f"{r.sample_id}.{self._next_id}"
+        # unique in the process: the stream sampler's table is shared by every engine
+        rid = f"{id(self):x}.{r.sample_id}.{self._next_id}"
         self._next_id += 1
+        offset = len(r.response_ids)
+        sp = self._vllm.SamplingParams(
+            n=1, temperature=0.0, max_tokens=left, ignore_eos=p.ignore_eos,
+            stop_token_ids=[] if p.ignore_eos else sorted(self.eos),
+            detokenize=False, skip_special_tokens=False,
+            extra_args={"fusedrl": (rid, p.seed, r.sample_id, offset, p.temperature,
+                                    p.top_p, p.top_k)},
+            output_kind=self._vllm.sampling_params.RequestOutputKind.DELTA)
         prompt = {"prompt_token_ids": req.prompt_ids + req.response_ids}
         self.engine.add_request(rid, prompt, sp)
         self._running[rid] = req
+        self._offset[rid] = offset
 
     def step(self) -> list[Sample]:
         finished, self._done = self._done, []
@@ -326,16 +389,22 @@ class VLLMBackend:
                 continue
             self._started.add(out.request_id)
             comp = out.outputs[0]
+            drawn = _STREAM_LOGPROBS.get(out.request_id, {})
+            first = len(req.response_ids) - self._offset[out.request_id]
             req.response_ids.extend(comp.token_ids)
-            for tok, entry in zip(comp.token_ids, comp.logprobs or ()):
-                req.logprobs.append(float(entry[tok].logprob))
+            req.logprobs.extend(drawn.pop(first + j) for j in range(len(comp.token_ids)))
             if out.finished:
-                del self._running[out.request_id]
-                self._started.discard(out.request_id)
+                self._forget(out.request_id)
                 # "stop": one of our stop_token_ids (the eos ids); otherwise "length".
                 reason = "eos" if comp.finish_reason == "stop" else "length"
                 finished.append(_sample(req, reason))
         return finished
+
+    def _forget(self, rid: str) -> None:
+        del self._running[rid]
+        self._started.discard(rid)
+        self._offset.pop(rid, None)
+        _STREAM_LOGPROBS.pop(rid, None)
 
     def has_unfinished(self) -> bool:
         return bool(self._running) or bool(self._done)
@@ -354,8 +423,7 @@ class VLLMBackend:
         for rid, req in self._running.items():
             if req.sample_id == sample_id:
                 self.engine.abort_request([rid])
-                del self._running[rid]
-                self._started.discard(rid)
+                self._forget(rid)
                 return _sample(req, "aborted")
         raise KeyError(f"sample {sample_id} is not in this engine")
 
@@ -384,8 +452,7 @@ class VLLMBackend:
             return
         for rid in list(self._running):
             self.engine.abort_request([rid])
-        self._running.clear()
-        self._started.clear()
+            self._forget(rid)
         destroy = torch.distributed.destroy_process_group
 
         def keep_default(group=None):
@@ -406,4 +473,4 @@ def _sample(req: Request, reason: str) -> Sample:
                   list(req.logprobs), reason, req.max_new_tokens)
 
 
-__all__ = ["VLLMBackend", "request_seed", "head_padding", "VLLM_TESTED_VERSION"]
+__all__ = ["VLLMBackend", "head_padding", "VLLM_TESTED_VERSION"]
