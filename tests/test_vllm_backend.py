@@ -169,18 +169,22 @@ def test_update_weights(setup):
         backend.update_weights(original.items())
 
 
-@needs_vllm
-def test_vllm_greedy_equals_native():
-    model = build_model(CFG, "lm", seed=5).eval()
-    reqs = requests(12, seed=11)
-    params = SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True)
+def vllm_and_native(model, reqs, params):
+    """The same requests through a fresh vLLM engine and the native engine."""
     kw = dict(max_batch_size=8, max_seq_len=MAX_SEQ, eos_token_ids=[EOS])
     vllm = make_backend("vllm", model, **kw)
     try:
         got = vllm.generate(reqs, params)
     finally:
         vllm.stop()
-    want = make_backend("native", model, **kw).generate(reqs, params)
+    return got, make_backend("native", model, **kw).generate(reqs, params)
+
+
+@needs_vllm
+def test_vllm_greedy_equals_native():
+    model = build_model(CFG, "lm", seed=5).eval()
+    params = SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True)
+    got, want = vllm_and_native(model, requests(12, seed=11), params)
     assert [s.response_ids for s in got] == [s.response_ids for s in want]
     diff = max((torch.tensor(a.logprobs) - torch.tensor(b.logprobs)).abs().max().item()
                for a, b in zip(got, want))
@@ -253,15 +257,8 @@ def test_vllm_sampled_equals_native():
     native engine for the same seed, with temperature, top-k and top-p, and log-probs
     under the untruncated ``softmax(logits / temperature)``."""
     model = build_model(CFG, "lm", seed=7).eval()
-    reqs = requests(12, seed=12)
     params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, max_new_tokens=32,
                             seed=11)
-    kw = dict(max_batch_size=8, max_seq_len=MAX_SEQ, eos_token_ids=[EOS])
-    vllm = make_backend("vllm", model, **kw)
-    try:
-        got = vllm.generate(reqs, params)
-    finally:
-        vllm.stop()
-    want = make_backend("native", model, **kw).generate(reqs, params)
+    got, want = vllm_and_native(model, requests(12, seed=12), params)
     assert [s.response_ids for s in got] == [s.response_ids for s in want]
     assert max_logprob_diff(model, got, 0.8) <= LOGPROB_TOL
