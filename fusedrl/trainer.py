@@ -32,14 +32,13 @@ from fusedrl.data.prompts import PromptRecord, load_prompts
 from fusedrl.devices import device_of, timer
 from fusedrl.generation import Request, SamplingParams, forced_lengths
 from fusedrl.generation.backend import backend_from_config
-from fusedrl.models.build import build_model
+from fusedrl.models.build import TORCH_DTYPES, build_model
 from fusedrl.models.checkpoint import load_checkpoint
 from fusedrl.models.config import PRESETS, ModelConfig
 from fusedrl.models.hub import resolve_model_path
 from fusedrl.models.tokenizer import CharTokenizer, load_hf_tokenizer
 from fusedrl.rollout import RolloutBatch, response_logprobs, response_values, sequence_scores
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -130,7 +129,7 @@ class PPOTrainer:
         self.device = dev = device_of(config)  # ConfigError before any model is built
         self.setup = setup or build_setup(config)
         s, c = self.setup, config
-        dtype = _DTYPES[c.model.dtype]
+        dtype = TORCH_DTYPES[c.model.dtype]
         seed = c.trainer.seed
         mc = s.model_config
         self.actor = build_model(mc, "lm", s.actor_state, seed=seed, dtype=dtype, device=dev)

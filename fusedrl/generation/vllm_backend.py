@@ -63,6 +63,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -256,15 +257,15 @@ class VLLMBackend:
         self.eos = frozenset(int(t) for t in eos_token_ids)
         self.params = SamplingParams()
         self._vllm = vllm
-        self._running: dict[str, Request] = {}   # vLLM request id -> request (tokens so far)
-        self._started: set[str] = set()  # request ids vLLM has prefilled (output seen)
-        self._offset: dict[str, int] = {}  # request id -> tokens generated before it
+        self._running: dict[str, _Live] = {}  # vLLM request id -> its sample so far
         self._done: list[Sample] = []
         self._next_id = 0
+        served = self.padding.padded_config if self.padding else config  # what vLLM runs
         if kv_cache_bytes is None:
+            from fusedrl.runtime.memory import kv_bytes_per_token
+
             # Enough for every slot at full length, plus vLLM's block rounding.
-            head = self.padding.size if self.padding else config.head_dim
-            per_token = 2 * config.num_layers * config.num_kv_heads * head * 4
+            per_token = kv_bytes_per_token(served, dtype_bytes=4)
             kv_cache_bytes = max(per_token * max_batch_size * (self.max_seq_len + 32), 1 << 24)
         # vLLM joins an existing default process group instead of creating its own: make
         # it fusedrl's one-rank gloo world (in process), or give it this rank alone
@@ -274,8 +275,7 @@ class VLLMBackend:
         self._group = process_group if process_group is not None else local_group()
         tmp = Path(tempfile.mkdtemp(prefix="fusedrl-vllm-"))
         try:
-            save_hf_checkpoint(tmp, self.padding.padded_config if self.padding else config,
-                               dict(self._for_vllm(state.items())))
+            save_hf_checkpoint(tmp, served, dict(self._for_vllm(state.items())))
             # Stop only at eos_token_ids: vLLM adds the eos of the generation config it
             # derives from config.json (transformers' Llama default: 2) to every request.
             cfg_file = tmp / "config.json"
@@ -376,21 +376,20 @@ class VLLMBackend:
             output_kind=self._vllm.sampling_params.RequestOutputKind.DELTA)
         prompt = {"prompt_token_ids": req.prompt_ids + req.response_ids}
         self.engine.add_request(rid, prompt, sp)
-        self._running[rid] = req
-        self._offset[rid] = offset
+        self._running[rid] = _Live(req, offset)
 
     def step(self) -> list[Sample]:
         finished, self._done = self._done, []
         if not self._running:
             return finished
         for out in self.engine.step():
-            req = self._running.get(out.request_id)
-            if req is None:  # aborted meanwhile
+            live = self._running.get(out.request_id)
+            if live is None:  # aborted meanwhile
                 continue
-            self._started.add(out.request_id)
+            req = live.req
             comp = out.outputs[0]
             drawn = _STREAM_LOGPROBS.get(out.request_id, {})
-            first = len(req.response_ids) - self._offset[out.request_id]
+            first = live.generated
             req.response_ids.extend(comp.token_ids)
             req.logprobs.extend(drawn.pop(first + j) for j in range(len(comp.token_ids)))
             if out.finished:
@@ -402,29 +401,27 @@ class VLLMBackend:
 
     def _forget(self, rid: str) -> None:
         del self._running[rid]
-        self._started.discard(rid)
-        self._offset.pop(rid, None)
         _STREAM_LOGPROBS.pop(rid, None)
 
     def has_unfinished(self) -> bool:
         return bool(self._running) or bool(self._done)
 
     def running_ids(self) -> list[int]:
-        return [r.sample_id for r in self._running.values()]
+        return [live.req.sample_id for live in self._running.values()]
 
     def progress(self) -> list[SampleProgress]:
         # vLLM schedules every waiting request in its next step (max_num_seqs and the
         # token budget fit the whole batch): a request is prefilled once it has output.
-        return [SampleProgress(r.sample_id, len(r.prompt_ids), len(r.response_ids),
-                               rid in self._started)
-                for rid, r in self._running.items()]
+        return [SampleProgress(live.req.sample_id, len(live.req.prompt_ids),
+                               len(live.req.response_ids), live.generated > 0)
+                for live in self._running.values()]
 
     def abort(self, sample_id: int) -> Sample:
-        for rid, req in self._running.items():
-            if req.sample_id == sample_id:
+        for rid, live in self._running.items():
+            if live.req.sample_id == sample_id:
                 self.engine.abort_request([rid])
                 self._forget(rid)
-                return _sample(req, "aborted")
+                return _sample(live.req, "aborted")
         raise KeyError(f"sample {sample_id} is not in this engine")
 
     def generate(self, requests: Iterable[Request], params: SamplingParams,
@@ -466,6 +463,20 @@ class VLLMBackend:
         finally:
             torch.distributed.destroy_process_group = destroy
         self.llm = self.engine = None
+
+
+@dataclass
+class _Live:
+    """A request in the engine: the sample so far, and how many of its tokens were
+    generated before it came to this engine (a resumed sample's)."""
+
+    req: Request
+    offset: int
+
+    @property
+    def generated(self) -> int:
+        """Tokens this engine has produced for it (0: not prefilled yet)."""
+        return len(self.req.response_ids) - self.offset
 
 
 def _sample(req: Request, reason: str) -> Sample:

@@ -7,6 +7,9 @@ import torch
 from fusedrl.models.config import ModelConfig
 from fusedrl.models.llama import Llama, StageSpec
 
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""``model.dtype`` of a config -> the torch dtype models are built in."""
+
 
 def adapt_state_for_head(state: dict[str, torch.Tensor], config: ModelConfig,
                          head: str) -> dict[str, torch.Tensor]:

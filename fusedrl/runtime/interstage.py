@@ -134,10 +134,11 @@ class FusedRollout:
         self.role_devices = {role: set(trainer.placements[role].devices) for role, _ in self.calls}
         self.steps_per_call = c.generation.interstage_steps
         self.max_batch = c.generation.max_batch_size
+        from fusedrl.models.build import TORCH_DTYPES
         from fusedrl.runtime import memory
 
         mc = trainer.spec.model_config
-        dtype_bytes = 2 if c.model.dtype == "bfloat16" else 4
+        dtype_bytes = TORCH_DTYPES[c.model.dtype].itemsize
         max_len = c.data.max_prompt_len + c.generation.max_new_tokens
         # C of the migration rule (RLHFuse §4): the KV bytes an instance can hold, from the
         # least free memory among the generation devices, measured now that every replica's

@@ -130,11 +130,12 @@ class Worker(InterStageWorker):
         from fusedrl.layout import Placement
         from fusedrl.runtime.groups import (GroupRegistry, pipeline_channels, placement_groups,
                                             rank_lists)
+        from fusedrl.models.build import TORCH_DTYPES
         from fusedrl.runtime.reshard import WeightSync, sync_pairs
 
         self.spec = spec
         c = spec.config
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[c.model.dtype]
+        dtype = TORCH_DTYPES[c.model.dtype]
         self.placements = {r: Placement.parse(t) for r, t in spec.placements.items()}
         self.registry = GroupRegistry(self.device, collective_backend(self.accelerator))
         # Reallocation plans and executors of every weight copy the run makes (ReaLHF),
