@@ -272,8 +272,11 @@ class DistributedPPOTrainer(PPOTrainer):
             roles = sorted({r for pair in pairs for r in pair})
             outs = ray.get(self._submit("", "sync_weights", pairs,
                                         devices=self._devices(*roles)))
-        # A backend with its own weights (vLLM) loads them from the copy on its device.
-        load_s = ray.get(self._submit("actor_gen", "refresh_generation", "actor_gen"))
+        # A backend with its own weights (vLLM) loads them from the copy on its device;
+        # the native engine generates with that copy (no round trip to the workers).
+        load_s = [0.0]
+        if self.config.generation.backend != "native":
+            load_s = ray.get(self._submit("actor_gen", "refresh_generation", "actor_gen"))
         return {"perf/realloc_bytes": sum(o["bytes_received"] for o in outs),
                 "perf/realloc_alloc_bytes": sum(o["bytes_allocated"] for o in outs),
                 "timing_s/realloc_backend_load": max(load_s)}

@@ -128,9 +128,9 @@ class Worker(InterStageWorker):
     def setup(self, spec: RunSpec) -> None:
         from fusedrl.devices import collective_backend
         from fusedrl.layout import Placement
+        from fusedrl.models.build import TORCH_DTYPES
         from fusedrl.runtime.groups import (GroupRegistry, pipeline_channels, placement_groups,
                                             rank_lists)
-        from fusedrl.models.build import TORCH_DTYPES
         from fusedrl.runtime.reshard import WeightSync, sync_pairs
 
         self.spec = spec
@@ -173,6 +173,14 @@ class Worker(InterStageWorker):
             else:
                 model.requires_grad_(False)
             self.shards[role] = shard
+
+    def _inference_copy(self, role: str) -> Shard | None:
+        """``role``'s shard on this device when it is an inference-only copy whose storage
+        may be dropped (not the trainable module, nor an alias of it)."""
+        shard = self.shards.get(role)
+        if shard is None or shard.optimizer is not None or self.is_alias(role):
+            return None
+        return shard
 
     def is_alias(self, role: str) -> bool:
         return role in ALIASES and self.spec.placements[role] == \
@@ -292,7 +300,7 @@ class Worker(InterStageWorker):
             self.generation_backend(role)
         else:
             shard.engine.update_weights()
-        if shard.optimizer is None and not self.is_alias(role):
+        if self._inference_copy(role) is not None:
             free_storage(shard.model)
         return time.perf_counter() - t0
 
@@ -400,8 +408,8 @@ class Worker(InterStageWorker):
         the parameter bytes freed."""
         from fusedrl.runtime.reshard import free_storage
 
-        shard = self.shards.get(role)
-        if shard is None or shard.optimizer is not None or self.is_alias(role):
+        shard = self._inference_copy(role)
+        if shard is None:
             return 0  # not here, or the trainable module itself: never dropped
         if shard.engine is not None:
             shard.engine.release()  # kept: building a backend (vLLM) is expensive
