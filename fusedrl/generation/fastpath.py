@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fusedrl.models.llama import KVCache
+from fusedrl.models.llama import KVCache, rms_norm, rotate
 
 
 def supports(model) -> bool:
@@ -44,20 +44,6 @@ def supports(model) -> bool:
     return (getattr(model, "head", None) == "lm" and model.tp_size == 1
             and model.stage.has_embedding and model.stage.has_head
             and len(model.model.layers) == model.config.num_layers)
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # The op sequence of llama.RMSNorm.forward (float32 statistics), without the module call.
-    dtype = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(dtype)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # llama.apply_rope with cos/sin already [B, 1, T, D]: x*cos + cat(-x2, x1)*sin.
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 def _mkl_packing() -> bool:
@@ -173,9 +159,9 @@ class FastForward:
         cos, sin = model.rope_cos[positions][:, None], model.rope_sin[positions][:, None]
         h = F.embedding(ids, model.model.embed_tokens.weight)
         for w1, eps1, wqkv, wo, w2, eps2, wgu, wdown, idx in weights:
-            qkv = self._linear(_rms_norm(h, w1, eps1), wqkv)
+            qkv = self._linear(rms_norm(h, w1, eps1), wqkv)
             # RoPE on the q and k heads together: [n, nh + nkv, hd]
-            qk = _rope(qkv[:, :q_size + kv_size].view(n, nh + nkv, hd), cos, sin)
+            qk = rotate(qkv[:, :q_size + kv_size].view(n, nh + nkv, hd), cos, sin)
             q = qk[:, :nh]
             ck, cv = cache.k[idx], cache.v[idx]
             ck[slots, :, positions] = qk[:, nh:]
@@ -192,11 +178,11 @@ class FastForward:
                 outs.append(out.transpose(1, 2).reshape(b * t, q_size))
                 start += b * t
             h = h + self._linear(outs[0] if one else torch.cat(outs), wo)
-            gu = self._linear(_rms_norm(h, w2, eps2), wgu)
+            gu = self._linear(rms_norm(h, w2, eps2), wgu)
             gate, up = gu.chunk(2, dim=-1)
             h = h + self._linear(F.silu(gate) * up, wdown)
         h = h[picks[0] if one else torch.cat(picks)]
-        return self._linear(_rms_norm(h, model.model.norm.weight, model.model.norm.eps),
+        return self._linear(rms_norm(h, model.model.norm.weight, model.model.norm.eps),
                             self._head)
 
 
