@@ -65,6 +65,10 @@ def channel_name(pipeline: int, grad: bool) -> str:
     return f"p{pipeline}{'grad' if grad else 'act'}"
 
 
+CHANNELS = tuple(channel_name(p, g) for p in range(PIPELINES) for g in (False, True))
+"""Every channel of one neighbour pair."""
+
+
 class GroupRegistry:
     """Cache of process groups of this worker, keyed by the sorted tuple of world ranks
     (and, for point-to-point channels, the channel name). ``backend`` is the run's
@@ -163,14 +167,13 @@ def pipeline_channels(placements: list[Placement]) -> list[tuple[tuple[int, int]
     ``pp > 1``, each pair of neighbouring stages of a (dp, tp) chain, each
     :func:`channel_name` (module doc: why NCCL needs them)."""
     out: list[tuple[tuple[int, int], str]] = []
-    names = [channel_name(p, g) for p in range(PIPELINES) for g in (False, True)]
     for p in placements:
         L, dev = p.layout, p.devices
         for dp in range(L.dp):
             for tp in range(L.tp):
                 for pp in range(L.pp - 1):
                     pair = tuple(sorted((dev[L.rank(dp, tp, pp)], dev[L.rank(dp, tp, pp + 1)])))
-                    out.extend((pair, n) for n in names if (pair, n) not in out)
+                    out.extend((pair, n) for n in CHANNELS if (pair, n) not in out)
     return out
 
 
@@ -236,8 +239,7 @@ def placement_groups(registry: GroupRegistry, p: Placement, device: int,
                                 for t in range(h * share, (h + 1) * share))
     prev = dev[L.rank(c.dp, c.tp, c.pp - 1)] if c.pp > 0 else None
     nxt = dev[L.rank(c.dp, c.tp, c.pp + 1)] if c.pp < L.pp - 1 else None
-    names = [channel_name(q, g) for q in range(PIPELINES) for g in (False, True)]
     channels = {(peer, n): registry.channel(peer, n)
-                for peer in (prev, nxt) if peer is not None for n in names}
+                for peer in (prev, nxt) if peer is not None for n in CHANNELS}
     return PlacementGroups(p, rank, c, tp_group, dp_group, mp_group, kv_group, share, prev, nxt,
                            dev[L.rank(c.dp, c.tp, 0)], channels)

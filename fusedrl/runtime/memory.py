@@ -216,5 +216,5 @@ def max_inflight_microbatches(free_bytes: float, act_bytes: float) -> int:
 
 
 __all__ = ["device_memory", "kv_bytes_per_token", "kv_capacity_bytes", "kv_capacity_tokens",
-           "module_bytes", "pending_training_bytes", "SavedActivations", "activation_bytes_per_microbatch",
-           "max_inflight_microbatches"]
+           "module_bytes", "pending_training_bytes", "SavedActivations",
+           "activation_bytes_per_microbatch", "max_inflight_microbatches"]
