@@ -40,7 +40,6 @@ from fusedrl.models.tokenizer import CharTokenizer, load_hf_tokenizer
 from fusedrl.rollout import RolloutBatch, response_logprobs, response_values, sequence_scores
 
 
-
 @dataclass
 class Setup:
     """Everything an iteration needs, built once from a :class:`Config`."""
