@@ -85,6 +85,13 @@ PRESETS: dict[str, ModelConfig] = {
                                 num_layers=30, num_heads=9, num_kv_heads=3,
                                 max_position_embeddings=8192, rope_theta=100000.0,
                                 tie_word_embeddings=True),
+    # Qwen2.5-0.5B-Instruct's shape (its config.json), for the simulator's check against
+    # verl's published GSM8K run (configs/verl-gsm8k-qwen05b.yaml); built from scratch it is
+    # a Llama without Qwen2's q/k/v biases (1152 parameters a layer, 0.006% of the model).
+    "qwen2.5-0.5b": ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                num_layers=24, num_heads=14, num_kv_heads=2,
+                                max_position_embeddings=32768, rope_theta=1000000.0,
+                                rms_norm_eps=1e-6, tie_word_embeddings=True),
     # LLaMA shapes (Touvron et al. 2023; 33B is the paper's "30B") for the cluster
     # simulator (`fusedrl simulate`); 4096 positions so 2048-token generations fit.
     "llama-7b": ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
