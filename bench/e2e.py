@@ -40,10 +40,10 @@ PP2 = ["placement.default=dp2tp1pp1@0-1", "placement.actor_gen=dp2tp1pp1@0-1",
        "placement.actor_train=dp1tp1pp2@0-1", "placement.critic_train=dp1tp1pp2@1,0",
        "placement.critic_infer=dp2tp1pp1@0-1", "placement.ref=dp2tp1pp1@0-1"]
 VARIANTS = {
-    "baseline": DP2 + ["generation.interstage=false"],
-    "realloc": PP2 + ["generation.interstage=false"],
-    "interstage": DP2 + ["generation.interstage=true"],
-    "intrastage": PP2 + ["generation.interstage=false", "ppo.fused_train=true"],
+    "baseline": DP2 + ["fusion.interstage=false"],
+    "realloc": PP2 + ["fusion.interstage=false"],
+    "interstage": DP2 + ["fusion.interstage=true"],
+    "intrastage": PP2 + ["fusion.interstage=false", "fusion.intrastage=true"],
 }
 
 

@@ -41,7 +41,7 @@ def make_trainer(args):
         f"ppo.mini_batch_size={args.batch}", f"ppo.micro_batch_size={args.micro}",
         "ppo.ppo_epochs=1", "cluster.devices=2", "placement.default=dp1tp1pp2@0-1",
         "placement.critic_train=dp1tp1pp2@1,0", "placement.critic_infer=dp1tp1pp2@1,0",
-        "ppo.fused_train=true", "trainer.iterations=1"])
+        "fusion.intrastage=true", "trainer.iterations=1"])
     return DistributedPPOTrainer(cfg)
 
 
@@ -61,7 +61,7 @@ def measure(args) -> dict:
         times = {"fused": [], "sequential": []}
         for rep in range(args.reps + 1):
             for mode in ("fused", "sequential") if rep % 2 == 0 else ("sequential", "fused"):
-                t.config.ppo.fused_train = mode == "fused"
+                t.config.fusion.intrastage = mode == "fused"
                 t0 = time.perf_counter()
                 t.train(*captured[0])
                 dt = time.perf_counter() - t0

@@ -73,7 +73,7 @@ def interstage(
             f"model.preset={model}", f"cluster.devices={devices}",
             f"placement.default=dp{devices}tp1pp1@0-{devices - 1}",
             f"generation.max_new_tokens={max(lens)}", f"generation.max_batch_size={batch}",
-            "generation.interstage=true", f"generation.interstage_steps={steps}",
+            "fusion.interstage=true", f"fusion.interstage_steps={steps}",
             f"ppo.rollout_batch_size={batch}", f"ppo.mini_batch_size={batch}",
             f"ppo.micro_batch_size={micro_batch}", f"data.num_prompts={batch}",
             f"trainer.seed={seed}"] + list(set_ or []))

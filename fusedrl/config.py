@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from fusedrl.roles import Role as _Role
+
 
 class ConfigError(ValueError):
     """Bad configuration; the message names the key (or file) and the problem."""
@@ -127,23 +129,6 @@ class GenerationSection:
     EOS, from ``lognormal:MEDIAN,P99``, ``uniform:LO,HI``, ``fixed:L`` or a file with one
     integer per line (``fusedrl.generation.lengths``); capped at ``max_new_tokens``.
     Empty: samples stop at EOS."""
-    interstage: bool | None = None
-    """Inter-stage fusion (RLHFuse §4, ``fusedrl.runtime.interstage``): samples stream to
-    inference as they finish, and the long tail migrates onto fewer generation
-    instances so the freed devices start inference. Unset (default): on when
-    ``actor_gen`` has at least 2 dp replicas and it and every inference call are placed
-    ``tp=pp=1`` (either backend; migration re-prefills and the sample continues its
-    random stream); ``true``: required (a config error where the placements do not
-    allow it); ``false``: off."""
-    interstage_policy: str = "rlhfuse"
-    """How the migration threshold ``Rt`` is chosen: a name in
-    ``fusedrl.scheduler.interstage.available_policies()`` (``rlhfuse``: simulated over
-    the observed lengths and re-tuned; ``fixed``: 20% of the batch; ``none``: stream
-    to inference but never migrate)."""
-    interstage_steps: int = 4
-    """Engine steps a generation instance runs per controller round trip (fewer:
-    finished samples reach inference sooner; more: less dispatch overhead)."""
-
     def __post_init__(self) -> None:
         if self.forced_lengths:
             from fusedrl.generation.lengths import forced_lengths
@@ -162,13 +147,6 @@ class GenerationSection:
                  self.packed_weights_gib, "must be >= 0")
         _require(self.max_batch_size >= 1, "generation.max_batch_size", self.max_batch_size,
                  "must be >= 1")
-        _require(self.interstage_steps >= 1, "generation.interstage_steps",
-                 self.interstage_steps, "must be >= 1")
-        from fusedrl.scheduler.interstage import available_policies
-
-        _require(self.interstage_policy in available_policies(),
-                 "generation.interstage_policy", self.interstage_policy,
-                 f"known policies: {', '.join(available_policies())}")
         if self.backend != "native":  # the registry imports torch: only when needed
             from fusedrl.generation.backend import available_backends
 
@@ -219,16 +197,6 @@ class PPOSection:
     """Normalise advantages over the batch."""
     entropy_coef: float = 0.0
     """Entropy bonus coefficient."""
-    fused_train: bool = False
-    """Train actor and critic together in one fused pipeline schedule (RLHFuse §5
-    intra-stage fusion): each worker of the training placement runs its stage of both
-    models in the order a searched schedule gives (per-stage times profiled on the
-    model), so each pipeline's bubbles fill with the other's work. Needs the Ray
-    runtime and ``placement.actor_train`` / ``critic_train`` on the same devices with
-    the same dp/tp/pp, every critic stage on the devices of one actor stage (RLHFuse:
-    reversed, e.g. ``dp1tp1pp2@0-1`` and ``dp1tp1pp2@1,0``). False: the actor's 1F1B,
-    then the critic's. The weights after a step are the same either way."""
-
     def __post_init__(self) -> None:
         for key in ("rollout_batch_size", "ppo_epochs", "mini_batch_size", "micro_batch_size"):
             v = getattr(self, key)
@@ -247,6 +215,42 @@ class PPOSection:
                  self.kl_estimator, "must be k1, abs, mse or low_var_kl")
         _require(self.clip_ratio > 0, "ppo.clip_ratio", self.clip_ratio, "must be > 0")
         _require(self.kl_coef >= 0, "ppo.kl_coef", self.kl_coef, "must be >= 0")
+
+
+@dataclass
+class FusionSection:
+    """The switches of RLHFuse's two fusions (arXiv 2409.13221). The third idea,
+    reallocation (ReaLHF), needs no switch: it runs wherever two calls of one model are
+    placed differently (``placement.*``)."""
+
+    interstage: bool | None = None
+    """Inter-stage fusion (RLHFuse §4, :mod:`fusedrl.interstage`): one shared sample
+    queue over the ``actor_gen`` instances, finished samples streamed to inference, and
+    the long tail migrated onto fewer instances so that the freed devices receive the
+    inference models (reallocation engine) and start inference at once. Unset
+    (default): on when ``actor_gen`` has >= 2 dp replicas placed ``tp=pp=1``; ``true``:
+    required (a config error where the placement does not allow it); ``false``: off."""
+    interstage_policy: str = "rlhfuse"
+    """How the migration threshold ``Rt`` is chosen: a name in
+    ``fusedrl.scheduler.interstage.available_policies()`` (``rlhfuse``: simulated over
+    the observed lengths and re-tuned; ``fixed``: 20% of the batch; ``none``: stream
+    to inference but never migrate)."""
+    interstage_steps: int = 4
+    """Engine steps a generation instance runs per controller round trip (fewer:
+    finished samples reach inference sooner; more: less dispatch overhead)."""
+    intrastage: bool = False
+    """Intra-stage fusion (RLHFuse §5, :mod:`fusedrl.intrastage`): actor and critic
+    trained together in one fused pipeline schedule; each worker of the training
+    placement runs its stage of both models in the order a searched schedule gives, so
+    each pipeline's bubbles fill with the other's work. Needs ``placement.actor_train``
+    and ``critic_train`` on the same devices with the same dp/tp/pp, every critic stage
+    on the devices of one actor stage (RLHFuse: reversed, e.g. ``dp1tp1pp2@0-1`` and
+    ``dp1tp1pp2@1,0``). False: the actor's 1F1B, then the critic's. The weights after a
+    step are the same either way."""
+
+    def __post_init__(self) -> None:
+        _require(self.interstage_steps >= 1, "fusion.interstage_steps",
+                 self.interstage_steps, "must be >= 1")
 
 
 @dataclass
@@ -290,8 +294,8 @@ class ClusterSection:
                  "must be cpu or cuda")
 
 
-PLACEMENT_ROLES = ("actor_train", "actor_gen", "critic_train", "critic_infer", "ref", "reward")
-"""Model function calls that each run on their own placement."""
+PLACEMENT_ROLES = tuple(r.value for r in _Role)
+"""Model function calls that each run on their own placement (:mod:`fusedrl.roles`)."""
 
 TRIVIAL_PLACEMENT = "dp1tp1pp1@0"
 
@@ -305,10 +309,14 @@ class PlacementSection:
     default: str = ""
     """Placement of every call not given below."""
     actor_train: str = ""
-    """Actor training (PPO policy update); also computes the old log-probs."""
+    """Actor training (PPO policy update)."""
     actor_gen: str = ""
     """Rollout generation; weights are copied from ``actor_train`` after each update
     when the two differ."""
+    actor_infer: str = ""
+    """Old log-probs of the rollouts; empty: the ``actor_train`` placement (its module
+    itself). Weights copied from ``actor_train`` after each update when it differs.
+    With inter-stage fusion the old log-probs run on freed generation devices."""
     critic_train: str = ""
     """Critic training (value update)."""
     critic_infer: str = ""
@@ -342,7 +350,10 @@ class PlacementSection:
 
         if role not in PLACEMENT_ROLES:
             raise ValueError(f"unknown placement role {role!r}; known: {PLACEMENT_ROLES}")
-        return Placement.parse(getattr(self, role) or self.default or TRIVIAL_PLACEMENT)
+        text = getattr(self, role)
+        if role == "actor_infer" and not text:  # the old log-probs: the training module
+            return self.of("actor_train")
+        return Placement.parse(text or self.default or TRIVIAL_PLACEMENT)
 
     def is_trivial(self) -> bool:
         """Every call on device 0 without parallelism."""
@@ -363,6 +374,8 @@ class Config:
     """Rollouts."""
     ppo: PPOSection = field(default_factory=PPOSection)
     """Algorithm."""
+    fusion: FusionSection = field(default_factory=FusionSection)
+    """Inter- and intra-stage fusion switches."""
     trainer: TrainerSection = field(default_factory=TrainerSection)
     """Loop, seed, output."""
     cluster: ClusterSection = field(default_factory=ClusterSection)
@@ -380,17 +393,6 @@ class Config:
                 key = role if getattr(self.placement, role) else "default"
                 raise ConfigError(f"config key placement.{key}: {e} (cluster.devices="
                                   f"{self.cluster.devices})") from None
-        if self.ppo.fused_train:
-            from fusedrl.pipeline.fused_plan import stage_map
-
-            actor, critic = self.placement.of("actor_train"), self.placement.of("critic_train")
-            _require(not (self.cluster.devices == 1 and self.placement.is_trivial()),
-                     "ppo.fused_train", True, "needs the Ray runtime (cluster.devices > 1 or "
-                     "a non-trivial placement)")
-            try:
-                stage_map(actor, critic)
-            except ValueError as e:
-                raise ConfigError(f"config key ppo.fused_train=True: {e}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -491,9 +493,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         k, v = parse_override(o)
         _set_dotted(tree, k, v)
     try:
-        return _build(Config, tree)
+        config = _build(Config, tree)
     except TypeError as e:  # e.g. a section given a scalar
         raise ConfigError(f"config: {e}") from None
+    # Checks against other modules (registries, schedulers) live in one place.
+    from fusedrl.validate import check_config
+
+    check_config(config)
+    return config
 
 
 def config_to_yaml(config: Config) -> str:

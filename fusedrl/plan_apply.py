@@ -10,8 +10,8 @@ applied *before* the user's ``--set`` overrides (the user's win):
   turn, so a plan's ``micro_batches`` of a training call (per mini-batch per dp rank)
   is ``mini_batch_size / (dp * micro_batches)`` samples; actor and critic training
   must agree on it (one ``ppo.micro_batch_size``);
-* ``generation.interstage`` and ``generation.interstage_policy`` from
-  ``fusion.inter_stage`` / ``fusion.rt_policy``; ``ppo.fused_train`` from
+* ``fusion.interstage`` and ``fusion.interstage_policy`` from
+  ``fusion.inter_stage`` / ``fusion.rt_policy``; ``fusion.intrastage`` from
   ``fusion.intra_stage``.
 
 What the runtime cannot execute is a one-line :class:`PlanError` naming the plan
@@ -81,9 +81,9 @@ def plan_overrides(plan: ExecutionPlan, mini_batch_size: int) -> list[str]:
     out = [f"{k}={v}" for k, v in plan.to_placement_overrides().items()]
     out.append(f"ppo.micro_batch_size={train_micro_batch_size(plan, mini_batch_size)}")
     f = plan.fusion
-    out.append(f"generation.interstage={'true' if f.inter_stage else 'false'}")
-    out.append(f"generation.interstage_policy={f.rt_policy}")
-    out.append(f"ppo.fused_train={'true' if f.intra_stage == 'fused' else 'false'}")
+    out.append(f"fusion.interstage={'true' if f.inter_stage else 'false'}")
+    out.append(f"fusion.interstage_policy={f.rt_policy}")
+    out.append(f"fusion.intrastage={'true' if f.intra_stage == 'fused' else 'false'}")
     return out
 
 
@@ -95,24 +95,24 @@ def runtime_problem(plan: ExecutionPlan, config: Config) -> str | None:
     f = plan.fusion
     if f.inter_stage:
         if config.generation.backend != "native":
-            return (f"plan field fusion.inter_stage=true (config key generation.interstage): "
+            return (f"plan field fusion.inter_stage=true (config key fusion.interstage): "
                     f"needs the native generation backend, got "
                     f"generation.backend={config.generation.backend!r}")
         for call in ("actor_gen",) + _infer_calls(config):
             lt = plan.placement(call).layout
             if lt.tp != 1 or lt.pp != 1:
-                return (f"plan field fusion.inter_stage=true (config key generation.interstage):"
+                return (f"plan field fusion.inter_stage=true (config key fusion.interstage):"
                         f" calls.{call}.placement is {plan.placement(call)}; the runtime's "
                         f"step-level generation and per-device inference need tp=1 and pp=1")
     if f.intra_stage == "fused":
         actor, critic = plan.placement("actor_train"), plan.placement("critic_train")
         if actor.layout.pp < 2:
-            return (f"plan field fusion.intra_stage=fused (config key ppo.fused_train): "
+            return (f"plan field fusion.intra_stage=fused (config key fusion.intrastage): "
                     f"calls.actor_train.placement is {actor}; fused training needs pp>=2")
         try:
             stage_map(actor, critic)
         except ValueError as e:
-            return f"plan field fusion.intra_stage=fused (config key ppo.fused_train): {e}"
+            return f"plan field fusion.intra_stage=fused (config key fusion.intrastage): {e}"
     try:
         train_micro_batch_size(plan, config.ppo.mini_batch_size)
     except PlanError as e:
@@ -136,10 +136,10 @@ def config_with_plan(plan: ExecutionPlan, config_path: Path | None,
                                     *user_overrides])
     # The user's overrides may have turned the fusions back on where the plan cannot
     # take them; the runtime would refuse them too, but later (after Ray started).
-    if cfg.generation.interstage and not plan.fusion.inter_stage:
+    if cfg.fusion.interstage and not plan.fusion.inter_stage:
         problem = runtime_problem(plan.with_fusion(replace(plan.fusion, inter_stage=True)), cfg)
         if problem is not None:
-            raise ConfigError("config key generation.interstage=true (--set): "
+            raise ConfigError("config key fusion.interstage=true (--set): "
                               + problem.split(": ", 1)[1])
     return cfg
 

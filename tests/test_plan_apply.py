@@ -44,17 +44,17 @@ def test_plan_becomes_the_config_it_describes():
         "placement.reward=dp2tp1pp1@0-1", "placement.critic_infer=dp2tp1pp1@0-1",
         "placement.actor_train=dp1tp1pp1@0", "placement.critic_train=dp1tp1pp1@1",
         "ppo.micro_batch_size=16",  # mini-batch 32 / (dp 1 x 2 micro-batches)
-        "generation.interstage=true", "generation.interstage_policy=fixed",
-        "ppo.fused_train=false"])
+        "fusion.interstage=true", "fusion.interstage_policy=fixed",
+        "fusion.intrastage=false"])
     assert cfg == expected
 
 
 def test_fused_plan_sets_fused_train_and_user_overrides_win():
     plan = _plan(Fusion(False, "rlhfuse", "fused"), "dp1tp1pp2@0-1", "dp1tp1pp2@1,0")
     cfg = config_with_plan(plan, DEFAULT_CONFIG, ["ppo.micro_batch_size=8",
-                                                   "generation.interstage_policy=none"])
-    assert cfg.ppo.fused_train is True and cfg.generation.interstage is False
-    assert cfg.ppo.micro_batch_size == 8 and cfg.generation.interstage_policy == "none"
+                                                   "fusion.interstage_policy=none"])
+    assert cfg.fusion.intrastage is True and cfg.fusion.interstage is False
+    assert cfg.ppo.micro_batch_size == 8 and cfg.fusion.interstage_policy == "none"
     assert cfg.placement.critic_train == "dp1tp1pp2@1,0"
 
 
@@ -87,8 +87,8 @@ def test_plans_the_runtime_cannot_run_name_the_field(plan, field):
 
 def test_user_cannot_turn_on_interstage_where_the_plan_cannot_take_it():
     plan = _plan(Fusion(False, "rlhfuse", "sequential"), "dp1tp1pp2@0-1", "dp1tp1pp2@0-1")
-    with pytest.raises(ConfigError, match="config key generation.interstage=true"):
-        config_with_plan(plan, DEFAULT_CONFIG, ["generation.interstage=true"])
+    with pytest.raises(ConfigError, match="config key fusion.interstage=true"):
+        config_with_plan(plan, DEFAULT_CONFIG, ["fusion.interstage=true"])
 
 
 def test_micro_batch_size_must_divide():

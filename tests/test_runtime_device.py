@@ -184,7 +184,7 @@ def test_interstage_capacity_is_measured_on_the_generation_workers(ray_session):
     from fusedrl.runtime.controller import DistributedPPOTrainer
 
     c = load_config(None, SMALL + ["cluster.devices=2", "placement.default=dp2tp1pp1@0-1",
-                                   "generation.interstage=true"])
+                                   "fusion.interstage=true"])
     t = DistributedPPOTrainer(c)
     try:
         max_len = c.data.max_prompt_len + c.generation.max_new_tokens
@@ -275,11 +275,11 @@ def cuda_reference(tmp_path_factory):
                  tmp_path_factory.mktemp("cuda_ref") / "run", show_progress=False)
 
 
-# generation.interstage=false: the dp2 layout would otherwise fuse generation and
+# fusion.interstage=false: the dp2 layout would otherwise fuse generation and
 # inference, whose per-micro-batch inference (InterStageWorker.infer_local) is checked
 # on GPU separately from these layouts.
 CUDA_LAYOUTS = {
-    "dp2tp1pp1": ["placement.default=dp2tp1pp1@0-1", "generation.interstage=false"],
+    "dp2tp1pp1": ["placement.default=dp2tp1pp1@0-1", "fusion.interstage=false"],
     "dp1tp2pp1": ["placement.default=dp1tp2pp1@0-1"],
     "dp1tp1pp2": ["placement.default=dp1tp1pp2@0-1"],
     # weights resharded every iteration across GPUs by the reallocation engine (NCCL)
@@ -308,7 +308,7 @@ def test_cuda_fused_training_matches_sequential(ray_session, tmp_path):
                          "cluster.devices=2", "placement.default=dp1tp1pp2@0-1",
                          "placement.critic_train=dp1tp1pp2@1,0",
                          "placement.critic_infer=dp1tp1pp2@1,0"]
-    seq, fused = (train(load_config(None, base + [f"ppo.fused_train={m}"]), tmp_path / m,
+    seq, fused = (train(load_config(None, base + [f"fusion.intrastage={m}"]), tmp_path / m,
                         show_progress=False)[0] for m in ("false", "true"))
     for key in KEYS:
         assert fused[key] == pytest.approx(seq[key], rel=1e-4, abs=1e-6), key
@@ -322,7 +322,7 @@ def test_cuda_workers_report_their_gpu_memory(ray_session):
 
     t = DistributedPPOTrainer(load_config(None, SMALL + [
         "cluster.accelerator=cuda", "cluster.devices=2", "placement.default=dp2tp1pp1@0-1",
-        "generation.interstage=false"]))
+        "fusion.interstage=false"]))
     try:
         mem = ray.get([w.device_memory.remote() for w in t.workers])
         total = torch.cuda.mem_get_info(0)[1]

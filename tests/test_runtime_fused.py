@@ -41,14 +41,14 @@ def test_stage_map_of_placements():
 
 
 def test_fused_train_config_is_validated():
-    cfg = load_config(None, ["ppo.fused_train=true"] + REVERSED)
-    assert cfg.ppo.fused_train
-    with pytest.raises(ConfigError, match=r"ppo.fused_train.*same devices"):
-        load_config(None, ["ppo.fused_train=true", "cluster.devices=3",
+    cfg = load_config(None, ["fusion.intrastage=true"] + REVERSED)
+    assert cfg.fusion.intrastage
+    with pytest.raises(ConfigError, match=r"fusion.intrastage.*same devices"):
+        load_config(None, ["fusion.intrastage=true", "cluster.devices=3",
                            "placement.default=dp1tp1pp2@0-1",
                            "placement.critic_train=dp1tp1pp2@2,1"])
-    with pytest.raises(ConfigError, match=r"ppo.fused_train.*Ray runtime"):
-        load_config(None, ["ppo.fused_train=true"])
+    with pytest.raises(ConfigError, match=r"fusion.intrastage.*Ray runtime"):
+        load_config(None, ["fusion.intrastage=true"])
 
 
 def _solved(microbatches=4):
@@ -103,7 +103,7 @@ def test_fused_training_matches_sequential(ray_session, tmp_path):
 
     hist = {}
     for mode in ("false", "true"):
-        cfg = load_config(None, SMALL + REVERSED + [f"ppo.fused_train={mode}"])
+        cfg = load_config(None, SMALL + REVERSED + [f"fusion.intrastage={mode}"])
         hist[mode] = train(cfg, tmp_path / mode, show_progress=False)[0]
     seq, fused = hist["false"], hist["true"]
     for key in KEYS:

@@ -38,9 +38,9 @@ def test_fused_rollout_matches_unfused_with_migration(ray_session):
     from fusedrl.rollout import RolloutBatch
     from fusedrl.runtime.controller import _Generation
 
-    t = _trainer(["generation.max_new_tokens=24", "generation.interstage=true",
-                  "generation.interstage_policy=test-migrate-early",
-                  "generation.interstage_steps=2"])
+    t = _trainer(["generation.max_new_tokens=24", "fusion.interstage=true",
+                  "fusion.interstage_policy=test-migrate-early",
+                  "fusion.interstage_steps=2"])
     try:
         assert t.rollout is not None
         prompts = t.setup.prompt_ids
@@ -89,10 +89,10 @@ def test_training_with_and_without_fusion_is_the_same(ray_session, tmp_path):
     from fusedrl.run import train
 
     base = SMALL + DP2 + ["generation.max_new_tokens=12"]
-    off = train(load_config(None, base + ["generation.interstage=false"]), tmp_path / "off",
+    off = train(load_config(None, base + ["fusion.interstage=false"]), tmp_path / "off",
                 show_progress=False)
     # unset = on for two single-device generation instances
-    on = train(load_config(None, base + ["generation.interstage_policy=test-migrate-early"]),
+    on = train(load_config(None, base + ["fusion.interstage_policy=test-migrate-early"]),
                tmp_path / "on", show_progress=False)
     assert sum(m["interstage/migrated"] for m in on) >= 1
     assert "interstage/rt" not in off[0]
@@ -106,11 +106,11 @@ def test_training_with_and_without_fusion_is_the_same(ray_session, tmp_path):
 
 
 def test_interstage_flag_validation(ray_session):
-    with pytest.raises(ConfigError, match=r"generation.interstage=true: placement of actor_gen"
+    with pytest.raises(ConfigError, match=r"fusion.interstage=true: placement of actor_gen"
                                           r".*tp=1 and pp=1"):
-        _trainer(["generation.interstage=true", "placement.actor_gen=dp1tp2pp1@0-1"])
-    with pytest.raises(ConfigError, match=r"generation.interstage_policy='nope'"):
-        load_config(None, ["generation.interstage_policy=nope"])
+        _trainer(["fusion.interstage=true", "placement.actor_gen=dp1tp2pp1@0-1"])
+    with pytest.raises(ConfigError, match=r"fusion.interstage_policy='nope'"):
+        load_config(None, ["fusion.interstage_policy=nope"])
 
 
 def test_bench_interstage_rejects_bad_arguments_before_starting_workers():

@@ -53,9 +53,9 @@ def test_vllm_replicas_colocated_and_separated_with_migration(ray_session):
     device 1 (weights sent by the reallocation engine); inter-stage fusion migrates
     the long tail between the two engines."""
     t, hist = _run(["cluster.devices=2", "placement.default=dp1tp1pp1@0",
-                    "placement.actor_gen=dp2tp1pp1@0-1", "generation.interstage=true",
-                    "generation.interstage_policy=test-vllm-migrate-early",
-                    "generation.interstage_steps=1",
+                    "placement.actor_gen=dp2tp1pp1@0-1", "fusion.interstage=true",
+                    "fusion.interstage_policy=test-vllm-migrate-early",
+                    "fusion.interstage_steps=1",
                     "generation.forced_lengths=lognormal:3,8"])
     assert t.rollout is not None
     assert max(m["interstage/migrated"] for m in hist) > 0
@@ -73,7 +73,7 @@ def test_vllm_on_the_training_devices_loads_in_place(ray_session):
     """actor_gen placed as actor_train: each engine loads the training shard of its own
     device; nothing crosses devices."""
     _, hist = _run(["cluster.devices=2", "placement.default=dp2tp1pp1@0-1",
-                    "generation.interstage=false"])
+                    "fusion.interstage=false"])
     for m in hist:
         assert m["rollout/logprob_diff_max"] < LOGPROB_TOL, m["rollout/logprob_diff_max"]
         assert m["perf/realloc_bytes"] == 0
@@ -102,8 +102,8 @@ def test_vllm_migration_keeps_the_sampled_tokens(ray_session):
 
     t = DistributedPPOTrainer(load_config(None, BASE + [
         "cluster.devices=2", "placement.default=dp2tp1pp1@0-1", "generation.max_new_tokens=24",
-        "generation.interstage=true", "generation.interstage_policy=test-vllm-migrate-early",
-        "generation.interstage_steps=2"]))
+        "fusion.interstage=true", "fusion.interstage_policy=test-vllm-migrate-early",
+        "fusion.interstage_steps=2"]))
     try:
         prompts = t.setup.prompt_ids
         lengths = [2, 3, 2, 4, 3, 24, 2, 3, 20, 2]

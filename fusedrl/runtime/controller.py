@@ -139,7 +139,8 @@ class DistributedPPOTrainer(PPOTrainer):
             reward_config = _model_config_of(reward_path)
         self.placements = check_placements(c, s.model_config, reward_config)
         check_backend(c, self.placements["actor_gen"])
-        roles = [r for r in PLACEMENT_ROLES if r != "reward" or reward_config is not None]
+        roles = [r for r in PLACEMENT_ROLES if (r != "reward" or reward_config is not None)
+                 and r != "actor_infer"]
         spec = RunSpec(
             config=c, model_config=s.model_config, reward_config=reward_config,
             placements={r: str(self.placements[r]) for r in roles},
@@ -236,7 +237,7 @@ class DistributedPPOTrainer(PPOTrainer):
         data = ray.put({"old_logp": old_logp, "values": old_values, "advantages": advantages,
                         "returns": returns})
         extra: dict[str, float] = {}
-        if self.config.ppo.fused_train:  # one fused schedule for both (RLHFuse §5)
+        if self.config.fusion.intrastage:  # one fused schedule for both (RLHFuse §5)
             if self.fused_training is None:
                 from fusedrl.runtime.fused_train import FusedTraining
 

@@ -87,14 +87,14 @@ def interstage_support(config, placements: dict, has_reward_model: bool) -> str 
 def interstage_enabled(config, placements: dict, has_reward_model: bool) -> bool:
     """``generation.interstage`` resolved: unset means on when supported and ``actor_gen``
     has at least 2 instances; ``true`` where unsupported is a :class:`ConfigError`."""
-    flag = config.generation.interstage
+    flag = config.fusion.interstage
     if flag is False:
         return False
     why = interstage_support(config, placements, has_reward_model)
     if flag is None:
         return why is None and placements[GEN_ROLE].layout.dp >= 2
     if why is not None:
-        raise ConfigError(f"config key generation.interstage=true: {why}")
+        raise ConfigError(f"config key fusion.interstage=true: {why}")
     return True
 
 
@@ -132,7 +132,7 @@ class FusedRollout:
         self.instances = list(self.gen_placement.devices)  # dp rank i -> its one device
         self.calls = inference_calls(trainer.spec.reward_config is not None)
         self.role_devices = {role: set(trainer.placements[role].devices) for role, _ in self.calls}
-        self.steps_per_call = c.generation.interstage_steps
+        self.steps_per_call = c.fusion.interstage_steps
         self.max_batch = c.generation.max_batch_size
         from fusedrl.models.build import TORCH_DTYPES
         from fusedrl.runtime import memory
@@ -154,7 +154,7 @@ class FusedRollout:
                                  kv_capacity_bytes=float(capacity),
                                  transfer_latency_s=_NO_KV_TRANSFER_S, weight_load_s=0.0,
                                  bs_max=self.max_batch)
-        self.policy = get_policy(c.generation.interstage_policy, cost=self.cost,
+        self.policy = get_policy(c.fusion.interstage_policy, cost=self.cost,
                                  num_instances=len(self.instances), max_batch=self.max_batch)
         self.decode_points: deque = deque(maxlen=4096)
         self.prefill_points: deque = deque(maxlen=512)

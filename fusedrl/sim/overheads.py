@@ -113,7 +113,7 @@ def profile_runtime(preset: str, *, devices: int = 2, micro_batch_size: int = 8,
     n_gen = max(2 * devices * mb, 2 * devices)
     cfg = load_config(None, [
         f"model.preset={preset}", f"cluster.devices={devices}",
-        f"placement.default=dp{devices}tp1pp1@0-{devices - 1}", "generation.interstage=false",
+        f"placement.default=dp{devices}tp1pp1@0-{devices - 1}", "fusion.interstage=false",
         f"ppo.rollout_batch_size={n_gen}", f"ppo.mini_batch_size={n_gen}",
         f"ppo.micro_batch_size={mb}", f"generation.max_new_tokens={k2}",
         f"data.max_prompt_len={max(prompt_len, 8)}", f"trainer.seed={seed}"])

@@ -1,0 +1,67 @@
+"""Checks of a :class:`~fusedrl.config.Config` that need other modules (registries,
+the schedulers): one place, run by :func:`fusedrl.config.load_config` after the
+dataclasses checked each field on its own. Each failure is a one-line
+:class:`~fusedrl.config.ConfigError` naming the key and the value.
+
+Checks that need the model (placements against its shape) run where the model config
+is known, still before any worker starts (:func:`fusedrl.runtime.cluster.check_placements`).
+"""
+
+from __future__ import annotations
+
+from fusedrl.config import Config, ConfigError
+
+
+def check_config(config: Config) -> None:
+    f = config.fusion
+    from fusedrl.scheduler.interstage import available_policies
+
+    if f.interstage_policy not in available_policies():
+        raise ConfigError(f"config key fusion.interstage_policy={f.interstage_policy!r}: known "
+                          f"policies: {', '.join(available_policies())}")
+    if f.intrastage:
+        check_intrastage(config)
+    check_interstage(config)
+
+
+def check_intrastage(config: Config) -> None:
+    """``fusion.intrastage: true`` needs the Ray runtime and training placements whose
+    stages pair up (:func:`fusedrl.pipeline.fused_plan.stage_map`)."""
+    from fusedrl.pipeline.fused_plan import stage_map
+
+    if config.cluster.devices == 1 and config.placement.is_trivial():
+        raise ConfigError("config key fusion.intrastage=true: needs the Ray runtime "
+                          "(cluster.devices > 1 or a non-trivial placement)")
+    actor, critic = config.placement.of("actor_train"), config.placement.of("critic_train")
+    try:
+        stage_map(actor, critic)
+    except ValueError as e:
+        raise ConfigError(f"config key fusion.intrastage=true with placement.actor_train="
+                          f"{actor} and placement.critic_train={critic}: {e}") from None
+
+
+def interstage_support(config: Config) -> str | None:
+    """``None`` when inter-stage fusion can drive this config's ``actor_gen``, else why
+    not. Inference placements do not matter: the freed devices receive one-device
+    copies of every inference model through the reallocation engine."""
+    p = config.placement.of("actor_gen")
+    if p.layout.tp != 1 or p.layout.pp != 1:
+        return (f"placement.actor_gen={p}: step-level generation drives each instance on "
+                "its own device (tp=1, pp=1)")
+    if p.layout.dp < 2:
+        return f"placement.actor_gen={p}: migration needs >= 2 generation instances (dp >= 2)"
+    return None
+
+
+def check_interstage(config: Config) -> None:
+    if config.fusion.interstage and (why := interstage_support(config)) is not None:
+        raise ConfigError(f"config key fusion.interstage=true: {why}")
+
+
+def interstage_enabled(config: Config) -> bool:
+    """``fusion.interstage`` resolved: unset means on where supported."""
+    flag = config.fusion.interstage
+    if flag is None:
+        return interstage_support(config) is None and not (
+            config.cluster.devices == 1 and config.placement.is_trivial())
+    return bool(flag)
