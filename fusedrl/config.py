@@ -5,6 +5,7 @@ field. Unknown keys and wrong types are a :class:`ConfigError` naming the key.""
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -215,6 +216,7 @@ class PPOSection:
                  self.kl_estimator, "must be k1, abs, mse or low_var_kl")
         _require(self.clip_ratio > 0, "ppo.clip_ratio", self.clip_ratio, "must be > 0")
         _require(self.kl_coef >= 0, "ppo.kl_coef", self.kl_coef, "must be >= 0")
+        _require(self.weight_decay >= 0, "ppo.weight_decay", self.weight_decay, "must be >= 0")
 
 
 @dataclass
@@ -265,10 +267,15 @@ class TrainerSection:
     """Write a checkpoint every N iterations (and at the end); 0: only at the end."""
     out_dir: str = "runs/default"
     """Output directory (metrics.jsonl, checkpoints/); ``--out`` overrides it."""
+    keep_checkpoints: int = 0
+    """Keep only the newest N checkpoints (older ones are deleted after each save; the
+    one a run resumed from is never deleted by that run); 0 keeps all."""
 
     def __post_init__(self) -> None:
         _require(self.iterations >= 1, "trainer.iterations", self.iterations, "must be >= 1")
         _require(self.save_every >= 0, "trainer.save_every", self.save_every, "must be >= 0")
+        _require(self.keep_checkpoints >= 0, "trainer.keep_checkpoints", self.keep_checkpoints,
+                 "must be >= 0 (0 keeps all)")
 
 
 @dataclass
@@ -421,14 +428,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"config key {key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             # YAML 1.1 reads "1e-5" (no dot) as a string; it is a number to any user.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            # .inf / .nan would train on NaN losses: no config float is meant to be one.
+            _require(math.isfinite(number), key, value, "must be a finite number")
+            return number
         raise ConfigError(f"config key {key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -482,7 +494,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} "
+                              f"at offset {e.start})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") \
                 from None
