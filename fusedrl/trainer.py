@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fusedrl.algorithms import ppo
-from fusedrl.algorithms.rewards import load_reward_fn
+from fusedrl.algorithms.rewards import call_reward, load_reward_fn
 from fusedrl.config import Config
 from fusedrl.data.prompts import PromptRecord, load_prompts
 from fusedrl.devices import device_of, timer
@@ -280,7 +280,7 @@ class PPOTrainer:
             ids = responses[b][mask[b] > 0].tolist()
             ids = [t for t in ids if t not in tok.eos_token_ids]
             prompt = rec.prompt if isinstance(rec.prompt, str) else rec.prompt[-1]["content"]
-            out.append(float(self.setup.reward_fn(prompt, tok.decode(ids), rec.label)))
+            out.append(call_reward(self.setup.reward_fn, b, prompt, tok.decode(ids), rec.label))
         return torch.tensor(out, device=self.device)
 
     def _micro_indices(self, n: int) -> list[torch.Tensor]:

@@ -14,12 +14,16 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
+import math
+import numbers
 import re
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["RewardFn", "load_reward_fn", "arithmetic_reward", "last_integer", "BUILTIN_REWARDS"]
+__all__ = ["RewardFn", "RewardError", "load_reward_fn", "call_reward", "reward_name",
+           "arithmetic_reward", "last_integer", "BUILTIN_REWARDS"]
 
 RewardFn = Callable[[str, str, "str | None"], float]
 
@@ -51,6 +55,12 @@ def arithmetic_reward(prompt: str, response: str, label: str | None) -> float:
 BUILTIN_REWARDS: dict[str, RewardFn] = {"arithmetic": arithmetic_reward}
 
 _FILE_MODULES: dict[str, ModuleType] = {}  # resolved .py path -> module
+_FILE_MODULE_PATHS: dict[str, str] = {}  # module name given to a file -> its path
+
+
+class RewardError(ValueError):
+    """A reward function that failed on a sample; the message names the function, the
+    sample and the exception or value (one line)."""
 
 
 def _import_module(module_path: str, spec: str) -> ModuleType:
@@ -73,6 +83,7 @@ def _import_module(module_path: str, spec: str) -> ModuleType:
                     f"reward function {spec!r}: importing {module_path!r} failed: {e!r}"
                 ) from e
             _FILE_MODULES[key] = module
+            _FILE_MODULE_PATHS[name] = module_path
         return _FILE_MODULES[key]
     try:
         return importlib.import_module(module_path)
@@ -121,4 +132,65 @@ def load_reward_fn(spec: str) -> RewardFn:
         raise ValueError(
             f"reward function {spec!r}: {attr!r} is a {type(fn).__name__}, not callable"
         )
+    _check_signature(fn, spec)
     return fn
+
+
+def _check_signature(fn, name: str) -> None:
+    """A :class:`RewardError` unless ``fn`` accepts ``(prompt, response, label)``
+    positionally; checked when the function is loaded, before any run starts."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: checked when called
+        return
+    try:
+        sig.bind("prompt", "response", "label")
+    except TypeError as e:
+        raise RewardError(f"reward function {name}{sig} does not take (prompt, response, "
+                          f"label): {e}") from None
+
+
+def reward_name(fn) -> str:
+    """``module:qualname`` of a reward function (``path/file.py:name`` for one loaded
+    from a file)."""
+    module = getattr(fn, "__module__", None) or "?"
+    module = _FILE_MODULE_PATHS.get(module, module)
+    return f"{module}:{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def _short(text: str, limit: int = 120) -> str:
+    """``text`` on one line, at most ``limit`` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def call_reward(fn, index: int, prompt: str, response: str, label) -> float:
+    """``fn(prompt, response, label)`` as a finite float, or a :class:`RewardError` naming
+    the function, the sample ``index`` and what went wrong: an exception (also
+    ``SystemExit``, so a reward cannot end the run silently), a wrong signature, or a
+    value that is not a finite real number (``None``, a string, NaN, inf). A bad reward
+    would otherwise become a NaN advantage that the policy is trained on."""
+    name = reward_name(fn)
+    where = f"reward function {name} on sample {index}"
+    try:
+        value = fn(prompt, response, label)
+    except SystemExit as e:
+        raise RewardError(f"{where}: called sys.exit({e.code!r})") from None
+    except Exception as e:
+        if isinstance(e, TypeError):
+            _check_signature(fn, name)  # wrong signature: say so, not just "TypeError"
+        msg = _short(str(e))
+        raise RewardError(f"{where}: raised {type(e).__name__}" + (f": {msg}" if msg else "")
+                          ) from None
+    # Python and numpy numbers (bool included: a pass/fail reward), 0-d arrays/tensors.
+    if isinstance(value, numbers.Real) or getattr(value, "ndim", None) == 0:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is not None:
+            if not math.isfinite(number):
+                raise RewardError(f"{where}: returned {number!r}, not a finite number")
+            return number
+    raise RewardError(f"{where}: returned {_short(repr(value), 80)} ({type(value).__name__}), "
+                      f"not a number")
