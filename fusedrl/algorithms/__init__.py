@@ -1,17 +1,30 @@
-"""PPO algorithm pieces: losses, KL control, advantages (see :mod:`fusedrl.kernels.gae`)
-and reward functions."""
+"""RL algorithm pieces: advantage estimators (a registry, :mod:`.advantages`), PPO/GRPO/DAPO
+losses and KL control (:mod:`.ppo`), and reward functions."""
 
+from fusedrl.algorithms.advantages import (
+    available_adv_estimators,
+    get_adv_estimator,
+    register_adv_estimator,
+)
 from fusedrl.algorithms.ppo import (
     KL_KINDS,
+    LOSS_AGG_MODES,
     AdaptiveKLController,
     FixedKLController,
+    agg_loss,
+    dynamic_sampling_mask,
     entropy_from_logits,
+    equal_reward_groups,
+    kl_loss,
     kl_penalty,
     last_token_index,
     masked_mean,
     masked_sum,
     masked_var,
     masked_whiten,
+    loss_agg_count,
+    micro_batch_weights,
+    overlong_penalty,
     policy_loss,
     token_level_rewards,
     value_loss,
@@ -19,16 +32,27 @@ from fusedrl.algorithms.ppo import (
 from fusedrl.algorithms.rewards import BUILTIN_REWARDS, RewardFn, arithmetic_reward, load_reward_fn
 
 __all__ = [
+    "available_adv_estimators",
+    "get_adv_estimator",
+    "register_adv_estimator",
     "KL_KINDS",
+    "LOSS_AGG_MODES",
     "AdaptiveKLController",
     "FixedKLController",
+    "agg_loss",
+    "dynamic_sampling_mask",
     "entropy_from_logits",
+    "equal_reward_groups",
+    "kl_loss",
     "kl_penalty",
     "last_token_index",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "loss_agg_count",
+    "micro_batch_weights",
+    "overlong_penalty",
     "policy_loss",
     "token_level_rewards",
     "value_loss",

@@ -63,12 +63,13 @@ class RewardError(ValueError):
     sample and the exception or value (one line)."""
 
 
-def _import_module(module_path: str, spec: str) -> ModuleType:
-    """Import ``module_path``: a dotted module name or a ``.py`` file path."""
+def _import_module(module_path: str, spec: str, what: str = "reward function") -> ModuleType:
+    """Import ``module_path``: a dotted module name or a ``.py`` file path. Errors name
+    ``what`` and ``spec`` (the config value being resolved)."""
     if module_path.endswith(".py"):
         file = Path(module_path)
         if not file.is_file():
-            raise ValueError(f"reward function {spec!r}: file {module_path!r} does not exist")
+            raise ValueError(f"{what} {spec!r}: file {module_path!r} does not exist")
         key = str(file.resolve())
         if key not in _FILE_MODULES:
             # Deliberately not put in sys.modules: cloudpickle (Ray) then ships the
@@ -80,7 +81,7 @@ def _import_module(module_path: str, spec: str) -> ModuleType:
                 mod_spec.loader.exec_module(module)
             except Exception as e:
                 raise ValueError(
-                    f"reward function {spec!r}: importing {module_path!r} failed: {e!r}"
+                    f"{what} {spec!r}: importing {module_path!r} failed: {e!r}"
                 ) from e
             _FILE_MODULES[key] = module
             _FILE_MODULE_PATHS[name] = module_path
@@ -91,11 +92,11 @@ def _import_module(module_path: str, spec: str) -> ModuleType:
         if e.name is not None and (module_path + ".").startswith(
             e.name + "."
         ):  # the module itself is missing
-            raise ValueError(f"reward function {spec!r}: no module named {module_path!r}") from e
-        raise ValueError(f"reward function {spec!r}: importing {module_path!r} failed: {e}") from e
+            raise ValueError(f"{what} {spec!r}: no module named {module_path!r}") from e
+        raise ValueError(f"{what} {spec!r}: importing {module_path!r} failed: {e}") from e
     except Exception as e:
         raise ValueError(
-            f"reward function {spec!r}: importing {module_path!r} failed: {e!r}"
+            f"{what} {spec!r}: importing {module_path!r} failed: {e!r}"
         ) from e
 
 
@@ -116,21 +117,21 @@ def load_reward_fn(spec: str) -> RewardFn:
         if spec in BUILTIN_REWARDS:
             return BUILTIN_REWARDS[spec]
         raise ValueError(
-            f"reward function {spec!r} is not 'module:function' nor a built-in "
+            f"{what} {spec!r} is not 'module:function' nor a built-in "
             f"({', '.join(sorted(BUILTIN_REWARDS))})"
         )
     module_path, _, attr = spec.rpartition(":")
     if not module_path or not attr:
-        raise ValueError(f"reward function {spec!r} is not of the form 'module:function'")
+        raise ValueError(f"{what} {spec!r} is not of the form 'module:function'")
     module = _import_module(module_path, spec)
     fn = module
     for part in attr.split("."):  # allow "module:Class.method"
         if not hasattr(fn, part):
-            raise ValueError(f"reward function {spec!r}: {module_path!r} has no attribute {attr!r}")
+            raise ValueError(f"{what} {spec!r}: {module_path!r} has no attribute {attr!r}")
         fn = getattr(fn, part)
     if not callable(fn):
         raise ValueError(
-            f"reward function {spec!r}: {attr!r} is a {type(fn).__name__}, not callable"
+            f"{what} {spec!r}: {attr!r} is a {type(fn).__name__}, not callable"
         )
     _check_signature(fn, spec)
     return fn
