@@ -10,12 +10,20 @@ import pytest
 import torch
 
 from fusedrl.algorithms import (
+    LOSS_AGG_MODES,
     AdaptiveKLController,
     FixedKLController,
+    agg_loss,
+    dynamic_sampling_mask,
     entropy_from_logits,
+    equal_reward_groups,
+    kl_loss,
     kl_penalty,
+    loss_agg_count,
     masked_mean,
     masked_whiten,
+    micro_batch_weights,
+    overlong_penalty,
     policy_loss,
     token_level_rewards,
     value_loss,
@@ -228,3 +236,132 @@ def test_entropy_gradient_with_masked_vocab_is_finite():
     logits = torch.tensor([[0.5, -INF, 1.0, -INF]], requires_grad=True)
     entropy_from_logits(logits).sum().backward()
     assert torch.isfinite(logits.grad).all() and (logits.grad[0, [1, 3]] == 0).all()
+
+
+# ----------------------------------------------------------------------------- loss options
+
+
+def test_agg_loss_modes_hand_computed():
+    # rows: [1, 2 | pad], [3 | pad pad], an empty row (ignored by every mode)
+    loss = torch.tensor([[1.0, 2.0, NAN], [3.0, INF, 1e9], [NAN, 5.0, 5.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+    close(agg_loss(loss, mask, "token-mean"), (1 + 2 + 3) / 3)
+    close(agg_loss(loss, mask, "seq-mean-token-sum"), ((1 + 2) + 3) / 2)
+    close(agg_loss(loss, mask, "seq-mean-token-mean"), ((1 + 2) / 2 + 3) / 2)
+    assert [loss_agg_count(mask, m) for m in LOSS_AGG_MODES] == [3, 2, 2]
+    close(agg_loss(loss, torch.zeros_like(mask), "seq-mean-token-mean"), 0.0)
+    with pytest.raises(ValueError, match="loss_agg_mode 'token-sum'"):
+        agg_loss(loss, mask, "token-sum")
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_micro_batch_weights_make_accumulation_equal_the_mini_batch(mode):
+    # Mini-batch of 5 rows with 2, 1, 0, 3, 4 valid tokens, in micro-batches [0:3], [3:5]:
+    # 3 tokens / 2 non-empty rows, then 7 tokens / 2 rows.
+    g = torch.Generator().manual_seed(0)
+    per_token = torch.randn(5, 4, generator=g)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
+    parts = [slice(0, 3), slice(3, 5)]
+    weights = micro_batch_weights([mask[p] for p in parts], mode)
+    close(weights, [0.3, 0.7] if mode == "token-mean" else [0.5, 0.5])
+
+    x = per_token.clone().requires_grad_()
+    whole = agg_loss(x, mask, mode)
+    whole.backward()
+    grad_whole = x.grad.clone()
+    x.grad = None
+    for w, p in zip(weights, parts):  # gradient accumulation, as the trainer does it
+        (w * agg_loss(x[p], mask[p], mode)).backward()
+    close(x.grad, grad_whole)
+    accumulated = sum(w * agg_loss(per_token[p], mask[p], mode) for w, p in zip(weights, parts))
+    close(accumulated, whole.detach())
+    if mode == "token-mean":  # equal weights (the old 1/num_micro) differ here
+        equal = sum(0.5 * agg_loss(per_token[p], mask[p], mode) for p in parts)
+        assert abs(float(equal) - float(whole.detach())) > 1e-3
+    # Data parallel: this rank's share of a global count of 20.
+    close(micro_batch_weights([mask[p] for p in parts], "token-mean", total=20), [0.15, 0.35])
+    with pytest.raises(ValueError, match="total=5 is below"):
+        micro_batch_weights([mask[p] for p in parts], "token-mean", total=5)
+
+
+def test_policy_loss_clip_higher_hand_computed():
+    new, old, adv, mask = _policy_batch()
+    # DAPO clip-higher, eps_low 0.2, eps_high 0.7: clip(ratio, 0.8, 1.7)
+    # token  ratio      A    -A*ratio    -A*clip     max         clipped
+    # 0      1.1051709  1    -1.1051709  -1.1051709  -1.1051709  no
+    # 1      1.6487213  2    -3.2974425  -3.2974425  -3.2974425  no (0.2 clipped it)
+    # 2      0.6065307  -1    0.6065307   0.8         0.8        yes
+    # 3      1.6487213  -1    1.6487213   1.6487213   1.6487213  no
+    loss, stats = policy_loss(new, old, adv, mask, clip_ratio_low=0.2, clip_ratio_high=0.7)
+    close(loss, (-1.1051709 - 3.2974425 + 0.8 + 1.6487213) / 4)
+    close(stats["clipfrac"], 0.25)
+    loss.backward()
+    close(new.grad, [[-1.1051709 / 4, -2 * 1.6487213 / 4, 0.0], [1.6487213 / 4, 0.0, 0.0]])
+    # Not given: both are clip_ratio (the old behaviour).
+    sym, _ = policy_loss(new, old, adv, mask, 0.2)
+    low_only, _ = policy_loss(new, old, adv, mask, 0.2, clip_ratio_low=0.2)
+    close(sym, low_only)
+    with pytest.raises(ValueError, match="clip_ratio_low < 1"):
+        policy_loss(new, old, adv, mask, clip_ratio_low=1.5)
+
+
+def test_policy_loss_seq_agg_modes_hand_computed():
+    new, old, adv, mask = _policy_batch()
+    # per-token losses with clip 0.2 (see test_policy_loss_hand_computed):
+    # row 0: [-1.1051709, -2.4, 0.8] (sum -2.7051709), row 1: [1.6487213]
+    loss, _ = policy_loss(new, old, adv, mask, 0.2, loss_agg_mode="seq-mean-token-mean")
+    close(loss, (-2.7051709 / 3 + 1.6487213) / 2)
+    loss, _ = policy_loss(new, old, adv, mask, 0.2, loss_agg_mode="seq-mean-token-sum")
+    close(loss, (-2.7051709 + 1.6487213) / 2)
+
+
+@pytest.mark.parametrize("kind, expected, grad0", [
+    # log r = logprob - ref = [0.5, -0.5]; token-mean over 2 tokens
+    ("k1", 0.0, 0.5),                                          # d(log r)/dx = 1
+    ("k2", 0.5 * 0.25, 0.5 * 0.5),                             # d(0.5 x^2) = x
+    ("k3", (math.exp(-0.5) - 0.5 + math.exp(0.5) - 1.5) / 2,   # e^-x - 1 + x
+     (1 - math.exp(-0.5)) / 2),                                # d = 1 - e^-x
+])
+def test_kl_loss_hand_computed(kind, expected, grad0):
+    logprob = torch.tensor([[-1.0, -2.0, 3.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.5, -INF]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0]])
+    loss, stats = kl_loss(logprob, ref, mask, kind)
+    close(loss, expected)
+    close(stats["kl_loss"], expected)
+    loss.backward()
+    close(logprob.grad[0, 0], grad0)
+    close(logprob.grad[0, 2], 0.0)
+    assert ref.grad is None  # the reference is a fixed target
+
+
+def test_value_loss_seq_mean_token_sum():
+    # errors (v - R)^2 without clipping (v_old = v): row 0 [1, 4], row 1 [9]
+    v = torch.tensor([[1.0, 2.0], [3.0, NAN]])
+    ret = torch.tensor([[0.0, 0.0], [0.0, 7.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    loss, _ = value_loss(v, v, ret, mask, 0.2, loss_agg_mode="seq-mean-token-sum")
+    close(loss, 0.5 * ((1 + 4) + 9) / 2)
+
+
+def test_overlong_penalty_hand_computed():
+    # L_max 20, L_cache 4: no penalty up to 16, then (16 - |y|) / 4, -1 past 20.
+    lengths = torch.tensor([10, 16, 17, 19, 20, 25])
+    close(overlong_penalty(lengths, 20, 4), [0.0, 0.0, -0.25, -0.75, -1.0, -1.0])
+    close(overlong_penalty([17], 20, 4, penalty_factor=0.5), [-0.125])
+    with pytest.raises(ValueError, match="buffer_length=0"):
+        overlong_penalty(lengths, 20, 0)
+
+
+def test_dynamic_sampling_drops_groups_with_equal_rewards():
+    scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.5])
+    index = ["a", "a", "b", "b", "c", "c", "d", "e"]
+    # a: all 1, c: all 0 -> no signal; b mixed; d, e alone (kept, as verl does)
+    assert equal_reward_groups(scores, index) == ["a", "c"]
+    assert dynamic_sampling_mask(scores, index).tolist() == [False, False, True, True,
+                                                             False, False, True, True]
+    # interleaved tensor ids
+    ids = torch.tensor([3, 4, 3, 4])
+    assert dynamic_sampling_mask(torch.tensor([1.0, 0.0, 0.0, 0.0]), ids).tolist() == [
+        True, False, True, False]
+    assert equal_reward_groups(torch.tensor([1.0, 0.0, 0.0, 0.0]), ids) == [4]
