@@ -220,6 +220,62 @@ class PPOSection:
 
 
 @dataclass
+class AlgorithmSection:
+    """Which RL algorithm: the advantage estimator (verl's ``algorithm`` keys). ``gamma``
+    and ``lam`` stay in ``ppo``."""
+
+    adv_estimator: str = "gae"
+    """Advantage estimator: a name in ``fusedrl.algorithms.available_adv_estimators()``
+    (``gae``: PPO with a critic; ``grpo``, ``rloo``, ``reinforce_plus_plus``,
+    ``reinforce_plus_plus_baseline``: critic-free, with ``actor.rollout_n`` samples per
+    prompt for the group ones), or ``module:NAME`` / ``path/file.py:NAME`` for one a user
+    module registers with ``@register_adv_estimator("NAME")``."""
+    norm_adv_by_std_in_grpo: bool = True
+    """GRPO: divide by the group's std; false gives Dr. GRPO (Liu et al. 2025, §3.1)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.adv_estimator.strip()), "algorithm.adv_estimator",
+                 self.adv_estimator, "must name an estimator")
+
+
+@dataclass
+class ActorSection:
+    """Policy-update options beyond PPO's defaults (verl's ``actor_rollout_ref.actor``
+    and ``rollout.n`` keys): GRPO/DAPO/Dr. GRPO losses."""
+
+    rollout_n: int = 1
+    """Responses sampled per prompt (a group); group-relative estimators need >= 2."""
+    loss_agg_mode: str = "token-mean"
+    """How per-token losses become one: ``token-mean`` (every token counts once),
+    ``seq-mean-token-mean`` (GRPO: each response counts once),
+    ``seq-mean-token-sum`` (Dr. GRPO: each response's token sum)."""
+    clip_ratio_low: float | None = None
+    """Lower policy-ratio clip, ``1 - clip_ratio_low``; unset: ``ppo.clip_ratio``."""
+    clip_ratio_high: float | None = None
+    """Upper policy-ratio clip, ``1 + clip_ratio_high``; unset: ``ppo.clip_ratio``. DAPO's
+    clip-higher uses 0.28 with a low of 0.2 (Yu et al. 2025, §3.1)."""
+    use_kl_loss: bool = False
+    """KL to the reference as a loss term (GRPO) instead of a reward penalty; set
+    ``ppo.kl_coef: 0`` to drop the reward penalty."""
+    kl_loss_coef: float = 0.001
+    """Weight of the KL loss term (verl's default)."""
+    kl_loss_type: str = "low_var_kl"
+    """KL estimator of the loss term: ``k1``, ``k2`` (= ``mse``), ``k3`` (= ``low_var_kl``,
+    GRPO's), ``abs``."""
+
+    def __post_init__(self) -> None:
+        _require(self.rollout_n >= 1, "actor.rollout_n", self.rollout_n, "must be >= 1")
+        if self.clip_ratio_low is not None:
+            _require(0 < self.clip_ratio_low < 1, "actor.clip_ratio_low", self.clip_ratio_low,
+                     "must be in (0, 1)")
+        if self.clip_ratio_high is not None:
+            _require(self.clip_ratio_high > 0, "actor.clip_ratio_high", self.clip_ratio_high,
+                     "must be > 0")
+        _require(self.kl_loss_coef >= 0, "actor.kl_loss_coef", self.kl_loss_coef,
+                 "must be >= 0")
+
+
+@dataclass
 class FusionSection:
     """The switches of RLHFuse's two fusions (arXiv 2409.13221). The third idea,
     reallocation (ReaLHF), needs no switch: it runs wherever two calls of one model are
@@ -381,6 +437,10 @@ class Config:
     """Rollouts."""
     ppo: PPOSection = field(default_factory=PPOSection)
     """Algorithm."""
+    algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
+    """Advantage estimator."""
+    actor: ActorSection = field(default_factory=ActorSection)
+    """Policy loss options and samples per prompt."""
     fusion: FusionSection = field(default_factory=FusionSection)
     """Inter- and intra-stage fusion switches."""
     trainer: TrainerSection = field(default_factory=TrainerSection)

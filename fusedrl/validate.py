@@ -22,6 +22,27 @@ def check_config(config: Config) -> None:
     if f.intrastage:
         check_intrastage(config)
     check_interstage(config)
+    check_algorithm(config)
+
+
+def check_algorithm(config: Config) -> None:
+    """``algorithm.adv_estimator`` against the estimator registry (a ``module:NAME``
+    imports the module, which registers it), the actor's loss mode and KL estimator."""
+    from fusedrl.algorithms import LOSS_AGG_MODES, get_adv_estimator
+    from fusedrl.algorithms.ppo import KL_KINDS
+
+    try:
+        get_adv_estimator(config.algorithm.adv_estimator)
+    except ValueError as e:
+        raise ConfigError(f"config key algorithm.adv_estimator: {e}") from None
+    a = config.actor
+    if a.loss_agg_mode not in LOSS_AGG_MODES:
+        raise ConfigError(f"config key actor.loss_agg_mode={a.loss_agg_mode!r}: known modes: "
+                          f"{', '.join(LOSS_AGG_MODES)}")
+    kinds = KL_KINDS + ("kl", "k2", "k3")
+    if a.kl_loss_type not in kinds:
+        raise ConfigError(f"config key actor.kl_loss_type={a.kl_loss_type!r}: known "
+                          f"estimators: {', '.join(kinds)}")
 
 
 def check_intrastage(config: Config) -> None:

@@ -286,3 +286,22 @@ def test_register_rejects_a_taken_name():
         @register_adv_estimator("grpo")
         def other(token_level_rewards, response_mask, index, **_):
             return token_level_rewards, token_level_rewards
+
+
+def test_config_validates_the_estimator_against_the_registry(tmp_path):
+    from fusedrl.config import ConfigError, load_config
+
+    c = load_config(None, ["algorithm.adv_estimator=rloo", "actor.rollout_n=4",
+                           "algorithm.norm_adv_by_std_in_grpo=false"])
+    assert (c.algorithm.adv_estimator, c.actor.rollout_n) == ("rloo", 4)
+    assert load_config().algorithm.adv_estimator == "gae"  # PPO stays the default
+    with pytest.raises(ConfigError, match="algorithm.adv_estimator: unknown adv estimator 'x'"):
+        load_config(None, ["algorithm.adv_estimator=x"])
+    user = tmp_path / "cfg_adv.py"
+    user.write_text("from fusedrl.algorithms import register_adv_estimator\n"
+                    "@register_adv_estimator('test_cfg_est')\n"
+                    "def est(token_level_rewards, response_mask, index, **_):\n"
+                    "    return token_level_rewards, token_level_rewards\n")
+    load_config(None, [f"algorithm.adv_estimator={user}:test_cfg_est"])
+    with pytest.raises(ConfigError, match="registered no estimator 'nope'"):
+        load_config(None, [f"algorithm.adv_estimator={user}:nope"])

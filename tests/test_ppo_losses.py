@@ -365,3 +365,20 @@ def test_dynamic_sampling_drops_groups_with_equal_rewards():
     assert dynamic_sampling_mask(torch.tensor([1.0, 0.0, 0.0, 0.0]), ids).tolist() == [
         True, False, True, False]
     assert equal_reward_groups(torch.tensor([1.0, 0.0, 0.0, 0.0]), ids) == [4]
+
+
+def test_actor_config_section():
+    from fusedrl.config import ConfigError, load_config
+
+    a = load_config(None, ["actor.loss_agg_mode=seq-mean-token-sum", "actor.clip_ratio_low=0.2",
+                           "actor.clip_ratio_high=0.28", "actor.use_kl_loss=true",
+                           "actor.kl_loss_type=k3"]).actor
+    assert (a.loss_agg_mode, a.clip_ratio_low, a.clip_ratio_high, a.use_kl_loss) == (
+        "seq-mean-token-sum", 0.2, 0.28, True)
+    for bad, msg in [("actor.loss_agg_mode=token-sum", "actor.loss_agg_mode='token-sum'"),
+                     ("actor.kl_loss_type=k4", "actor.kl_loss_type='k4'"),
+                     ("actor.clip_ratio_low=1.5", "actor.clip_ratio_low=1.5"),
+                     ("actor.rollout_n=0", "actor.rollout_n=0"),
+                     ("actor.kl_loss_coef=-1", "actor.kl_loss_coef=-1")]:
+        with pytest.raises(ConfigError, match=msg.replace(".", r"\.")):
+            load_config(None, [bad])
