@@ -344,8 +344,11 @@ class ClusterSection:
     address: str = ""
     """Ray cluster to join (``ray start --head`` prints it, e.g. ``10.0.0.1:6379``);
     empty starts a local Ray instance. ``fusedrl train --cluster`` overrides it."""
-    accelerator: str = "cpu"
-    """Device kind the models run on: ``cpu`` or ``cuda``. The single-device trainer uses
+    accelerator: str = "auto"
+    """Device kind the models run on: ``cpu``, ``cuda``, or ``auto`` (``cuda`` when torch
+    sees a GPU in the process that loads the config, else ``cpu``; resolved on load, so
+    the run's ``config.yaml`` records the kind used; a driver without a GPU joining a GPU
+    cluster sets ``cuda``). The single-device trainer uses
     GPU 0 of its process (needs a CUDA build of torch, checked when the trainer starts);
     the Ray runtime gives each worker one GPU and needs ``cluster.devices`` GPUs in the
     Ray cluster (checked before any worker starts). Collectives: gloo on CPU, NCCL for
@@ -353,8 +356,12 @@ class ClusterSection:
 
     def __post_init__(self) -> None:
         _require(self.devices >= 1, "cluster.devices", self.devices, "must be >= 1")
-        _require(self.accelerator in ("cpu", "cuda"), "cluster.accelerator", self.accelerator,
-                 "must be cpu or cuda")
+        _require(self.accelerator in ("auto", "cpu", "cuda"), "cluster.accelerator",
+                 self.accelerator, "must be auto, cpu or cuda")
+        if self.accelerator == "auto":
+            from fusedrl.devices import auto_accelerator
+
+            self.accelerator = auto_accelerator()
 
 
 PLACEMENT_ROLES = tuple(r.value for r in _Role)

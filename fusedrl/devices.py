@@ -20,11 +20,19 @@ from collections.abc import Sequence
 import torch
 
 
+def auto_accelerator() -> str:
+    """What ``cluster.accelerator: auto`` means in this process: ``cuda`` when torch sees
+    a GPU (a CUDA build and a visible device), else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve(accelerator: str) -> torch.device:
-    """The device of ``cluster.accelerator`` (``cpu`` or ``cuda``); a
+    """The device of ``cluster.accelerator`` (``auto``, ``cpu`` or ``cuda``); a
     :class:`~fusedrl.config.ConfigError` naming the key when it cannot be used here."""
     from fusedrl.config import ConfigError
 
+    if accelerator == "auto":
+        accelerator = auto_accelerator()
     if accelerator == "cpu":
         return torch.device("cpu")
     if accelerator == "cuda":
@@ -33,7 +41,8 @@ def resolve(accelerator: str) -> torch.device:
                               f"is available (torch {torch.__version__}, CUDA build: "
                               f"{torch.version.cuda or 'no'})")
         return torch.device("cuda", torch.cuda.current_device())
-    raise ConfigError(f"config key cluster.accelerator={accelerator!r}: must be cpu or cuda")
+    raise ConfigError(f"config key cluster.accelerator={accelerator!r}: must be auto, cpu or "
+                      f"cuda")
 
 
 def device_of(config) -> torch.device:
@@ -143,5 +152,6 @@ def to_host(obj):
     return to_device(obj, "cpu")
 
 
-__all__ = ["resolve", "device_of", "synchronize", "timer", "collective_backend", "backend_for",
-           "cuda_local_index", "worker_device", "to_device", "to_host"]
+__all__ = ["auto_accelerator", "resolve", "device_of", "synchronize", "timer",
+           "collective_backend", "backend_for", "cuda_local_index", "worker_device", "to_device",
+           "to_host"]

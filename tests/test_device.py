@@ -28,9 +28,21 @@ TINY = PRESETS["tiny"]
 # --------------------------------------------------------------------- config
 
 
-def test_accelerator_defaults_to_cpu_and_rejects_unknown_values():
-    assert load_config(None).cluster.accelerator == "cpu"
-    with pytest.raises(ConfigError, match="cluster.accelerator='tpu': must be cpu or cuda"):
+def test_accelerator_auto_picks_cuda_when_torch_sees_a_gpu(monkeypatch):
+    # the default: resolved on load to what this process's torch sees
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert load_config(None).cluster.accelerator == expected
+    for seen, kind in ((True, "cuda"), (False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda seen=seen: seen)
+        assert load_config(None).cluster.accelerator == kind
+        assert load_config(None, ["cluster.accelerator=auto"]).cluster.accelerator == kind
+        # an explicit kind is kept
+        assert load_config(None, ["cluster.accelerator=cpu"]).cluster.accelerator == "cpu"
+
+
+def test_accelerator_rejects_unknown_values():
+    with pytest.raises(ConfigError,
+                       match="cluster.accelerator='tpu': must be auto, cpu or cuda"):
         load_config(None, ["cluster.accelerator=tpu"])
     # several CUDA devices are valid as a file: the Ray runtime checks the GPUs it finds
     # (tests/test_runtime_device.py)
