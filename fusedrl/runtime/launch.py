@@ -24,11 +24,58 @@ def ensure_ray(address: str, num_devices: int) -> bool:
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if address:
+        probe_ray_address(address)  # ray.init retries an unreachable address for minutes
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=max(num_devices, os.cpu_count() or 1), include_dashboard=False,
                  log_to_driver=True)
     return True
+
+
+def probe_ray_address(address: str, timeout: float = 5.0) -> None:
+    """A one-line :class:`~fusedrl.config.ConfigError` within ``timeout`` seconds unless a
+    Ray cluster answers at ``address`` (``HOST:PORT`` of its GCS, or ``ray://HOST:PORT``
+    of a Ray Client server): ``ray.init`` itself retries an unreachable address for
+    minutes, printing a warning every few seconds. The GCS is asked its cluster id over
+    gRPC (``NodeInfoGcsService.GetClusterId``), so a port where something else listens
+    is refused too. ``auto`` and ``local`` are left to Ray."""
+    import grpc
+
+    from fusedrl.config import ConfigError
+
+    if address in ("auto", "local"):
+        return
+    client = address.startswith("ray://")
+    target = address.split("://", 1)[-1].rstrip("/")
+    where = f"config key cluster.address={address!r} (--cluster)"
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"{where}: expected HOST:PORT, as `ray start --head` prints")
+    channel = grpc.insecure_channel(target)
+    try:
+        if client:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+        else:
+            from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+            stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout)
+    except grpc.FutureTimeoutError:
+        raise ConfigError(f"{where}: no Ray Client server answered within {timeout:g} s"
+                          ) from None
+    except grpc.RpcError as e:
+        code = e.code()
+        if code != grpc.StatusCode.UNAUTHENTICATED:  # a Ray cluster with token auth
+            detail = " ".join((e.details() or "").split()).split(";")[0].split(": [")[0]
+            if code == grpc.StatusCode.UNAVAILABLE:
+                problem = f"cannot reach it ({detail}); is `ray start --head` running there?"
+            elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                problem = f"no answer within {timeout:g} s; is the head node up?"
+            else:
+                problem = f"something answers there, but not a Ray cluster ({code.name})"
+            raise ConfigError(f"{where}: {problem}") from None
+    finally:
+        channel.close()
 
 
 def worker_options(accelerator: str) -> dict:
