@@ -53,13 +53,20 @@ def train(
     plan_time_limit: float = typer.Option(10.0, "--plan-time-limit",
                                           help="Seconds of each search chain of --plan auto."),
 ) -> None:
-    """Train with PPO; writes OUT/metrics.jsonl and OUT/checkpoints/iter_N/."""
+    """Train with PPO; writes OUT/metrics.jsonl and OUT/checkpoints/iter_N/.
+
+    Exit codes: 0 done, 2 bad input or a failed iteration (one line on stderr: a config
+    key, a file, a busy --out, a reward function, a non-finite loss), 3 a Ray worker
+    died (one line: its device, roles and Ray's cause)."""
     _quiet()
     import torch
 
     from fusedrl.config import load_config
+    from fusedrl.run import WorkerDiedError
     from fusedrl.run import train as run_train
 
+    if threads < 0:
+        fail(f"--threads {threads}: must be >= 0 (0: torch's default)")
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -72,6 +79,9 @@ def train(
             cfg = train_config_with_plan(plan, config if config is not None else DEFAULT_CONFIG,
                                          overrides, cfg, out_dir, time_limit=plan_time_limit)
         run_train(cfg, out_dir, resume=resume)
+    except WorkerDiedError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(code=3)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
