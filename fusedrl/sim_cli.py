@@ -6,6 +6,20 @@ generation cap and decode slots, prompt length), simulates the iteration on
 fusion, and prints a table or (``--json``) one JSON object. ``--model`` takes a
 LLaMA size instead of the config's preset (actor and critic alike unless
 ``--critic-model``). Bad input is one line on stderr and exit code 2.
+
+An optional top-level ``simulate:`` section of the config (read here only, so such
+a config is for ``fusedrl simulate``) describes what the simulator stands for:
+
+* ``system``: a name of :data:`fusedrl.sim.systems.SYSTEMS` (default ``rlhfuse``);
+* ``hardware``: a name of :data:`fusedrl.sim.roofline.HARDWARE` (default ``H100-SXM``);
+* ``prompt_len``: real prompt tokens (default ``data.max_prompt_len``);
+* ``lengths``: response lengths (as ``--lengths``);
+* ``pad_to``: padded sequence length when the system pads to the maximum
+  (default ``data.max_prompt_len + generation.max_new_tokens``);
+* ``infer_micro_batch_size``: samples per inference forward (default ``ppo.micro_batch_size``);
+* ``reference``: a published run to compare with: ``source`` (text), ``stages_s``
+  (seconds per stage, verl's timer names), ``tolerance`` (relative, on each stage's
+  fraction of generation time). The output then has ``reference_check``.
 """
 
 from __future__ import annotations
@@ -35,6 +49,62 @@ def _model(name: str, option: str):
     return PRESETS[key]
 
 
+SIMULATE_KEYS = ("system", "hardware", "prompt_len", "lengths", "pad_to",
+                 "infer_micro_batch_size", "reference")
+
+
+def split_simulate_section(path: Path) -> tuple[dict, list[str] | None]:
+    """The config's ``simulate:`` section and, when it has one, the rest of the file
+    as ``key=value`` overrides for :func:`fusedrl.config.load_config` (``None``: load
+    the file itself)."""
+    import yaml
+
+    try:
+        tree = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError:
+        return {}, None  # load_config reports it
+    if not isinstance(tree, dict) or "simulate" not in tree:
+        return {}, None
+    section = tree.pop("simulate") or {}
+    if not isinstance(section, dict):
+        _fail(f"{path}: simulate must be a mapping, got {section!r}")
+    unknown = sorted(set(section) - set(SIMULATE_KEYS))
+    if unknown:
+        _fail(f"{path}: unknown key simulate.{unknown[0]}; known: {', '.join(SIMULATE_KEYS)}")
+    overrides: list[str] = []
+
+    def flatten(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flatten(f"{prefix}.{k}" if prefix else str(k), v)
+        else:  # YAML text of the value: load_config parses it back unchanged
+            overrides.append(f"{prefix}={yaml.safe_dump(value, default_flow_style=True)}")
+
+    flatten("", tree)
+    return section, overrides
+
+
+def reference_check(stages: dict[str, float], reference: dict) -> dict:
+    """Each stage's predicted and published fraction of generation time."""
+    published = {k: float(v) for k, v in (reference.get("stages_s") or {}).items()}
+    if "gen" not in published or published["gen"] <= 0:
+        _fail("simulate.reference.stages_s needs gen > 0")
+    missing = sorted(set(published) - set(stages))
+    if missing:
+        _fail(f"simulate.reference.stages_s.{missing[0]}: the simulated system has no such "
+              f"stage (it has {', '.join(sorted(stages))})")
+    tol = float(reference.get("tolerance", 0.25))
+    rows = {}
+    for k, pub in published.items():
+        pred_f, pub_f = stages[k] / stages["gen"], pub / published["gen"]
+        rows[k] = {"predicted_s": stages[k], "published_s": pub,
+                   "predicted_fraction_of_gen": pred_f, "published_fraction_of_gen": pub_f,
+                   "predicted_over_published": pred_f / pub_f,
+                   "within_tolerance": abs(pred_f / pub_f - 1) <= tol}
+    return {"source": str(reference.get("source", "")), "tolerance": tol, "stages": rows,
+            "all_within_tolerance": all(r["within_tolerance"] for r in rows.values())}
+
+
 def _table(result) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -60,6 +130,28 @@ def _table(result) -> None:
     console.print("speedups: " + "; ".join(lines))
     console.print("RLHFuse reported (over its unfused base): " + "; ".join(
         f"{k} {lo}-{hi}" for k, (lo, hi) in RLHFUSE_REPORTED.items()))
+    base = result.variants[0]
+    if base.stages:
+        console.print(f"predicted stages of {base.variant.name} (s): " + "; ".join(
+            f"{k} {v:.2f}" for k, v in base.stages.items()))
+
+
+def _reference_table(check: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"predicted vs published stage fractions of gen ({check['source']})",
+                  title_justify="left")
+    for col in ("stage", "predicted s", "published s", "predicted / gen", "published / gen",
+                "ratio", f"within {check['tolerance']:.0%}"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for k, r in check["stages"].items():
+        table.add_row(k, f"{r['predicted_s']:.2f}", f"{r['published_s']:.2f}",
+                      f"{r['predicted_fraction_of_gen']:.3f}",
+                      f"{r['published_fraction_of_gen']:.3f}",
+                      f"{r['predicted_over_published']:.2f}",
+                      "yes" if r["within_tolerance"] else "NO")
+    Console(width=max(Console().width, 120)).print(table)
 
 
 def simulate(
@@ -85,11 +177,25 @@ def simulate(
     from fusedrl.config import load_config
     from fusedrl.models.config import PRESETS
     from fusedrl.sim.iteration import IterationSimulator, Workload
+    from fusedrl.sim.roofline import HARDWARE
+    from fusedrl.sim.systems import SYSTEMS
 
+    section, overrides = split_simulate_section(config)
     try:
-        cfg = load_config(config)
+        cfg = load_config(config) if overrides is None else load_config(None, overrides)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    system_name = section.get("system", "rlhfuse")
+    if system_name not in SYSTEMS:
+        _fail(f"simulate.system {system_name!r}: expected one of {', '.join(SYSTEMS)}")
+    hw_name = section.get("hardware", "H100-SXM")
+    if hw_name not in HARDWARE:
+        _fail(f"simulate.hardware {hw_name!r}: expected one of {', '.join(HARDWARE)}")
+    system, hardware = SYSTEMS[system_name], HARDWARE[hw_name]
+    for key in ("prompt_len", "pad_to", "infer_micro_batch_size"):
+        v = section.get(key, 0)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            _fail(f"simulate.{key} {v!r}: expected an integer >= 0")
     gpus = cluster or cfg.cluster.devices
     if gpus < 1:
         _fail(f"--cluster {cluster}: expected a number of GPUs >= 1")
@@ -104,16 +210,35 @@ def simulate(
     critic = _model(critic_model, "--critic-model") if critic_model else actor
     try:
         workload = Workload.build(
-            batch_size=cfg.ppo.rollout_batch_size, prompt_len=prompt_len or cfg.data.max_prompt_len,
+            batch_size=cfg.ppo.rollout_batch_size,
+            prompt_len=prompt_len or section.get("prompt_len") or cfg.data.max_prompt_len,
             max_new_tokens=cfg.generation.max_new_tokens, mini_batch_size=cfg.ppo.mini_batch_size,
             micro_batch_size=cfg.ppo.micro_batch_size, ppo_epochs=cfg.ppo.ppo_epochs,
-            max_gen_batch=cfg.generation.max_batch_size, lengths=lengths, seed=seed)
-        sim = IterationSimulator(actor, critic, workload, gpus, schedule_time_s=schedule_time,
-                                 seed=seed)
+            max_gen_batch=cfg.generation.max_batch_size,
+            lengths=lengths or section.get("lengths"), seed=seed, padding=system.padding,
+            pad_to=section.get("pad_to") or cfg.data.max_prompt_len + cfg.generation.max_new_tokens,
+            infer_micro_batch_size=section.get("infer_micro_batch_size", 0))
+        sim = IterationSimulator(
+            actor, critic, workload, gpus, hardware, system.efficiency_for(),
+            schedule_time_s=schedule_time, seed=seed, recompute=system.actor_recompute,
+            critic_recompute=system.critic_recompute, kernels=system.kernels,
+            gen_kernels=system.gen_kernels, infer_models=system.infer_models,
+            old_log_prob_in_gen=system.old_log_prob_in_gen,
+            overheads=system.overheads(actor, hardware))
         result = sim.run()
     except ValueError as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    out = result.to_dict()
+    out["system"] = system.describe()
+    check = None
+    if section.get("reference"):
+        if not isinstance(section["reference"], dict):
+            _fail(f"simulate.reference {section['reference']!r}: expected a mapping")
+        check = reference_check(result.variants[0].stages or {}, section["reference"])
+        out["reference_check"] = check
     if json_out:
-        typer.echo(json.dumps(result.to_dict(), default=float))
+        typer.echo(json.dumps(out, default=float))
     else:
         _table(result)
+        if check:
+            _reference_table(check)

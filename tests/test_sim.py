@@ -67,14 +67,18 @@ def test_calibrate_reproduces_synthetic_measurements():
     hw = Hardware(peak_flops=1e12, hbm_bandwidth=1e11)
     roof = Roofline(TINY, hw, Efficiency(), dtype_bytes=4)
     works = [sum(roof.forward_works(b, 32), Work()) for b in (1, 2, 4, 8)]
-    truth = [2.5 * (roof.time_s(w, "infer") - roof.eff.overhead_s("infer")) + 0.004 for w in works]
+    # the device time scaled, plus a constant (what the host adds: launches, Python)
+    truth = [2.5 * roof.device_s(w, "infer") + 0.004 for w in works]
     points = [ProfilePoint("infer", w, t) for w, t in zip(works, truth)]
     after = calibrate(roof.eff, roof, points)
     fitted = roof.with_efficiency(after)
     assert [fitted.time_s(w, "infer") for w in works] == pytest.approx(truth, rel=1e-6)
     assert after.mfu_infer == pytest.approx(roof.eff.mfu_infer / 2.5)
     assert after.overhead_infer_s == pytest.approx(0.004)
+    # the fitted constant holds the host's time: no launch floor or per-sequence term
+    assert after.launch_infer_s == 0.0 and after.host_per_seq_infer_s == 0.0
     assert after.mfu_train == roof.eff.mfu_train  # no train points: unchanged
+    assert after.launch_train_s == roof.eff.launch_train_s
 
 
 def test_calibration_on_the_native_engine_moves_predictions_to_measurements():

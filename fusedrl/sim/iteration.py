@@ -46,9 +46,20 @@ from fusedrl.models.config import ModelConfig
 from fusedrl.scheduler import get_policy, simulate_generation
 from fusedrl.scheduler.length_dist import sample_lengths
 from fusedrl.sim.overheads import RuntimeOverheads
-from fusedrl.sim.roofline import Efficiency, Hardware, Roofline
+from fusedrl.sim.roofline import FUSED_KERNELS, Efficiency, Hardware, KernelProfile, Roofline
 
 STAGES = ("gen", "inference", "train", "realloc")
+
+INFER_MODELS = {"old_log_prob": ("actor", "lm"), "ref": ("actor", "lm"),
+                "reward": ("critic", "value"), "values": ("critic", "value")}
+"""Inference forwards after generation: which roofline (the reference has the actor's
+shape, the reward model the critic's) and which head."""
+
+PADDING = ("micro_batch", "max", "none")
+"""How inference and training batches are padded: each micro-batch to its longest
+sample (fusedrl's runtime), every sample to ``Workload.pad_to`` (verl without
+``use_remove_padding``: prompts left-padded to ``max_prompt_length``, responses to
+``max_response_length``), or not at all (packed sequences)."""
 
 
 @dataclass(frozen=True)
@@ -92,8 +103,23 @@ class Workload:
     ppo_epochs: int = 1
     max_gen_batch: int = 256
     """Decode slots per generation instance (fewer when the KV cache holds fewer)."""
+    padding: str = "micro_batch"
+    """One of :data:`PADDING`."""
+    pad_to: int = 0
+    """Sequence length every sample is padded to with ``padding="max"``."""
+    infer_micro_batch_size: int = 0
+    """Samples per inference forward on one dp rank (0: ``micro_batch_size``)."""
 
     def __post_init__(self) -> None:
+        if self.padding not in PADDING:
+            raise ValueError(f"workload: padding={self.padding!r}; expected one of {PADDING}")
+        if self.padding == "max" and self.pad_to < int(
+                (self.prompt_lengths + self.output_lengths).max()):
+            raise ValueError(f"workload: pad_to={self.pad_to} is shorter than the longest "
+                             "sample (prompt + response)")
+        if self.infer_micro_batch_size < 0:
+            raise ValueError(f"workload: infer_micro_batch_size={self.infer_micro_batch_size} "
+                             "must be >= 0")
         n = len(self.output_lengths)
         if n < 1 or len(self.prompt_lengths) != n or len(self.previous_output_lengths) != n:
             raise ValueError("workload: prompt, output and previous lengths must be non-empty "
@@ -132,10 +158,25 @@ class Workload:
     def max_prompt_len(self) -> int:
         return int(self.prompt_lengths.max())
 
+    @property
+    def infer_micro(self) -> int:
+        return self.infer_micro_batch_size or self.micro_batch_size
+
+    def padded_len(self, micro: int, shuffle_seed: int | None = None) -> float:
+        """Tokens per sample a matmul processes in micro-batches of ``micro`` samples,
+        padding included (see :data:`PADDING`)."""
+        if self.padding == "max":
+            return float(self.pad_to)
+        if self.padding == "none":
+            return self.mean_seq_len
+        return self.mean_seq_len * self.padding_factor(micro, shuffle_seed)
+
     @classmethod
     def build(cls, *, batch_size: int, prompt_len: int, max_new_tokens: int,
               mini_batch_size: int, micro_batch_size: int, ppo_epochs: int = 1,
-              max_gen_batch: int = 256, lengths: str | None = None, seed: int = 0) -> "Workload":
+              max_gen_batch: int = 256, lengths: str | None = None, seed: int = 0,
+              padding: str = "micro_batch", pad_to: int = 0,
+              infer_micro_batch_size: int = 0) -> "Workload":
         """Lengths drawn from ``lengths`` (a :func:`sample_lengths` spec), capped at
         ``max_new_tokens``. Default: long-tailed lognormal with median
         ``max_new_tokens/8`` and 99th percentile ``max_new_tokens`` (its 99.9th
@@ -144,7 +185,8 @@ class Workload:
         out = sample_lengths(spec, batch_size, seed=seed, max_len=max_new_tokens)
         prev = sample_lengths(spec, batch_size, seed=seed + 1, max_len=max_new_tokens)
         return cls(np.full(batch_size, prompt_len, dtype=np.int64), out, prev, max_new_tokens,
-                   mini_batch_size, micro_batch_size, ppo_epochs, max_gen_batch)
+                   mini_batch_size, micro_batch_size, ppo_epochs, max_gen_batch, padding,
+                   pad_to, infer_micro_batch_size)
 
 
 @dataclass
@@ -158,10 +200,16 @@ class VariantResult:
     samples_per_s: float
     tokens_per_s: float
     details: dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, float] | None = None
+    """Unfused variants: predicted seconds per stage under verl's timer names (``gen``,
+    ``old_log_prob`` unless generation's timer holds it, ``ref``, ``reward``,
+    ``values``, ``update_critic``, ``update_actor``, ``realloc``)."""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.variant.name, "layouts": self.layouts}
         out.update({f"timing_s/{k}": v for k, v in self.timing_s.items()})
+        if self.stages is not None:
+            out["stages"] = self.stages
         out.update({"perf/samples_per_s": self.samples_per_s,
                     "perf/throughput": self.tokens_per_s, "details": self.details})
         return out
@@ -314,25 +362,48 @@ class IterationSimulator:
     fragmentation, workspace, the runtime's own memory). ``overheads``: the
     runtime's time beyond the kernels (:class:`~fusedrl.sim.overheads.RuntimeOverheads`,
     all 0 by default), added to the stage times as its docstring says.
+
+    The system simulated: ``kernels``/``gen_kernels`` the implementation of the
+    training/inference passes and of the generation engine; ``recompute`` the actor's
+    activation recomputation (``critic_recompute`` the critic's, default the same);
+    ``infer_models`` the forwards after generation (names of :data:`INFER_MODELS`);
+    ``old_log_prob_in_gen``: the generation stage's timer also holds the actor's
+    old-log-prob forward (verl's hybrid engine until early 2025).
     """
 
     def __init__(self, actor: ModelConfig, critic: ModelConfig, workload: Workload,
                  num_gpus: int, hardware: Hardware = Hardware(),
                  efficiency: Efficiency = Efficiency(), *, schedule_time_s: float = 2.0,
                  memory_headroom: float = 0.9, recompute: bool = False, seed: int = 0,
-                 dtype_bytes: int = 2, overheads: RuntimeOverheads = RuntimeOverheads()):
+                 dtype_bytes: int = 2, overheads: RuntimeOverheads = RuntimeOverheads(),
+                 kernels: KernelProfile = FUSED_KERNELS,
+                 gen_kernels: KernelProfile = FUSED_KERNELS,
+                 critic_recompute: bool | None = None,
+                 infer_models: Sequence[str] = ("ref", "reward", "values"),
+                 old_log_prob_in_gen: bool = False):
         if num_gpus < 1:
             raise ValueError(f"num_gpus must be >= 1, got {num_gpus}")
         if not 0 < memory_headroom <= 1:
             raise ValueError(f"memory_headroom must be in (0, 1], got {memory_headroom}")
+        unknown = [m for m in infer_models if m not in INFER_MODELS]
+        if unknown or len(set(infer_models)) != len(infer_models):
+            raise ValueError(f"infer_models {list(infer_models)}: expected distinct names of "
+                             f"{sorted(INFER_MODELS)}")
+        if old_log_prob_in_gen and "old_log_prob" not in infer_models:
+            raise ValueError("old_log_prob_in_gen: 'old_log_prob' is not in infer_models")
+        self.infer_models = tuple(infer_models)
+        self.old_log_prob_in_gen = old_log_prob_in_gen
         self.ov = overheads
         if overheads.engine_step_s:  # every engine step of the runtime pays it
             efficiency = replace(
                 efficiency,
                 overhead_prefill_s=efficiency.overhead_prefill_s + overheads.engine_step_s,
                 overhead_decode_s=efficiency.overhead_decode_s + overheads.engine_step_s)
-        self.actor = Roofline(actor, hardware, efficiency, dtype_bytes, recompute)
-        self.critic = Roofline(critic, hardware, efficiency, dtype_bytes, recompute)
+        self.actor = Roofline(actor, hardware, efficiency, dtype_bytes, recompute, kernels,
+                              gen_kernels)
+        self.critic = Roofline(critic, hardware, efficiency, dtype_bytes,
+                               recompute if critic_recompute is None else critic_recompute,
+                               kernels, gen_kernels)
         self.w, self.n, self.hw = workload, num_gpus, hardware
         self.schedule_time_s, self.seed = schedule_time_s, seed
         self.hbm = hardware.hbm_bytes * memory_headroom
@@ -372,21 +443,39 @@ class IterationSimulator:
     @property
     def _train_seq_len(self) -> float:
         """Sequence length a training micro-batch is priced at: the mean, scaled by the
-        padding of shuffled micro-batches (each is padded to its longest sample)."""
-        return self.w.mean_seq_len * self.w.padding_factor(self.w.micro_batch_size, self.seed)
+        padding of shuffled micro-batches (each is padded to its longest sample), or
+        the padded length (:data:`PADDING`)."""
+        return self.w.padded_len(self.w.micro_batch_size, self.seed)
 
     def _stage_times(self, lt: ParallelLayout):
         mb, s = self.w.micro_batch_size, self._train_seq_len
         out = []
         for roof, head in ((self.actor, "lm"), (self.critic, "value")):
-            fw, bw = roof.train_stage_s(mb, s, lt, head)
+            fw, bw = roof.train_stage_s(mb, s, lt, head, attn_len=self.w.mean_seq_len)
             out.append(([f + self.ov.train_microbatch_s for f in fw], bw))
         return tuple(out)
 
+    def _model_minibatch_extra_s(self, roof: Roofline, head: str, lt: ParallelLayout) -> float:
+        return roof.grad_sync_s(lt, head) + roof.optimizer_s(lt, head) + self.ov.optimizer_step_s
+
     def _per_minibatch_extra_s(self, lt: ParallelLayout) -> float:
-        return (self.actor.grad_sync_s(lt, "lm") + self.actor.optimizer_s(lt, "lm")
-                + self.critic.grad_sync_s(lt, "value") + self.critic.optimizer_s(lt, "value")
-                + 2 * self.ov.optimizer_step_s)
+        return (self._model_minibatch_extra_s(self.actor, "lm", lt)
+                + self._model_minibatch_extra_s(self.critic, "value", lt))
+
+    def train_model_s(self, lt: ParallelLayout) -> dict[str, float]:
+        """Predicted ``update_actor`` and ``update_critic`` seconds, each model's 1F1B
+        alone (``(M + S - 1)`` times its bottleneck stage's ``f + b`` per mini-batch,
+        exact for ``pp = 1``), its gradient sync and optimizer step; the training
+        call's fixed cost split evenly."""
+        M = self._microbatches(lt)
+        out = {}
+        for name, (fw, bw), (roof, head) in zip(
+                ("update_actor", "update_critic"), self._stage_times(lt),
+                ((self.actor, "lm"), (self.critic, "value"))):
+            per = (M + lt.pp - 1) * max(f + b for f, b in zip(fw, bw))
+            out[name] = (self._steps * (per + self._model_minibatch_extra_s(roof, head, lt))
+                         + self.ov.train_call_s / 2)
+        return out
 
     @property
     def _steps(self) -> int:
@@ -459,12 +548,28 @@ class IterationSimulator:
         cost = self.actor.gen_cost_model(
             lg, max_batch=max_batch, prompt_len=self.w.max_prompt_len,
             max_new_tokens=self.w.max_new_tokens, kv_capacity_bytes=kv_capacity,
-            infer=[(self.actor, "lm"), (self.critic, "value"), (self.critic, "value")],
             weight_load_s=load_s)
-        # Inference micro-batches (consecutive samples) are padded to their longest one.
-        pad = self.w.padding_factor(self.w.micro_batch_size)
-        cost = dataclasses.replace(cost, infer_per_token_s=cost.infer_per_token_s * pad)
+        # The scheduler prices inference per real token of a sample: the inference
+        # forwards of one instance's share of the batch (micro-batches padded as
+        # :data:`PADDING` says) over the real tokens of that share.
+        infer = sum(self.infer_model_s(m, lg) for m in self.infer_models)
+        per_token = infer * lg.dp / self.w.total_tokens
+        cost = dataclasses.replace(cost, infer_per_token_s=per_token)
         return _GenPlan(lg, lg.dp, max_batch, cost)
+
+    def infer_model_s(self, model: str, layout: ParallelLayout) -> float:
+        """Predicted seconds of one inference model (:data:`INFER_MODELS`) over the
+        batch on one dp rank of ``layout``: its micro-batches, each padded
+        (:data:`PADDING`; attention over the real tokens) plus the runtime's
+        per-micro-batch overhead."""
+        which, head = INFER_MODELS[model]
+        roof = self.actor if which == "actor" else self.critic
+        mb = self.w.infer_micro
+        micro = math.ceil(self.w.batch_size / (mb * layout.dp))
+        s = self.w.padded_len(mb)
+        frozen = model in ("ref", "reward")
+        return micro * (roof.forward_s(mb, s, layout, head, attn_len=self.w.mean_seq_len,
+                                       frozen=frozen) + self.ov.infer_microbatch_s)
 
     def generate(self, plan: _GenPlan, fused: bool):
         """Simulated generation + inference (the ``rlhfuse`` policy when fused)."""
@@ -479,13 +584,9 @@ class IterationSimulator:
                                    policy=policy,
                                    max_sample_tokens=w.max_prompt_len + w.max_new_tokens)
 
-    INFER_MODELS = 3
-    """Inference forwards per sample (old log-probs, reference, values/reward)."""
-
     def _infer_overhead_s(self, plan: _GenPlan) -> float:
-        """``infer_call_s`` + per micro-batch of each inference model on a dp rank."""
-        micro = math.ceil(self.w.batch_size / (self.w.micro_batch_size * plan.layout.dp))
-        return self.ov.infer_call_s + self.INFER_MODELS * micro * self.ov.infer_microbatch_s
+        """``infer_call_s`` (the per-micro-batch overheads are in the per-token cost)."""
+        return self.ov.infer_call_s
 
     # -- layout choices -----------------------------------------------------------------------------
 
@@ -560,6 +661,26 @@ class IterationSimulator:
                        "gen_inference_overlap_s": sim.overlap_s,
                        "weight_load_s": plan.cost.weight_load_s,
                        **{f"train/{k}": val for k, val in tr.items() if k != "train_s"}}
+            stages = None
+            if not (v.inter_stage or v.intra_stage):
+                stages = self.stages(timing, lt, plan.layout)
             results.append(VariantResult(v, layouts, timing, self.w.batch_size / timing["step"],
-                                         self.w.total_tokens / timing["step"], details))
+                                         self.w.total_tokens / timing["step"], details, stages))
         return SimulationResult(self.n, self.hw, self.w, results)
+
+    def stages(self, timing: dict[str, float], lt: ParallelLayout,
+               lg: ParallelLayout) -> dict[str, float]:
+        """Predicted seconds of an unfused iteration under verl's timer names: each
+        inference model alone (see :meth:`infer_model_s`), each model's update (see
+        :meth:`train_model_s`); ``gen`` holds ``old_log_prob`` when
+        ``old_log_prob_in_gen``."""
+        out = {"gen": timing["gen"]}
+        for m in self.infer_models:
+            t = self.infer_model_s(m, lg)
+            if m == "old_log_prob" and self.old_log_prob_in_gen:
+                out["gen"] += t
+            else:
+                out[m] = t
+        out.update(self.train_model_s(lt))
+        out["realloc"] = timing["realloc"]
+        return out
