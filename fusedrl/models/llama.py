@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from fusedrl.models.config import ModelConfig
@@ -206,11 +207,20 @@ class Llama(nn.Module):
     ``forward(input_ids | hidden, positions=None, cache=None, select=None)`` returns, on the last
     stage, vocab-parallel logits [B, T, V/tp] (``head="lm"``) or values [B, T]
     (``head="value"``), otherwise the hidden states for the next stage.
+
+    ``gradient_checkpointing``: in a training forward (``self.training``, autograd on, no
+    KV cache) each decoder layer keeps only its input and recomputes its activations in
+    the backward pass (Chen et al. 2016, "Training Deep Nets with Sublinear Memory
+    Cost", §3): activation memory per layer drops from all intermediates (attention
+    scores, the MLP's 2 x intermediate_size) to one ``[B, T, hidden]`` tensor, for about
+    one more forward. Gradients are the same; inference is unaffected.
     """
 
     def __init__(self, config: ModelConfig, head: str = "lm", stage: StageSpec | None = None,
-                 tp_group=None, dtype: torch.dtype = torch.float32, device=None):
+                 tp_group=None, dtype: torch.dtype = torch.float32, device=None,
+                 gradient_checkpointing: bool = False):
         super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         from fusedrl.runtime.dist import local_group
@@ -267,8 +277,16 @@ class Llama(nn.Module):
         if positions is None:
             positions = torch.arange(t, device=h.device).expand(b, t)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        recompute = (self.gradient_checkpointing and self.training and cache is None
+                     and torch.is_grad_enabled())
         for layer in self.model.layers.values():
-            h = layer(h, cos, sin, positions, cache)
+            if recompute:
+                # Non-reentrant: works when only the parameters need gradients (first
+                # stage: input ids), and replays tensor-parallel collectives in order.
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, positions, None,
+                                                      use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, positions, cache)
         if not self.stage.has_head:
             return h
         if select is not None:
