@@ -301,8 +301,8 @@ def test_policy_loss_clip_higher_hand_computed():
     sym, _ = policy_loss(new, old, adv, mask, 0.2)
     low_only, _ = policy_loss(new, old, adv, mask, 0.2, clip_ratio_low=0.2)
     close(sym, low_only)
-    with pytest.raises(ValueError, match="clip_ratio_low < 1"):
-        policy_loss(new, old, adv, mask, clip_ratio_low=1.5)
+    with pytest.raises(ValueError, match="clip_ratio_low=0.2, clip_ratio_high=-0.1"):
+        policy_loss(new, old, adv, mask, clip_ratio_high=-0.1)
 
 
 def test_policy_loss_seq_agg_modes_hand_computed():

@@ -292,9 +292,9 @@ def policy_loss(
     """
     low = clip_ratio if clip_ratio_low is None else clip_ratio_low
     high = clip_ratio if clip_ratio_high is None else clip_ratio_high
-    if not (0 < low < 1 and high > 0):
-        raise ValueError(f"policy_loss: need 0 < clip_ratio_low < 1 and clip_ratio_high > 0, "
-                         f"got {low}, {high}")
+    if not (low > 0 and high > 0):
+        raise ValueError(f"policy_loss: clip ratios must be > 0, got clip_ratio_low={low}, "
+                         f"clip_ratio_high={high}")
     valid = mask != 0
     log_ratio = _fill(logprob - old_logprob, valid).clamp(-20.0, 20.0)
     ratio = log_ratio.exp()
