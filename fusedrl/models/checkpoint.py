@@ -47,9 +47,24 @@ def config_from_hf(hf: dict, path: Path | str = "config.json") -> ModelConfig:
         raise CheckpointError(f"{path}: missing key {e.args[0]!r} in the model config") from None
 
 
-def config_to_hf(config: ModelConfig, head: str = "lm") -> dict:
+VALUE_ARCHITECTURE = "LlamaForSequenceClassification"
+"""What a value head (critic, reward model) is saved as. Its head is exactly fusedrl's
+``score`` (``nn.Linear(hidden, 1, bias=False)``), so transformers loads every weight and
+initialises none; its logits are the value at each row's last non-pad token (how a
+reward model scores a sample; the format TRL/OpenRLHF reward models use, so those load
+here too). Per-token values (the critic's): ``m.score(m.model(ids).last_hidden_state)``,
+or ``AutoModelForTokenClassification`` with the ``token_classification_bias: false``
+written below (transformers versions that know that key)."""
+
+
+def config_to_hf(config: ModelConfig, head: str = "lm", dtype: str = "float32") -> dict:
+    arch = {"architectures": ["LlamaForCausalLM"]}
+    if head != "lm":
+        arch = {"architectures": [VALUE_ARCHITECTURE], "id2label": {"0": "LABEL_0"},
+                "label2id": {"LABEL_0": 0}, "problem_type": "regression",
+                "token_classification_bias": False}
     return {
-        "architectures": ["LlamaForCausalLM" if head == "lm" else "LlamaForTokenValue"],
+        **arch,
         "model_type": "llama",
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
@@ -66,7 +81,7 @@ def config_to_hf(config: ModelConfig, head: str = "lm") -> dict:
         "mlp_bias": False,
         # fusedrl unties embeddings on load, so its checkpoints always carry lm_head.
         "tie_word_embeddings": False,
-        "torch_dtype": "float32",
+        "torch_dtype": dtype,
     }
 
 
@@ -231,6 +246,11 @@ def atomic_dir(final: Path):
     return _AtomicDir(Path(final))
 
 
+DIR_MODE, FILE_MODE = 0o755, 0o644
+"""Checkpoints are for the group (a cluster's users share the run directory): set
+explicitly, whatever the umask and ``mkdtemp``'s private 0700."""
+
+
 class _AtomicDir:
     def __init__(self, final: Path):
         self.final = final
@@ -245,8 +265,12 @@ class _AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        os.chmod(self.tmp, DIR_MODE)
         for f in self.tmp.rglob("*"):
-            if f.is_file():
+            if f.is_dir():
+                os.chmod(f, DIR_MODE)
+            elif f.is_file():
+                os.chmod(f, FILE_MODE)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if self.final.exists():
@@ -272,6 +296,59 @@ def save_hf_checkpoint(directory: Path, config: ModelConfig, state: dict[str, to
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(config_to_hf(config, head), indent=2))
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+    dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.") if tensors \
+        else "float32"
+    (directory / "config.json").write_text(json.dumps(config_to_hf(config, head, dtype),
+                                                      indent=2))
+    if tokenizer is not None:
+        write_inference_files(directory, head, tokenizer)
+
+
+def special_token_ids(tokenizer) -> dict:
+    """``bos_token_id``/``eos_token_id``/``pad_token_id`` of a fusedrl tokenizer, as
+    Hugging Face configs name them. ``eos_token_id`` lists every id the engine stops at
+    (a chat model's end-of-turn as well as its eos), so ``generate()`` stops there too."""
+    if not hasattr(tokenizer, "eos_token_ids"):  # a transformers tokenizer itself
+        from fusedrl.models.tokenizer import HFTokenizer
+
+        tokenizer = HFTokenizer(tokenizer)
+    eos = sorted(int(t) for t in tokenizer.eos_token_ids)
+    ids = {"eos_token_id": eos[0] if len(eos) == 1 else eos,
+           "pad_token_id": int(tokenizer.pad_token_id)}
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None:
+        ids["bos_token_id"] = int(bos)
+    return ids
+
+
+def write_inference_files(directory: Path, head: str, tokenizer, generation=None) -> None:
+    """Make a saved model directory ready for ``transformers`` as it is: the special
+    token ids in ``config.json``, the tokenizer (eos, pad, chat template), and for an LM
+    head a ``generation_config.json`` with the engine's stop tokens, so that
+    ``AutoModelForCausalLM.from_pretrained(d).generate(...)`` stops where fusedrl's engine
+    stops. ``generation`` (a :class:`~fusedrl.config.GenerationSection`) adds the
+    rollout sampling (temperature, top-p/k, ``max_new_tokens``) as the defaults."""
+    directory = Path(directory)
+    ids = special_token_ids(tokenizer)
+    cfg_path = directory / "config.json"
+    hf = json.loads(cfg_path.read_text())
+    hf.update(ids)
+    cfg_path.write_text(json.dumps(hf, indent=2))
+    if hasattr(tokenizer, "save_pretrained") and not (directory / "tokenizer_config.json").exists():
         tokenizer.save_pretrained(str(directory))
+    if head == "lm":
+        gen = dict(ids)
+        if generation is not None:
+            gen.update(do_sample=True, temperature=generation.temperature,
+                       top_p=generation.top_p, top_k=generation.top_k,
+                       max_new_tokens=generation.max_new_tokens)
+        (directory / "generation_config.json").write_text(json.dumps(gen, indent=2))
+
+
+def make_inference_ready(checkpoint: Path, tokenizer, generation=None) -> None:
+    """:func:`write_inference_files` for a training checkpoint's ``actor/`` (LM head)
+    and ``critic/`` (value head)."""
+    checkpoint = Path(checkpoint)
+    for name, head in (("actor", "lm"), ("critic", "value")):
+        if (checkpoint / name / "config.json").exists():
+            write_inference_files(checkpoint / name, head, tokenizer, generation)

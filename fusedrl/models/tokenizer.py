@@ -38,6 +38,7 @@ class CharTokenizer:
         self._ids = {c: i + 3 for i, c in enumerate(alphabet)}
         self.vocab_size = len(alphabet) + 3
         self.pad_token_id = self.PAD
+        self.bos_token_id = self.BOS
         self.eos_token_ids = (self.EOS,)
 
     def encode(self, text: str) -> list[int]:
@@ -55,6 +56,28 @@ class CharTokenizer:
             raise ValueError("the character tokenizer takes plain-text prompts, not messages")
         return [self.BOS, *self.encode(prompt)]
 
+    def to_hf(self):
+        """The same tokenizer as a ``transformers`` fast tokenizer (one token per
+        character, ``<bos>`` prepended, pads on the left), for checkpoints that
+        ``AutoTokenizer`` loads."""
+        from tokenizers import Tokenizer as Core
+        from tokenizers import decoders, models, pre_tokenizers, processors
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {"<pad>": self.PAD, "<bos>": self.BOS, "<eos>": self.EOS}
+        vocab.update({c: i for c, i in self._ids.items()})
+        core = Core(models.WordLevel(vocab, unk_token="<pad>"))
+        core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+        core.decoder = decoders.Fuse()  # characters joined without spaces
+        core.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", special_tokens=[("<bos>", self.BOS)])
+        return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>",
+                                       bos_token="<bos>", eos_token="<eos>",
+                                       padding_side="left")
+
+    def save_pretrained(self, directory: str) -> None:
+        self.to_hf().save_pretrained(directory)
+
 
 class HFTokenizer:
     """Adapter over a ``transformers`` tokenizer."""
@@ -71,6 +94,7 @@ class HFTokenizer:
         self.eos_token_ids = tuple(sorted(eos))
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.pad_token_id = int(pad if pad is not None else 0)
+        self.bos_token_id = tok.bos_token_id
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False).input_ids)
@@ -87,7 +111,15 @@ class HFTokenizer:
         return list(self.tok(prompt).input_ids)
 
     def save_pretrained(self, directory: str) -> None:
-        self.tok.save_pretrained(directory)
+        """The tokenizer files (chat template included), with the pad token fusedrl pads
+        with named in them (many chat tokenizers have none)."""
+        tok = self.tok
+        if tok.pad_token_id is None:
+            import copy
+
+            tok = copy.deepcopy(tok)
+            tok.pad_token = tok.convert_ids_to_tokens(self.pad_token_id)
+        tok.save_pretrained(directory)
 
 
 def load_hf_tokenizer(path: str | Path) -> HFTokenizer:
