@@ -336,7 +336,7 @@ def _ray_cause(error_msg: str) -> str:
     for marker in ("Worker exit detail:", "The actor is dead because"):
         i = text.find(marker)
         if i >= 0:
-            text = text[i + (len(marker) if marker.endswith(":") else 0):].strip()
+            text = text[i + len(marker):].strip()
             break
     cut = text.find(" There are some potential root causes")
     text = text[:cut] if cut >= 0 else text
