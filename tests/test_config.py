@@ -45,3 +45,27 @@ def test_bad_files(tmp_path):
     bad.write_text("ppo: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("override, match", [
+    (["ppo.kl_coef=.inf"], "config key ppo.kl_coef=inf: must be a finite number"),
+    (["ppo.actor_lr=nan"], "config key ppo.actor_lr='nan': must be a finite number"),
+    (["generation.temperature=-.inf"], "generation.temperature=-inf: must be a finite"),
+    (["ppo.weight_decay=-1"], "config key ppo.weight_decay=-1.0: must be >= 0"),
+    (["trainer.keep_checkpoints=-2"], "trainer.keep_checkpoints=-2: must be >= 0"),
+])
+def test_non_finite_and_negative_values_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match.replace("(", r"\(").replace(".", r"\.")):
+        load_config(None, override)
+
+
+def test_non_finite_value_in_a_file_and_a_non_utf8_file(tmp_path):
+    f = tmp_path / "inf.yaml"
+    f.write_text("ppo:\n  kl_coef: .inf\n")
+    with pytest.raises(ConfigError, match="ppo.kl_coef=inf: must be a finite number"):
+        load_config(f)
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("trainer:\n  out_dir: runs/\xe9t\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=f"config file {bad}: not UTF-8 text \\(byte 0xe9"):
+        load_config(bad)
+    assert load_config(None, ["trainer.keep_checkpoints=3"]).trainer.keep_checkpoints == 3
