@@ -154,26 +154,14 @@ def _reference_table(check: dict) -> None:
     Console(width=max(Console().width, 120)).print(table)
 
 
-def simulate(
-    config: Path = typer.Option(..., "--config", "-c", help="Experiment YAML (configs/X.yaml)."),
-    cluster: int = typer.Option(0, "--cluster", help="Number of GPUs (default: the config's "
-                                                     "cluster.devices)."),
-    model: Optional[str] = typer.Option(None, "--model", help="7b|13b|33b|65b|70b or a preset "
-                                                              "(default: the config's)."),
-    critic_model: Optional[str] = typer.Option(None, "--critic-model",
-                                               help="Critic/reward size (default: --model)."),
-    lengths: Optional[str] = typer.Option(None, "--lengths", help="Output lengths: fixed:L, "
-                                          "uniform:LO,HI, lognormal:MEDIAN,P99 (capped at "
-                                          "max_new_tokens; default lognormal, median cap/8, "
-                                          "p99 cap)."),
-    prompt_len: int = typer.Option(0, "--prompt-len", help="Prompt tokens (default: the "
-                                                           "config's data.max_prompt_len)."),
-    schedule_time: float = typer.Option(2.0, "--schedule-time",
-                                        help="Search seconds per fused pipeline schedule."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sampled lengths and the search."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
-) -> None:
-    """Simulate one PPO iteration at cluster scale: baseline vs each fusion."""
+def simulator_from_config(config: Path, *, cluster: int = 0, model: Optional[str] = None,
+                          critic_model: Optional[str] = None, lengths: Optional[str] = None,
+                          prompt_len: int = 0, schedule_time: float = 2.0, seed: int = 0,
+                          system: Optional[str] = None, hardware: Optional[str] = None):
+    """The :class:`~fusedrl.sim.iteration.IterationSimulator` an experiment config (and
+    its ``simulate:`` section, overridden by ``system``/``hardware``) describes, with
+    its :class:`~fusedrl.sim.systems.SystemProfile` and the section. Bad input: one
+    line on stderr, exit code 2."""
     from fusedrl.config import load_config
     from fusedrl.models.config import PRESETS
     from fusedrl.sim.iteration import IterationSimulator, Workload
@@ -185,13 +173,13 @@ def simulate(
         cfg = load_config(config) if overrides is None else load_config(None, overrides)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    system_name = section.get("system", "rlhfuse")
+    system_name = system or section.get("system", "rlhfuse")
     if system_name not in SYSTEMS:
         _fail(f"simulate.system {system_name!r}: expected one of {', '.join(SYSTEMS)}")
-    hw_name = section.get("hardware", "H100-SXM")
+    hw_name = hardware or section.get("hardware", "H100-SXM")
     if hw_name not in HARDWARE:
         _fail(f"simulate.hardware {hw_name!r}: expected one of {', '.join(HARDWARE)}")
-    system, hardware = SYSTEMS[system_name], HARDWARE[hw_name]
+    profile, hw = SYSTEMS[system_name], HARDWARE[hw_name]
     for key in ("prompt_len", "pad_to", "infer_micro_batch_size"):
         v = section.get(key, 0)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -215,21 +203,55 @@ def simulate(
             max_new_tokens=cfg.generation.max_new_tokens, mini_batch_size=cfg.ppo.mini_batch_size,
             micro_batch_size=cfg.ppo.micro_batch_size, ppo_epochs=cfg.ppo.ppo_epochs,
             max_gen_batch=cfg.generation.max_batch_size,
-            lengths=lengths or section.get("lengths"), seed=seed, padding=system.padding,
+            lengths=lengths or section.get("lengths"), seed=seed, padding=profile.padding,
             pad_to=section.get("pad_to") or cfg.data.max_prompt_len + cfg.generation.max_new_tokens,
             infer_micro_batch_size=section.get("infer_micro_batch_size", 0))
         sim = IterationSimulator(
-            actor, critic, workload, gpus, hardware, system.efficiency_for(),
-            schedule_time_s=schedule_time, seed=seed, recompute=system.actor_recompute,
-            critic_recompute=system.critic_recompute, kernels=system.kernels,
-            gen_kernels=system.gen_kernels, infer_models=system.infer_models,
-            old_log_prob_in_gen=system.old_log_prob_in_gen,
-            overheads=system.overheads(actor, hardware))
+            actor, critic, workload, gpus, hw, profile.efficiency_for(),
+            schedule_time_s=schedule_time, seed=seed, recompute=profile.actor_recompute,
+            critic_recompute=profile.critic_recompute, kernels=profile.kernels,
+            gen_kernels=profile.gen_kernels, infer_models=profile.infer_models,
+            old_log_prob_in_gen=profile.old_log_prob_in_gen,
+            overheads=profile.overheads(actor, hw))
+    except ValueError as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return sim, profile, section
+
+
+def simulate(
+    config: Path = typer.Option(..., "--config", "-c", help="Experiment YAML (configs/X.yaml)."),
+    cluster: int = typer.Option(0, "--cluster", help="Number of GPUs (default: the config's "
+                                                     "cluster.devices)."),
+    model: Optional[str] = typer.Option(None, "--model", help="7b|13b|33b|65b|70b or a preset "
+                                                              "(default: the config's)."),
+    critic_model: Optional[str] = typer.Option(None, "--critic-model",
+                                               help="Critic/reward size (default: --model)."),
+    lengths: Optional[str] = typer.Option(None, "--lengths", help="Output lengths: fixed:L, "
+                                          "uniform:LO,HI, lognormal:MEDIAN,P99 (capped at "
+                                          "max_new_tokens; default lognormal, median cap/8, "
+                                          "p99 cap)."),
+    prompt_len: int = typer.Option(0, "--prompt-len", help="Prompt tokens (default: the "
+                                                           "config's data.max_prompt_len)."),
+    schedule_time: float = typer.Option(2.0, "--schedule-time",
+                                        help="Search seconds per fused pipeline schedule."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampled lengths and the search."),
+    system: Optional[str] = typer.Option(None, "--system", help="Software simulated: rlhfuse|"
+                                         "verl-2024 (default: simulate.system, else rlhfuse)."),
+    hardware: Optional[str] = typer.Option(None, "--hardware", help="H100-SXM|A100-SXM4-80GB "
+                                           "(default: simulate.hardware, else H100-SXM)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Simulate one PPO iteration at cluster scale: baseline vs each fusion."""
+    sim, profile, section = simulator_from_config(
+        config, cluster=cluster, model=model, critic_model=critic_model, lengths=lengths,
+        prompt_len=prompt_len, schedule_time=schedule_time, seed=seed, system=system,
+        hardware=hardware)
+    try:
         result = sim.run()
     except ValueError as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     out = result.to_dict()
-    out["system"] = system.describe()
+    out["system"] = profile.describe()
     check = None
     if section.get("reference"):
         if not isinstance(section["reference"], dict):
