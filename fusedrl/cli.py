@@ -52,6 +52,11 @@ def train(
                              "OUT/plan.yaml); applied before --set."),
     plan_time_limit: float = typer.Option(10.0, "--plan-time-limit",
                                           help="Seconds of each search chain of --plan auto."),
+    plugin: List[str] = typer.Option(
+        [], "--plugin", help="Import this module (a name, or a path to a .py file) in the "
+                             "driver and every worker before the config is checked, so what "
+                             "it registers can be named in the config; repeatable, adds to "
+                             "the config's plugins list."),
 ) -> None:
     """Train with PPO; writes OUT/metrics.jsonl and OUT/checkpoints/iter_N/.
 
@@ -71,11 +76,15 @@ def train(
         torch.set_num_threads(threads)
     try:
         overrides = list(set_) + ([f"cluster.address={cluster}"] if cluster else [])
-        cfg = load_config(config if config is not None else DEFAULT_CONFIG, overrides)
+        cfg = load_config(config if config is not None else DEFAULT_CONFIG, overrides,
+                          plugins=plugin)
         out_dir = out if out is not None else Path(cfg.trainer.out_dir)
         if plan is not None:
+            import json
+
             from fusedrl.plan_apply import train_config_with_plan
 
+            overrides.append(f"plugins={json.dumps(cfg.plugins)}")  # --plugin's as well
             cfg = train_config_with_plan(plan, config if config is not None else DEFAULT_CONFIG,
                                          overrides, cfg, out_dir, time_limit=plan_time_limit)
         run_train(cfg, out_dir, resume=resume)

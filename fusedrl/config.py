@@ -8,6 +8,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -456,6 +457,12 @@ class Config:
     """Devices and Ray cluster."""
     placement: PlacementSection = field(default_factory=PlacementSection)
     """Where each model function call runs."""
+    plugins: list[str] = field(default_factory=list)
+    """Python modules (names, or paths to ``.py`` files) imported before the rest of the
+    config is checked, in the driver and in every Ray worker, so that the generation
+    backends, inter-stage policies, reward functions and advantage estimators they
+    register can be named here (:mod:`fusedrl.plugins`); ``fusedrl train --plugin``
+    adds to it."""
 
     def __post_init__(self) -> None:
         # Fit to the cluster is checked here; fit to the model needs the ModelConfig and
@@ -553,8 +560,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read ``path`` (YAML) if given, apply ``key=value`` overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (),
+                plugins: Sequence[str] = ()) -> Config:
+    """Read ``path`` (YAML) if given, apply ``key=value`` overrides, import the config's
+    ``plugins`` and then ``plugins`` (``--plugin``), validate."""
     tree: dict = {}
     if path is not None:
         path = Path(path)
@@ -574,6 +583,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     for o in overrides:
         k, v = parse_override(o)
         _set_dotted(tree, k, v)
+    _import_plugins(tree, plugins)
     try:
         config = _build(Config, tree)
     except TypeError as e:  # e.g. a section given a scalar
@@ -583,6 +593,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
     check_config(config)
     return config
+
+
+def _import_plugins(tree: dict, extra: Sequence[str]) -> None:
+    # First, so that the registry names the sections check (generation.backend,
+    # fusion.interstage_policy, ...) include what the plug-ins register.
+    from fusedrl.plugins import load_plugins, normalize
+
+    given = tree.get("plugins", [])
+    if isinstance(given, str):
+        given = [given]
+    if not isinstance(given, list) or not all(isinstance(p, str) for p in given):
+        raise ConfigError(f"config key plugins: expected a list of module names or .py "
+                          f"files, got {given!r}")
+    specs = list(dict.fromkeys(normalize(p) for p in [*given, *extra]))
+    load_plugins(specs)
+    if specs or "plugins" in tree:
+        tree["plugins"] = specs
 
 
 def config_to_yaml(config: Config) -> str:

@@ -6,7 +6,8 @@ A reward function maps one sample to a scalar::
 
 Configs name it as ``"package.module:function"``, as ``"path/to/file.py:function"``
 (loaded from the file, like verl's ``custom_reward_function.path``), or by a
-built-in name from :data:`BUILTIN_REWARDS` (``"arithmetic"``).
+name in :data:`BUILTIN_REWARDS` (``"arithmetic"``, and those a plug-in registers with
+:func:`register_reward`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["RewardFn", "RewardError", "load_reward_fn", "call_reward", "reward_name",
-           "arithmetic_reward", "last_integer", "BUILTIN_REWARDS"]
+__all__ = ["RewardFn", "RewardError", "load_reward_fn", "register_reward", "call_reward",
+           "reward_name", "arithmetic_reward", "last_integer", "BUILTIN_REWARDS"]
 
 RewardFn = Callable[[str, str, "str | None"], float]
 
@@ -53,6 +54,26 @@ def arithmetic_reward(prompt: str, response: str, label: str | None) -> float:
 
 
 BUILTIN_REWARDS: dict[str, RewardFn] = {"arithmetic": arithmetic_reward}
+
+
+def register_reward(name: str):
+    """Decorator making ``fn(prompt, response, label) -> float`` the reward
+    ``reward.function: NAME`` (a plug-in's way to add one, :mod:`fusedrl.plugins`)."""
+    if not isinstance(name, str) or not name or ":" in name:
+        raise ValueError(f"register_reward: name must be a non-empty string without ':', "
+                         f"got {name!r}")
+
+    def deco(fn: RewardFn) -> RewardFn:
+        old = BUILTIN_REWARDS.get(name)
+        if old is not None and old is not fn:
+            raise ValueError(f"reward function {name!r} is already registered "
+                             f"({getattr(old, '__qualname__', old)})")
+        _check_signature(fn, name)
+        BUILTIN_REWARDS[name] = fn
+        return fn
+
+    return deco
+
 
 _FILE_MODULES: dict[str, ModuleType] = {}  # resolved .py path -> module
 _FILE_MODULE_PATHS: dict[str, str] = {}  # module name given to a file -> its path
