@@ -133,6 +133,11 @@ class Worker(InterStageWorker):
                                             rank_lists)
         from fusedrl.runtime.reshard import WeightSync, sync_pairs
 
+        # The user's plug-ins (registries are per process): before anything is built by
+        # a registered name (generation backend, policy, reward, advantage estimator).
+        from fusedrl.plugins import load_plugins
+
+        load_plugins(getattr(spec.config, "plugins", ()))
         self.spec = spec
         c = spec.config
         dtype = TORCH_DTYPES[c.model.dtype]
