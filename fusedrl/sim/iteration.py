@@ -23,6 +23,12 @@ iteration fastest -- and the stages one after the other); ``realloc`` gives each
 call its own layout; ``inter-stage`` and ``intra-stage`` switch on one fusion on
 the flattened placement; ``all`` combines the three.
 
+What the simulated system runs (:mod:`.systems`): its kernels, padding
+(:data:`PADDING`), recomputation, the forwards after generation
+(:data:`INFER_MODELS`). Unfused variants also report ``stages``: predicted seconds
+per stage under verl's timer names, which ``fusedrl simulate`` compares with a
+published run (issue 18).
+
 Memory, per device (bytes): training states of actor and critic (16-bit params and
 grads, fp32 Adam states sharded over dp); flattening also keeps the reference and
 reward weights resident, per-call layouts swap them in from host memory (RLHFuse

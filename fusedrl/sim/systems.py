@@ -73,9 +73,10 @@ class SystemProfile:
 
 RLHFUSE = SystemProfile(
     # RLHFuse (arXiv 2409.13221 §6): its own generation engine (continuous batching,
-    # CUDA graphs) and Megatron-style training with fused kernels; samples packed per
-    # micro-batch; reference, reward and critic forwards after generation, the old
-    # log-probs taken from generation. The roofline's default efficiencies.
+    # CUDA graphs) and Megatron-style training with fused kernels; each micro-batch
+    # padded to its longest sample (the configs use one sample per micro-batch);
+    # reference, reward and critic forwards after generation, the old log-probs taken
+    # from generation. The roofline's default efficiencies.
     "rlhfuse")
 
 VERL_2024 = SystemProfile(
