@@ -41,6 +41,11 @@ def save_training_checkpoint(out: Path, trainer) -> Path:
                            trainer.setup.tokenizer)
         save_hf_checkpoint(tmp / "critic", mc, trainer.critic.hf_state_dict(), "value")
         torch.save(state, tmp / "trainer_state.pt")
+        # Ready for transformers as it is: generate() stops where the engine stops, the
+        # value heads load exactly (fusedrl.models.checkpoint.write_inference_files).
+        from fusedrl.models.checkpoint import make_inference_ready
+
+        make_inference_ready(tmp, trainer.setup.tokenizer, trainer.config.generation)
     return final
 
 

@@ -169,3 +169,22 @@ def test_checkpoint_files_are_group_readable_whatever_the_umask(tmp_path):
         mode = stat.S_IMODE(p.stat().st_mode)
         assert mode == (0o755 if p.is_dir() else 0o644), (p, oct(mode))
 
+
+
+def test_training_checkpoint_is_inference_ready(tmp_path):
+    from fusedrl.run import train
+
+    cfg = load_config(None, ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=4",
+                             "ppo.micro_batch_size=4", "generation.max_new_tokens=4",
+                             "data.num_prompts=16", "trainer.iterations=1",
+                             "generation.temperature=0.7"])
+    train(cfg, tmp_path / "run", show_progress=False)
+    ckpt = tmp_path / "run" / "checkpoints" / "iter_1"
+    gen = json.loads((ckpt / "actor" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == CharTokenizer.EOS and gen["temperature"] == 0.7
+    assert gen["max_new_tokens"] == 4
+    critic = json.loads((ckpt / "critic" / "config.json").read_text())
+    assert critic["architectures"] == [VALUE_ARCHITECTURE]
+    assert critic["pad_token_id"] == CharTokenizer.PAD
+    assert (ckpt / "actor" / "tokenizer.json").exists()
+    assert stat.S_IMODE(ckpt.stat().st_mode) == 0o755
