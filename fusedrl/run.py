@@ -343,6 +343,26 @@ def _ray_cause(error_msg: str) -> str:
     return text[:200] or "unknown cause"
 
 
+def _run_workers(trainer) -> list:
+    stages = getattr(trainer, "stages", None)
+    cluster = getattr(stages, "cluster", None)
+    return list(getattr(cluster, "workers", None) or getattr(trainer, "workers", None) or [])
+
+
+def _kill_workers(trainer) -> None:
+    """Kill every worker of the run at once: after one died, the others may be blocked
+    in a collective with it, and a graceful shutdown would wait for them."""
+    import ray
+
+    if not ray.is_initialized():  # ray.kill would start a Ray instance
+        return
+    for w in _run_workers(trainer):
+        try:
+            ray.kill(w, no_restart=True)
+        except Exception:  # already dead, or Ray itself is going down
+            pass
+
+
 def describe_dead_worker(trainer, err) -> str:
     """One line for a dead Ray worker: its device (its actor id matched against the run's
     workers, ``trainer.stages.cluster.workers``), the roles placed on that device
@@ -350,8 +370,7 @@ def describe_dead_worker(trainer, err) -> str:
     from fusedrl.layout import Placement
 
     stages = getattr(trainer, "stages", None)
-    cluster = getattr(stages, "cluster", None)
-    workers = getattr(cluster, "workers", None) or getattr(trainer, "workers", None) or []
+    workers = _run_workers(trainer)
     placements = getattr(stages, "placements", None) or getattr(trainer, "placements", None) \
         or {}
     actor_id = getattr(err, "actor_id", None)
@@ -411,7 +430,9 @@ def train(config: Config, out: Path, resume: bool = False, console: Console | No
             dead = _actor_error(e)
             if dead is None:
                 raise
-            raise WorkerDiedError(describe_dead_worker(trainer, dead)) from None
+            message = describe_dead_worker(trainer, dead)
+            _kill_workers(trainer)  # the survivors may wait on the dead one's collectives
+            raise WorkerDiedError(message) from None
         finally:
             trainer.close()
 

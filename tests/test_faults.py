@@ -522,3 +522,52 @@ def test_describe_dead_worker_without_a_match():
     assert msg.startswith("Ray worker on a device died: it was killed by `ray.kill`.")
     assert "\n" not in msg
     assert isinstance(WorkerDiedError(msg), RuntimeError)
+
+
+def test_ray_worker_killed_mid_run_then_resume_elsewhere_is_refused(ray_session, tmp_path,
+                                                                     monkeypatch):
+    """A real 2-device Ray run; worker 1 is killed after the first checkpoint: the run
+    ends within 30 s with one WorkerDiedError naming device 1 and its roles. Its Ray
+    checkpoint is then refused on one device and with other placements."""
+    import fusedrl.runtime.launch as launch
+
+    built = []
+    real_make_trainer = launch.make_trainer
+    monkeypatch.setattr(launch, "make_trainer",
+                        lambda *a, **k: built.append(real_make_trainer(*a, **k)) or built[-1])
+    out = tmp_path / "run"
+    ray_args = ["cluster.devices=2", "placement.default=dp1tp1pp1@0",
+                "placement.critic_train=dp1tp1pp1@1", "placement.critic_infer=dp1tp1pp1@1"]
+    cfg = small("trainer.iterations=6", "trainer.save_every=1", *ray_args)
+    killed_at = []
+
+    def kill_after_first_checkpoint():
+        while not (out / "checkpoints/iter_1/trainer_state.pt").exists():
+            time.sleep(0.1)
+        killed_at.append(time.monotonic())
+        ray_session.kill(built[0].stages.cluster.workers[1])
+
+    threading.Thread(target=kill_after_first_checkpoint, daemon=True).start()
+    with pytest.raises(WorkerDiedError) as e:
+        train(cfg, out, show_progress=False)
+    assert time.monotonic() - killed_at[0] < 30
+    msg = str(e.value)
+    assert msg.startswith("Ray worker on device 1 serving critic_train, critic_infer died: ")
+    assert "ray.kill" in msg and "\n" not in msg
+    assert not (out / LOCK_NAME).exists()
+    ckpt = latest_checkpoint(out)
+    assert read_trainer_state_runtime(ckpt) == "ray"
+    with pytest.raises(CheckpointError, match="written by the Ray runtime, this run uses the "
+                                              "single-device trainer"):
+        train(small("trainer.iterations=6"), out, resume=True, show_progress=False)
+    with pytest.raises(CheckpointError, match=r"saved with placement\.\w+=dp1tp1pp1@\d, this "
+                                              r"run has dp1tp1pp1@\d \(3 placement"):
+        train(small("trainer.iterations=6", "cluster.devices=2",
+                    "placement.default=dp1tp1pp1@0", "placement.actor_gen=dp1tp1pp1@1"),
+              out, resume=True, show_progress=False)
+
+
+def read_trainer_state_runtime(ckpt):
+    from fusedrl.checkpointing import read_trainer_state
+
+    return read_trainer_state(ckpt)["runtime"]
