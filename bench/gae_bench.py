@@ -5,7 +5,7 @@
 Times are medians over ``--repeats`` calls on one thread, measured in the same run;
 the table reports each backend's speed-up over the numpy loop (the baseline a
 straightforward implementation would use), so the result is a ratio, not an
-absolute time (DESIGN.md "Measuring"). Compilation is excluded (one warm-up call).
+absolute time (docs/design.md "Measuring"). Compilation is excluded (one warm-up call).
 """
 
 from __future__ import annotations

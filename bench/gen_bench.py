@@ -11,7 +11,7 @@ Two workloads, each on the same prompts, weights and batch size on every side, o
 torch thread. The sides run interleaved, ``--rounds`` times each after a warm-up, and
 the table reports generated tokens per second (median over rounds) and the ratios of
 native to the others: the machine is shared, so only ratios measured side by side in
-one run mean anything (DESIGN.md "Measuring").
+one run mean anything (docs/design.md "Measuring").
 
 ``fixed`` (decode speed): ``--batch`` prompts, greedy, exactly ``--new-tokens`` new
 tokens per sample (native: ``ignore_eos``; HF: ``min_new_tokens = max_new_tokens``;

@@ -11,7 +11,7 @@ parameter model (fp32, synthetic weights generated per shard) between
 - ``dp2 -> tp2``: ``dp2tp1pp1@0-1 -> dp1tp2pp1@2-3`` (disjoint devices; on the same
   devices a dp2 -> tp2 reallocation moves nothing, every byte is already local).
 
-Reported per case (DESIGN.md "Measuring": ratios taken in the same run):
+Reported per case (docs/design.md "Measuring": ratios taken in the same run):
 ``fraction = gbps / memcpy_gbps`` where ``gbps`` = cross-device bytes (each
 receiver counted) / seconds of the slowest worker, best of ``--repeats``, and
 ``memcpy_gbps`` is one worker's best copy of a 256 MiB buffer while the others

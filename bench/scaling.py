@@ -1,5 +1,5 @@
 """Data-parallel scaling of the training call on this machine: tokens/s of PPO actor +
-critic training at dp1 vs dp2, measured side by side in one run (DESIGN.md "Measuring":
+critic training at dp1 vs dp2, measured side by side in one run (docs/design.md "Measuring":
 a ratio, not an absolute time). Each emulated device is one Ray worker with one torch
 thread; run it on a machine with at least 2 free cores.
 

@@ -8,7 +8,9 @@ GRPO's mean), on every response token. Critic-free.
 An estimator maps the batch's token rewards ``[B, T]``, the response mask ``[B, T]`` and
 ``index`` (the prompt id of each sample; ``actor.rollout_n`` samples share one) to
 ``(advantages, returns)``, both ``[B, T]``; keyword options it does not use (``values``,
-``gamma``, ``lam``, ...) land in ``**_``. ``needs_critic=False``: no critic is built.
+``gamma``, ``lam``, ...) land in ``**_``. ``needs_critic=False``: a run with it needs no
+critic. (The config check resolves the name through the registry; ``fusedrl.trainer``
+still computes GAE until the iteration calls the registry's estimator.)
 """
 
 import torch

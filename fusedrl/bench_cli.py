@@ -2,7 +2,7 @@
 
 ``fusedrl bench interstage`` measures inter-stage fusion (RLHFuse, arXiv 2409.13221
 §4): one batch's generation + inference (old and reference log-probs, critic values)
-on ``--devices`` Ray workers (one core each, DESIGN.md "Measuring"), every call placed
+on ``--devices`` Ray workers (one core each, docs/design.md "Measuring"), every call placed
 ``dp{N}tp1pp1`` on all of them, output lengths forced (``ignore_eos`` and a
 ``max_new_tokens`` per sample, :func:`fusedrl.generation.lengths.forced_lengths`).
 

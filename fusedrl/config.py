@@ -374,7 +374,7 @@ TRIVIAL_PLACEMENT = "dp1tp1pp1@0"
 @dataclass
 class PlacementSection:
     """Device placement and parallel layout of every model function call, in the text
-    form of DESIGN.md (``dp2tp1pp2@0-3``: dp x tp x pp ranks on devices 0..3, Megatron
+    form of docs/design.md (``dp2tp1pp2@0-3``: dp x tp x pp ranks on devices 0..3, Megatron
     rank order). Empty fields take ``default``; an empty ``default`` is ``dp1tp1pp1@0``."""
 
     default: str = ""

@@ -1,4 +1,4 @@
-"""Parallel layouts and device placements (the contract of DESIGN.md "Layouts").
+"""Parallel layouts and device placements (the contract of docs/design.md "Layouts").
 
 A :class:`ParallelLayout` is a (dp, tp, pp) triple; a :class:`Placement` binds it to
 concrete device ids. Rank order is Megatron's: tp fastest, then dp, then pp::

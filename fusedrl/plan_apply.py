@@ -26,7 +26,7 @@ runtime setting: the runtime runs inference in ``ppo.micro_batch_size`` micro-ba
 ``cluster.devices`` CPU devices with a roofline calibrated on this machine
 (:func:`fusedrl.sim.calibration.calibrate_on_cpu`, one core per device) and a cost
 that rejects plans the runtime cannot execute (:func:`runtime_problem`); the
-search space itself has ``tp=1`` only (a CPU "node" is one core, as DESIGN.md's
+search space itself has ``tp=1`` only (a CPU "node" is one core, as docs/design.md's
 emulated devices).
 """
 

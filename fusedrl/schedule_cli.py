@@ -1,6 +1,6 @@
 """``fusedrl schedule``: search a fused actor/critic pipeline schedule (RLHFuse §5).
 
-Reads a problem in the format of DESIGN.md "Fused schedule problem", searches for
+Reads a problem in the format of docs/design.md "Fused schedule problem", searches for
 at most ``--time-limit`` seconds and prints either one JSON object (``--json``:
 the result format plus ``baseline`` and ``search`` sections) or a short table of
 the fused schedule, the paper's greedy start and sequential 1F1B (makespan and

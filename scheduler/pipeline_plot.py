@@ -2,7 +2,7 @@
 
 One row per node, a colour per pipeline; forwards light, backwards dark; the
 micro-batch index is written in the bars that are wide enough. Works on the
-output format of DESIGN.md (``result["tasks"]``), so it can draw any saved
+output format of docs/design.md (``result["tasks"]``), so it can draw any saved
 result.
 """
 

@@ -2,7 +2,7 @@
 
 Intra-stage fusion runs several training pipelines (the actor's and the critic's,
 possibly several replicas of one) on the same nodes; one fused schedule orders all
-their micro-batch tasks on every node. This module holds the contract of DESIGN.md
+their micro-batch tasks on every node. This module holds the contract of docs/design.md
 "Fused schedule problem":
 
 * input: ``{"nodes": N, "pipelines": [{"name", "stage_nodes", "microbatches",

@@ -4,7 +4,7 @@
 problem, computes the lower bound and the 1F1B baselines, builds the greedy
 fused start (RLHFuse §5), runs the search of :mod:`.pipeline_search`, and
 returns a :class:`ScheduleResult` whose :meth:`~ScheduleResult.to_dict` is the
-output format of DESIGN.md (plus a ``baseline`` and a ``search`` section).
+output format of docs/design.md (plus a ``baseline`` and a ``search`` section).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class ScheduleResult:
                                 self.timing.end)
 
     def to_dict(self) -> dict[str, Any]:
-        """DESIGN.md's output format, with ``baseline`` and ``search`` sections added."""
+        """docs/design.md's output format, with ``baseline`` and ``search`` sections added."""
         work, nodes = self.problem.total_work, self.problem.nodes
         seq = self.sequential_1f1b
         return {

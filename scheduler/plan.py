@@ -65,7 +65,7 @@ class CallPlan:
     """Where one model function call runs and in how many micro-batches."""
 
     placement: Placement
-    """Devices and (dp, tp, pp) layout, Megatron rank order (DESIGN.md "Layouts")."""
+    """Devices and (dp, tp, pp) layout, Megatron rank order (docs/design.md "Layouts")."""
     micro_batches: int = 1
     """Training: micro-batches per mini-batch per dp rank; inference: forward chunks
     per dp rank; generation: 1 (continuous batching)."""

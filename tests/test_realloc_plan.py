@@ -3,7 +3,7 @@
 The main test is property-based: for random small models and random pairs of
 placements (overlapping, identical or disjoint device sets, different world sizes)
 it executes the plan in numpy -- copying regions from source-device shards into
-destination-device shards -- and checks the contract of DESIGN.md.
+destination-device shards -- and checks the contract of docs/design.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Fused pipeline schedules (RLHFuse §5): format, bounds, baselines, search optimality.
 
-Every result is checked by an independent validator written here from DESIGN.md's
+Every result is checked by an independent validator written here from docs/design.md's
 contract (not by the library's own evaluator), and tiny problems are solved by
 brute force over all per-node task orders.
 """
@@ -35,7 +35,7 @@ def per_stage(value, stages):
 
 
 def check_result(problem: dict, out: dict) -> None:
-    """Validates a result against DESIGN.md's contract, recomputing everything."""
+    """Validates a result against docs/design.md's contract, recomputing everything."""
     tasks = out["tasks"]
     by_key = {}
     for t in tasks:

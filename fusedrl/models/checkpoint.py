@@ -126,7 +126,7 @@ def load_safetensors_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch
 
 
 def _untie(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # Tied embeddings are untied on load (DESIGN.md): lm_head becomes its own copy.
+    # Tied embeddings are untied on load (docs/design.md): lm_head becomes its own copy.
     if "lm_head.weight" not in state and "score.weight" not in state:
         if "model.embed_tokens.weight" in state:
             state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()

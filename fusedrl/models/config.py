@@ -1,4 +1,4 @@
-"""Shape of a Llama-family model (the ``ModelConfig`` of DESIGN.md)."""
+"""Shape of a Llama-family model (the ``ModelConfig`` of docs/design.md)."""
 
 from __future__ import annotations
 

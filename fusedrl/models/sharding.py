@@ -1,7 +1,7 @@
 """The sharding of a Llama-family model over a (dp, tp, pp) layout.
 
 This is the one place that knows which part of which parameter a rank holds (the
-"Sharding convention" of DESIGN.md); the model definition stays free of parallel
+"Sharding convention" of docs/design.md); the model definition stays free of parallel
 code, and the checkpoint loader, the runtime and the reallocation planner all ask
 this module. Everything is expressed as *regions*: a tuple of ``(start, stop)`` per
 dimension in the coordinates of the full, unsharded parameter, so a shard is

@@ -10,7 +10,7 @@ stage ``c`` must sit on exactly the devices of some actor stage, ``stage_map[c]`
 bubbles fall on opposite ends and fill each other; any permutation is accepted). All
 dp replicas must use the same permutation, so that one schedule serves them all.
 
-Problem (DESIGN.md "Fused schedule problem")::
+Problem (docs/design.md "Fused schedule problem")::
 
     {"nodes": pp, "pipelines": [
         {"name": "actor", "stage_nodes": [0, ..., pp-1], "microbatches": m_a,

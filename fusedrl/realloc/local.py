@@ -1,7 +1,7 @@
 """Reallocation on local worker processes: one process per device, gloo, one thread each.
 
 What ``fusedrl realloc``, the realloc benchmark and the executor tests run. The
-parent spawns ``world_size`` processes (world rank == device id, DESIGN.md), each
+parent spawns ``world_size`` processes (world rank == device id, docs/design.md), each
 sets ``torch.set_num_threads(1)`` so that an emulated device is one core, and runs
 a list of :class:`ReallocJob` in order (same list on every worker, so process
 groups are created in the same order everywhere). A job builds weights, shards

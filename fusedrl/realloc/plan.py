@@ -8,7 +8,7 @@ moving only what each destination device does not already hold.
 
 The plan is pure data (no torch): a list of :class:`Transfer` whose regions are in
 full-parameter coordinates (see :mod:`fusedrl.models.sharding`). Contract
-(DESIGN.md "Reallocation plan"):
+(docs/design.md "Reallocation plan"):
 
 - every destination shard is covered exactly once (no gaps, no overlaps);
 - the sender holds what it sends under the source placement;

@@ -1,7 +1,7 @@
 """Process groups of every placement, built once per worker in a deterministic order.
 
 All workers of a run form one torch.distributed world whose rank is the device id.
-Each placement (DESIGN.md "Layouts") needs, for the rank a device holds in it:
+Each placement (docs/design.md "Layouts") needs, for the rank a device holds in it:
 
 - its **tp group** (megatron-core's layers take it explicitly),
 - its **dp group** (gradient all-reduce across replicas),

@@ -84,7 +84,7 @@ def device_memory(device="cpu", share: int = 1) -> tuple[int, int]:
 def kv_bytes_per_token(config, dtype_bytes: int, tp: int = 1) -> int:
     """KV cache bytes of one token on one tensor-parallel rank: a key and a value per
     layer and local kv head, ``2 * layers * kv_heads/tp * head_dim * dtype_bytes``. With
-    ``tp`` above ``num_kv_heads`` every rank keeps one (replicated) head (DESIGN.md
+    ``tp`` above ``num_kv_heads`` every rank keeps one (replicated) head (docs/design.md
     sharding convention)."""
     if dtype_bytes < 1 or tp < 1:
         raise ValueError(f"dtype_bytes and tp must be >= 1, got {dtype_bytes} and {tp}")

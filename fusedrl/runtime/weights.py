@@ -47,7 +47,7 @@ def load_shard(path: str | Path, config, layout, rank: int, head: str) -> dict:
         for name, region in shard_regions(config, layout, rank, head).items():
             src = name
             if name == LM_HEAD and name not in where:
-                src = EMBED  # tied embeddings are untied on load (DESIGN.md)
+                src = EMBED  # tied embeddings are untied on load (docs/design.md)
             if name == VALUE_HEAD and name not in where:
                 out[name] = torch.zeros(region_shape(region))
                 continue

@@ -78,7 +78,7 @@ class Worker(InterStageWorker):
     def __init__(self, device: int, world_size: int, accelerator: str = "cpu"):
         from fusedrl.devices import worker_device
 
-        torch.set_num_threads(1)  # one device = one core (DESIGN.md "Measuring")
+        torch.set_num_threads(1)  # one device = one core (docs/design.md "Measuring")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import warnings
 

@@ -9,7 +9,7 @@ call is timed, and :func:`~fusedrl.sim.roofline.calibrate` sets the efficiency
 factors so that the roofline reproduces the measurements. The same procedure
 with a GPU's profile calibrates the cluster simulator.
 
-Each device is emulated by one core (DESIGN.md "Measuring"): ``threads=1``.
+Each device is emulated by one core (docs/design.md "Measuring"): ``threads=1``.
 """
 
 from __future__ import annotations

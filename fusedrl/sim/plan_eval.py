@@ -119,7 +119,7 @@ class PlanEstimate:
 
 
 def _stage_ranges(num_layers: int, pp: int) -> list[tuple[int, int]]:
-    """Layer ranges per stage (``numpy.array_split`` sizes, DESIGN.md)."""
+    """Layer ranges per stage (``numpy.array_split`` sizes, docs/design.md)."""
     sizes = [len(a) for a in np.array_split(np.arange(num_layers), pp)]
     out, lo = [], 0
     for s in sizes:

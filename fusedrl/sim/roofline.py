@@ -465,7 +465,7 @@ class Roofline:
         return nbytes / bw + self.hw.collective_latency_s
 
     def _stage_layers(self, layout: ParallelLayout) -> list[int]:
-        """Layers per stage: ``numpy.array_split`` sizes (DESIGN.md sharding contract)."""
+        """Layers per stage: ``numpy.array_split`` sizes (docs/design.md sharding contract)."""
         return [len(a) for a in np.array_split(np.arange(self.model.num_layers), layout.pp)]
 
     # -- calls -------------------------------------------------------------------------------
