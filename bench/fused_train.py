@@ -33,7 +33,7 @@ import time
 
 def make_trainer(args):
     from fusedrl.config import load_config
-    from fusedrl.runtime.controller import DistributedPPOTrainer
+    from fusedrl.runtime.launch import make_trainer as make
 
     cfg = load_config(None, [
         f"model.preset={args.preset}", "data.max_prompt_len=8",
@@ -42,32 +42,35 @@ def make_trainer(args):
         "ppo.ppo_epochs=1", "cluster.devices=2", "placement.default=dp1tp1pp2@0-1",
         "placement.critic_train=dp1tp1pp2@1,0", "placement.critic_infer=dp1tp1pp2@1,0",
         "fusion.intrastage=true", "trainer.iterations=1"])
-    return DistributedPPOTrainer(cfg)
+    return make(cfg)
 
 
 def measure(args) -> dict:
+    from fusedrl.runtime.stages import RayUpdate
+
     t = make_trainer(args)
+    update = t.stages.update  # the fused one (fusion.intrastage=true)
+    sequential = RayUpdate(t.stages.cluster, t.config, fused=False)
     captured = []
-    train = t.train
+    train = update.train
 
     def capture(*a):
         captured.append(a)
         return train(*a)
 
-    t.train = capture
+    update.train = capture
     try:
         first = t.step()  # generation, inference, fused train (profile + solve)
-        t.train = train
+        update.train = train
         times = {"fused": [], "sequential": []}
         for rep in range(args.reps + 1):
             for mode in ("fused", "sequential") if rep % 2 == 0 else ("sequential", "fused"):
-                t.config.fusion.intrastage = mode == "fused"
                 t0 = time.perf_counter()
-                t.train(*captured[0])
+                (update if mode == "fused" else sequential).train(*captured[0])
                 dt = time.perf_counter() - t0
                 if rep > 0:
                     times[mode].append(dt)
-        fused = t.fused_training
+        fused = update.fused
         shape = next(iter(fused.results))
         res = fused.results[shape]
         predicted = res["baseline"]["sequential_1f1b"]["makespan"] / res["makespan"]

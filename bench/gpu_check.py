@@ -11,7 +11,7 @@ For a session that has a GPU (``--device cuda``, the default when CUDA is availa
   dequantised, bf16 on CUDA), greedy with ``ignore_eos`` so every sample makes exactly
   ``new_tokens``; generated tokens per second (best of the timed rounds, after a
   warm-up). Also the KV capacity ``C`` (RLHFuse §4) of the device after the weights.
-* **train**: one PPO iteration of :class:`fusedrl.trainer.PPOTrainer` on that model
+* **train**: one PPO iteration of :class:`fusedrl.trainer.Trainer` on that model
   (after one warm-up iteration): training tokens per second (tokens of the batch times
   PPO epochs over ``timing_s/train``) and MFU = ``6 * (actor + critic params) *
   tokens / seconds / peak``, the peak dense bf16 FLOP/s taken from :data:`PEAK_FLOPS`
@@ -161,10 +161,11 @@ def make_config(device, quick: bool, sz: dict):
 
 
 def bench_train(device, quick: bool, sz: dict, peak: float | None) -> dict:
-    from fusedrl.trainer import PPOTrainer
+    from fusedrl.runtime.launch import make_trainer
 
     config = make_config(device, quick, sz)
-    trainer = PPOTrainer(config)
+    trainer = make_trainer(config)
+    models = trainer.stages.models
     try:
         trainer.step()  # warm-up: allocator, optimizer state, kernels
         if device.type == "cuda":
@@ -177,21 +178,21 @@ def bench_train(device, quick: bool, sz: dict, peak: float | None) -> dict:
         seq = batch_tokens // config.ppo.rollout_batch_size
         ids = torch.randint(3, trainer.setup.model_config.vocab_size, (micro, seq),
                             device=device)
-        trainer.actor.train()
-        act = activation_bytes_per_microbatch(trainer.actor, ids)
+        models.actor.train()
+        act = activation_bytes_per_microbatch(models.actor, ids)
         alloc_delta = None
         if device.type == "cuda":  # cross-check: what the allocator grew by
             synchronize(device)
             before = torch.cuda.memory_allocated(device)
             with torch.enable_grad():
-                out = trainer.actor(ids)
+                out = models.actor(ids)
                 synchronize(device)
                 alloc_delta = torch.cuda.memory_allocated(device) - before \
                     - out.untyped_storage().nbytes()
             del out
         free, _ = device_memory(device)
-        n_params = sum(p.numel() for p in trainer.actor.parameters()) + \
-            sum(p.numel() for p in trainer.critic.parameters())
+        n_params = sum(p.numel() for p in models.actor.parameters()) + \
+            sum(p.numel() for p in models.critic.parameters())
     finally:
         trainer.close()
     tokens = batch_tokens * config.ppo.ppo_epochs

@@ -114,7 +114,7 @@ def run_fusedrl(w: dict, a: argparse.Namespace) -> list[float]:
     import torch
 
     from fusedrl.config import load_config
-    from fusedrl.trainer import PPOTrainer
+    from fusedrl.runtime.launch import make_trainer
 
     torch.set_num_threads(1)
     cfg = load_config(None, [
@@ -127,7 +127,7 @@ def run_fusedrl(w: dict, a: argparse.Namespace) -> list[float]:
         f"ppo.rollout_batch_size={a.batch}", f"ppo.mini_batch_size={a.batch}",
         f"ppo.micro_batch_size={a.micro_batch}", f"ppo.ppo_epochs={a.ppo_epochs}",
         "trainer.seed=0"])
-    trainer = PPOTrainer(cfg)
+    trainer = make_trainer(cfg)
     try:
         return [trainer.step()["timing_s/step"] for _ in range(1 + a.iterations)]
     finally:

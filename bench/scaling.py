@@ -28,7 +28,7 @@ import time
 
 def make_trainer(placement: str, args):
     from fusedrl.config import load_config
-    from fusedrl.runtime.controller import DistributedPPOTrainer
+    from fusedrl.runtime.launch import make_trainer as make
 
     cfg = load_config(None, [
         f"model.preset={args.preset}", "data.max_prompt_len=8",
@@ -36,7 +36,7 @@ def make_trainer(placement: str, args):
         f"ppo.mini_batch_size={args.batch // 2}", f"ppo.micro_batch_size={args.micro}",
         "ppo.ppo_epochs=1", "cluster.devices=2", f"placement.default={placement}",
         f"trainer.iterations={args.iterations + 1}"])
-    return DistributedPPOTrainer(cfg)
+    return make(cfg)
 
 
 def measure(args) -> dict:

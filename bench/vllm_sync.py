@@ -11,7 +11,7 @@ Needs vLLM (``make install-vllm``; run with ``.venv-vllm/bin/python``). Two runt
 - ``separated``: ``actor_gen`` on device 1: the reallocation engine sends device 0's
   weights to device 1's copy over the worker group, which vLLM then loads in place.
 
-For each, ``--repeats`` syncs (``DistributedPPOTrainer.sync_weights`` of the step's
+For each, ``--repeats`` syncs (``RayCluster.sync`` of the step's
 pairs, exactly what follows every training step) are timed: ``timing_s/realloc`` is the
 controller's wall time of one sync, ``timing_s/realloc_backend_load`` its load into
 vLLM, ``perf/realloc_bytes`` the bytes that crossed devices. The weights are the same on
@@ -40,7 +40,7 @@ VARIANTS = {
 
 def measure(model: str, variant: str, repeats: int) -> dict:
     from fusedrl.config import load_config
-    from fusedrl.runtime.controller import DistributedPPOTrainer
+    from fusedrl.runtime.launch import make_trainer
 
     cfg = load_config(None, ([f"model.path={model}"] if model else []) + [
                              "generation.backend=vllm",
@@ -48,12 +48,13 @@ def measure(model: str, variant: str, repeats: int) -> dict:
                              "generation.max_new_tokens=24", "generation.max_batch_size=16",
                              "data.chat_template=true", "data.task=arithmetic"]
                       + VARIANTS[variant])
-    t = DistributedPPOTrainer(cfg)
+    t = make_trainer(cfg)
     try:
         rows = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            out = t.sync_weights(t.step_pairs)
+            cluster = t.stages.cluster
+            out = cluster.sync(cluster.step_pairs)
             rows.append({"timing_s/realloc": time.perf_counter() - t0, **out})
     finally:
         t.close()

@@ -90,35 +90,43 @@ def interstage(
 
 def _run(cfg, lens: list[int], spec: str, repeats: int, sweep: bool) -> dict:
     from fusedrl.generation import Request, SamplingParams
-    from fusedrl.rollout import RolloutBatch
-    from fusedrl.runtime.controller import DistributedPPOTrainer, _Generation
+    from fusedrl.runtime.launch import make_trainer
+    from fusedrl.runtime.stages import RayRollout
 
-    t = DistributedPPOTrainer(cfg)
+    t = make_trainer(cfg)
     try:
-        fused = t.rollout
+        fused = t.stages.rollout
+        plain = RayRollout(t.stages.cluster, cfg, t.setup)
         prompts = t.setup.prompt_ids
         requests = [Request(j, list(prompts[j % len(prompts)]), max_new_tokens=n)
                     for j, n in enumerate(lens)]
         params = SamplingParams(temperature=cfg.generation.temperature,
                                 max_new_tokens=max(lens), seed=cfg.trainer.seed,
                                 ignore_eos=True)
-        pad = t.setup.tokenizer.pad_token_id
         n = len(requests)
 
         def unfused() -> float:
             t0 = time.perf_counter()
-            samples = _Generation(t).generate(requests, params)
-            t.infer(RolloutBatch.from_samples(samples, pad))
+            plain.run(requests, params)
             return time.perf_counter() - t0
 
         def fused_at(rt: int) -> tuple[float, dict]:
+            from fusedrl.timeline import stage_overlap, stage_spans
+
+            t.stages.take_events()  # the measured spans of this run only
             t0 = time.perf_counter()
-            res = fused.run(requests, params, threshold=rt)
-            return time.perf_counter() - t0, res.metrics
+            res = fused.run_fused(requests, params, threshold=rt)
+            dt = time.perf_counter() - t0
+            events = t.stages.take_events()
+            spans = stage_spans(events)
+            return dt, {**res.metrics, "timing_s/gen": spans.get("gen", 0.0),
+                        "timing_s/inference": spans.get("inference", 0.0),
+                        "timing_s/gen_inference_overlap":
+                            stage_overlap(events, "gen", "inference") or 0.0}
 
         # 1. warm-up and calibration on the real engine
         unfused()
-        warm = fused.run(requests, params)
+        warm = fused.run_fused(requests, params)
         fused.observe(warm)
         # 2. the policy's Rt: simulated over the observed lengths (RLHFuse §4)
         rt = fused.policy.tune(n) if hasattr(fused.policy, "tune") else \

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fusedrl.models.checkpoint import CheckpointError, atomic_dir, save_hf_checkpoint
+from fusedrl.models.checkpoint import CheckpointError, atomic_dir
 
 _ITER_RE = re.compile(r"^iter_(\d+)$")
 # Left by a killed run: an atomic write's temporary directory, the old copy a rewrite
@@ -27,20 +27,15 @@ def checkpoint_dir(out: Path, iteration: int) -> Path:
 
 
 def save_training_checkpoint(out: Path, trainer) -> Path:
-    from fusedrl.config import PLACEMENT_ROLES, TRIVIAL_PLACEMENT
-
+    """``out/checkpoints/iter_N``: the update stage writes ``actor/``, ``critic/`` and its
+    optimizer state (the Ray runtime: per-rank shards in ``optim/``, from the workers;
+    the directory must then be on storage they reach); ``trainer_state.pt`` records the
+    iteration, KL controller, RNG and which runtime and placements wrote it
+    (:func:`check_resumable` refuses the other kind)."""
     final = checkpoint_dir(out, trainer.iteration)
-    mc = trainer.setup.model_config
-    # Which runtime wrote it: a single-device state holds whole optimizer states, a Ray
-    # one per-rank shards in optim/; check_resumable refuses the other kind.
-    state = {"runtime": "single",
-             "placements": {r: TRIVIAL_PLACEMENT for r in PLACEMENT_ROLES},
-             **trainer.state_dict()}
     with atomic_dir(final) as tmp:
-        save_hf_checkpoint(tmp / "actor", mc, trainer.actor.hf_state_dict(), "lm",
-                           trainer.setup.tokenizer)
-        save_hf_checkpoint(tmp / "critic", mc, trainer.critic.hf_state_dict(), "value")
-        torch.save(state, tmp / "trainer_state.pt")
+        extra = trainer.stages.update.save(tmp, trainer.setup.tokenizer)
+        torch.save({**trainer.state_dict(), **extra}, tmp / "trainer_state.pt")
         # Ready for transformers as it is: generate() stops where the engine stops, the
         # value heads load exactly (fusedrl.models.checkpoint.write_inference_files).
         from fusedrl.models.checkpoint import make_inference_ready
@@ -168,16 +163,9 @@ def check_resumable(path: Path, config) -> dict:
 
 
 def load_training_checkpoint(path: Path, trainer) -> None:
-    """Restore weights, optimizer states, KL controller, RNG and iteration."""
-    from fusedrl.models.build import load_full_state
-    from fusedrl.models.checkpoint import load_safetensors_dir
-
-    state = read_trainer_state(path)
-    if state["runtime"] != "single":
-        raise CheckpointError(f"{path}: written by the {state['runtime']} runtime, not the "
-                              f"single-device trainer")
-    _, actor = load_safetensors_dir(path / "actor")
-    _, critic = load_safetensors_dir(path / "critic")
-    load_full_state(trainer.actor, actor)
-    load_full_state(trainer.critic, critic)
+    """Restore weights, optimizer states, KL controller, RNG and iteration, then bring
+    every copy that generates or infers to the restored weights."""
+    state = check_resumable(path, trainer.config)
+    trainer.stages.update.load(path, state)
+    trainer.stages.weight_sync.after_load()
     trainer.load_state_dict(state)

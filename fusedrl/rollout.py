@@ -76,24 +76,58 @@ class RolloutBatch:
         return RolloutBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
-def response_logprobs(model, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
-    """[B, R] log-probs of the response tokens under ``model`` (differentiable)."""
-    logits = model(batch.input_ids)  # [B, L, V/tp]
+def response_logprobs_from(logits: torch.Tensor, batch: RolloutBatch, tp_group=None,
+                           temperature: float = 1.0) -> torch.Tensor:
+    """[B, R] log-probs of the response tokens from a model's output ``logits``
+    ([B, L, V/tp], differentiable)."""
     idx = batch.predictor_index().to(logits.device)
     picked = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))
-    return token_logprobs(picked, batch.response_ids().to(logits.device), model.tp_group,
+    return token_logprobs(picked, batch.response_ids().to(logits.device), tp_group,
                           temperature) * batch.response_mask.to(logits.device)
 
 
-def response_values(model, batch: RolloutBatch) -> torch.Tensor:
-    """[B, R] value of the state before each response token (differentiable)."""
-    values = model(batch.input_ids)  # [B, L]
+def response_values_from(values: torch.Tensor, batch: RolloutBatch) -> torch.Tensor:
+    """[B, R] value of the state before each response token from a value head's output
+    ([B, L], differentiable)."""
     return values.gather(1, batch.predictor_index().to(values.device)) * \
         batch.response_mask.to(values.device)
 
 
-def sequence_scores(model, batch: RolloutBatch) -> torch.Tensor:
+def sequence_scores_from(values: torch.Tensor, batch: RolloutBatch) -> torch.Tensor:
     """[B] reward-model score: the value head at the last token of each sequence."""
-    values = model(batch.input_ids)
     last = (batch.prompt_lens + batch.response_lens - 1).to(values.device)
     return values.gather(1, last[:, None]).squeeze(1)
+
+
+def response_logprobs(model, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
+    """[B, R] log-probs of the response tokens under ``model`` (differentiable)."""
+    return response_logprobs_from(model(batch.input_ids), batch, model.tp_group, temperature)
+
+
+def response_values(model, batch: RolloutBatch) -> torch.Tensor:
+    """[B, R] value of the state before each response token (differentiable)."""
+    return response_values_from(model(batch.input_ids), batch)
+
+
+def sequence_scores(model, batch: RolloutBatch) -> torch.Tensor:
+    """[B] reward-model score: the value head at the last token of each sequence."""
+    return sequence_scores_from(model(batch.input_ids), batch)
+
+
+CALL_KINDS = ("logp", "values", "score")
+
+
+def infer_head(kind: str, out: torch.Tensor, mb: RolloutBatch, tp_group, width: int,
+               temperature: float) -> torch.Tensor:
+    """What an inference call returns from a model's output on micro-batch ``mb``:
+    ``logp`` / ``values`` padded to ``width`` response tokens (float32), or ``score``
+    ([B])."""
+    if kind == "score":
+        return sequence_scores_from(out, mb).float()
+    if kind == "logp":
+        x = response_logprobs_from(out, mb, tp_group, temperature)
+    elif kind == "values":
+        x = response_values_from(out, mb)
+    else:
+        raise ValueError(f"inference kind must be one of {CALL_KINDS}, got {kind!r}")
+    return torch.nn.functional.pad(x.float(), (0, width - x.shape[1]))

@@ -1,26 +1,33 @@
-"""PPO on one device: actor, critic, reference and reward, one iteration at a time.
+"""The PPO iteration, written once, over pluggable stages (:mod:`fusedrl.stages`).
 
-One iteration (DESIGN.md "One PPO iteration")::
+One iteration::
 
-    prompts -> generate (actor) -> score (rule or reward model)
-            -> inference: old log-probs (actor), ref log-probs, values (critic)
-            -> token rewards (KL-penalised) -> GAE -> PPO epochs (actor + critic)
+    prompts -> Rollout: generate (actor_gen) and infer: old log-probs (actor_infer),
+               ref log-probs, values (critic_infer), reward-model scores
+            -> rule rewards (reward.function / the task's) where no reward model
+            -> token rewards (KL-penalised) -> GAE -> whitening
+            -> Update: PPO epochs of actor and critic -> WeightSync: new weights out
+
+The single-device trainer and the Ray runtime are the same :class:`Trainer` with other
+stages (:func:`fusedrl.runtime.launch.make_trainer` builds them).
 
 Every random choice is a function of (seed, iteration) or (seed, sample id): prompt
 order, sampling streams and mini-batch shuffles. A run resumed from a checkpoint
 therefore repeats the uninterrupted run's next iteration exactly.
 
-Device (``cluster.accelerator``, :mod:`fusedrl.devices`): the four models, the engine's
-KV cache (``model.new_cache`` follows the weights), the rollout batch, GAE (its backend
-follows the tensors' device: numba on CPU, cupy or torch on CUDA) and both optimizers
-live on one device. Random draws that fix the run (initialisation, shuffles, sampling
-streams) are made on the CPU, so a seed gives the same run on every device up to float
-rounding. Metrics leave as Python floats; stage timers synchronise the device first.
+Device: the iteration's tensors live on ``Trainer.device`` (the single device's, or the
+CPU of the Ray controller). Random draws that fix the run (initialisation, shuffles,
+sampling streams) are made on the CPU, so a seed gives the same run on every device up
+to float rounding. Timing has one owner: the per-device events of every model call
+(:mod:`fusedrl.timeline`), from which the stage times and the device utilization of
+each iteration are derived.
 """
 
 from __future__ import annotations
 
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -29,15 +36,15 @@ from fusedrl.algorithms import ppo
 from fusedrl.algorithms.rewards import call_reward, load_reward_fn
 from fusedrl.config import Config
 from fusedrl.data.prompts import PromptRecord, load_prompts
-from fusedrl.devices import device_of, timer
 from fusedrl.generation import Request, SamplingParams, forced_lengths
-from fusedrl.generation.backend import backend_from_config
-from fusedrl.models.build import TORCH_DTYPES, build_model
 from fusedrl.models.checkpoint import load_checkpoint
 from fusedrl.models.config import PRESETS, ModelConfig
 from fusedrl.models.hub import resolve_model_path
 from fusedrl.models.tokenizer import CharTokenizer, load_hf_tokenizer
-from fusedrl.rollout import RolloutBatch, response_logprobs, response_values, sequence_scores
+from fusedrl.rollout import RolloutBatch
+from fusedrl.stages import Rollout, RolloutOutput, Update, WeightSync
+from fusedrl.timeline import DeviceEvent, device_utilization, stage_overlap, stage_spans
+from fusedrl.update import minibatch_schedule
 
 
 @dataclass
@@ -112,49 +119,46 @@ def build_setup(config: Config) -> Setup:
                  critic_state)
 
 
-class PPOTrainer:
-    """Single-device PPO (the reference the distributed runtime must match).
+@dataclass
+class Stages:
+    """The stages of a run and what the trainer needs from the runtime around them."""
 
-    Trainer protocol shared with ``fusedrl.runtime.controller``: ``step() -> metrics``,
-    ``iteration``, ``save_checkpoint(out)``, ``load_checkpoint(path)``, ``close()``.
+    rollout: Rollout
+    update: Update
+    weight_sync: WeightSync
+    take_events: Callable[[], list[DeviceEvent]]
+    """Every device's events since the last call (one per model call)."""
+    devices: list[int]
+    runtime: str
+    """``single`` or ``ray`` (recorded in checkpoints)."""
+    placements: dict[str, str] = field(default_factory=dict)
+    device: torch.device = torch.device("cpu")
+    """Where the iteration's tensors live."""
+    close: Callable[[], None] = lambda: None
+    models: object = None
+    """The single-device models (:class:`fusedrl.local.LocalModels`), or None."""
+    cluster: object = None
+    """The Ray workers (:class:`fusedrl.runtime.cluster.RayCluster`), or None."""
+
+
+class Trainer:
+    """PPO, one iteration at a time, over ``stages``.
+
+    Protocol used by ``fusedrl train``: ``step() -> metrics``, ``iteration``,
+    ``save_checkpoint(out)``, ``load_checkpoint(path)``, ``close()``; after each step
+    ``last_events`` holds its per-device events and ``last_window`` its wall-clock
+    ``(start, end)``.
     """
 
-    device = torch.device("cpu")
-    """Where the models and the iteration's tensors live (the Ray runtime's controller,
-    a subclass, holds only CPU tensors and keeps this default)."""
-
-    def __init__(self, config: Config, setup: Setup | None = None):
-        self.config = config
-        self.device = dev = device_of(config)  # ConfigError before any model is built
-        self.setup = setup or build_setup(config)
-        s, c = self.setup, config
-        dtype = TORCH_DTYPES[c.model.dtype]
-        seed = c.trainer.seed
-        mc = s.model_config
-        self.actor = build_model(mc, "lm", s.actor_state, seed=seed, dtype=dtype, device=dev)
-        self.ref = build_model(mc, "lm", s.actor_state, seed=seed, dtype=dtype,
-                               device=dev).eval()
-        self.ref.requires_grad_(False)
-        self.critic = build_model(mc, "value", s.critic_state or s.actor_state, seed=seed + 1,
-                                  dtype=dtype, device=dev)
-        self.reward_model = None
-        if c.reward.type == "model":
-            rm_config, rm_state = load_checkpoint(resolve_model_path(c.reward.model_path))
-            self.reward_model = build_model(rm_config, "value", rm_state, dtype=dtype,
-                                            device=dev).eval()
-            self.reward_model.requires_grad_(False)
-        self.actor_opt = torch.optim.AdamW(self.actor.parameters(), lr=c.ppo.actor_lr,
-                                           weight_decay=c.ppo.weight_decay)
-        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=c.ppo.critic_lr,
-                                            weight_decay=c.ppo.weight_decay)
+    def __init__(self, config: Config, setup: Setup, stages: Stages):
+        self.config, self.setup, self.stages = config, setup, stages
+        c = config
+        self.device = stages.device
         self.kl_ctl = (ppo.AdaptiveKLController(c.ppo.kl_coef, c.ppo.target_kl, c.ppo.kl_horizon)
                        if c.ppo.adaptive_kl else ppo.FixedKLController(c.ppo.kl_coef))
-        tok = s.tokenizer
-        # The native engine generates with the actor module itself (weights in place);
-        # other backends (vLLM) hold their own copy, refreshed after every train step.
-        self.engine = backend_from_config(c, self.actor, eos_token_ids=tok.eos_token_ids,
-                                          pad_token_id=tok.pad_token_id)
         self.iteration = 0  # iterations completed
+        self.last_events: list[DeviceEvent] = []
+        self.last_window = (0.0, 0.0)
 
     # ------------------------------------------------------------------ data
 
@@ -193,30 +197,27 @@ class PPOTrainer:
     # ------------------------------------------------------------- iteration
 
     def step(self) -> dict:
-        """Run one PPO iteration; returns its metrics (DESIGN.md names)."""
-        c, s = self.config, self.setup
+        """Run one PPO iteration; returns its metrics (verl's names)."""
+        c, s, st = self.config, self.setup, self.stages
         it = self.iteration
-        timing: dict[str, float] = {}
-        dev = self.device
-        t_step = timer(dev)
+        wall: dict[str, float] = {}
+        t_step = time.time()
 
-        # 1. generate
-        t0 = timer(dev)
+        # 1. generate and infer (fused or not: the rollout stage decides)
         idx = self.prompt_indices(it)
-        self.actor.eval()
-        samples = self.engine.generate(self.requests(it, idx), self.sampling_params())
-        batch = RolloutBatch.from_samples(samples, s.tokenizer.pad_token_id)
-        if batch.input_ids.device != dev:
-            batch = batch.to(dev)
-        timing["gen"] = timer(dev) - t0
+        t0 = time.time()
+        out: RolloutOutput = st.rollout.run(self.requests(it, idx), self.sampling_params())
+        wall["rollout"] = time.time() - t0
+        batch = out.batch if out.batch.input_ids.device == self.device else \
+            out.batch.to(self.device)
+        scores = out.scores if out.scores is not None else \
+            self.rule_scores(batch, [s.prompts[i] for i in idx])
+        old_logp, ref_logp, values = (x.to(self.device) for x in
+                                      (out.old_logp, out.ref_logp, out.values))
+        scores = scores.to(self.device)
 
-        # 2. inference: scores, old/ref log-probs, values
-        t0 = timer(dev)
-        scores = self.score(batch, [s.prompts[i] for i in idx])
-        old_logp, ref_logp, values = self.infer(batch)
-        timing["inference"] = timer(dev) - t0
-
-        # 3. advantages
+        # 2. advantages
+        t0 = time.time()
         mask = batch.response_mask
         rewards = ppo.token_level_rewards(scores, old_logp, ref_logp, mask, self.kl_ctl.value,
                                           c.ppo.kl_estimator)
@@ -229,17 +230,31 @@ class PPOTrainer:
         if c.ppo.whiten_advantages:
             advantages = ppo.masked_whiten(advantages, mask)
         kl = ppo.masked_mean(ppo.kl_penalty(old_logp, ref_logp, c.ppo.kl_estimator), mask)
+        wall["adv"] = time.time() - t0
 
-        # 4. train
-        t0 = timer(dev)
-        train_stats = self.train(batch, old_logp, values, advantages, returns)
-        timing["train"] = timer(dev) - t0
-        if c.generation.backend != "native":
-            t0 = timer(dev)
-            self.engine.update_weights()
-            timing["realloc"] = timer(dev) - t0
+        # 3. update, then the new weights to the calls that use them
+        st.weight_sync.before_update()
+        t0 = time.time()
+        targets = {"old_logp": old_logp, "values": values, "advantages": advantages,
+                   "returns": returns}
+        schedule = minibatch_schedule(len(batch), c.ppo, c.trainer.seed, it)
+        train_stats = st.update.train(batch, targets, schedule)
+        wall["train"] = time.time() - t0
+        t0 = time.time()
+        sync_metrics = st.weight_sync.after_update()
+        wall["realloc"] = time.time() - t0
         self.kl_ctl.update(float(kl), len(batch))
-        timing["step"] = timer(dev) - t_step
+        t_end = time.time()
+
+        events = st.take_events()
+        self.last_events, self.last_window = events, (t_step, t_end)
+        spans = stage_spans(events)
+        timing = {"gen": spans.get("gen", 0.0), "inference": spans.get("inference", 0.0),
+                  "rollout": wall["rollout"], "adv": wall["adv"], "train": wall["train"],
+                  "realloc": wall["realloc"], "step": t_end - t_step}
+        gen_inf = stage_overlap(events, "gen", "inference")
+        if gen_inf is not None:
+            timing["gen_inference_overlap"] = gen_inf
 
         self.iteration += 1
         rlen = batch.response_lens.float()
@@ -260,18 +275,18 @@ class PPOTrainer:
             "rollout/logprob_diff_max": float(
                 ((batch.gen_logprobs - old_logp).abs() * mask).max()),
             **train_stats,
+            **out.metrics,
+            **sync_metrics,
             **{f"timing_s/{k}": v for k, v in timing.items()},
             "perf/total_num_tokens": batch.num_tokens(),
             "perf/throughput": batch.num_tokens() / timing["step"],
+            "perf/device_utilization": device_utilization(events, st.devices, t_step, t_end),
         }
         return metrics
 
-    def score(self, batch: RolloutBatch, records: list[PromptRecord]) -> torch.Tensor:
-        if self.reward_model is not None:
-            with torch.no_grad():
-                return torch.cat([sequence_scores(self.reward_model,
-                                                  batch.select(i.to(self.device))).float()
-                                  for i in self._micro_indices(len(batch))])
+    def rule_scores(self, batch: RolloutBatch, records: list[PromptRecord]) -> torch.Tensor:
+        """Rule rewards: ``reward_fn(prompt, response, label)`` per sample, checked
+        (:func:`fusedrl.algorithms.rewards.call_reward`)."""
         tok = self.setup.tokenizer
         out = []
         # Rule rewards read token ids in Python: one copy to the host, not one per row.
@@ -280,102 +295,31 @@ class PPOTrainer:
             ids = responses[b][mask[b] > 0].tolist()
             ids = [t for t in ids if t not in tok.eos_token_ids]
             prompt = rec.prompt if isinstance(rec.prompt, str) else rec.prompt[-1]["content"]
-            out.append(call_reward(self.setup.reward_fn, b, prompt, tok.decode(ids), rec.label))
+            out.append(call_reward(self.setup.reward_fn, b, prompt, tok.decode(ids),
+                                   rec.label))
         return torch.tensor(out, device=self.device)
-
-    def _micro_indices(self, n: int) -> list[torch.Tensor]:
-        m = self.config.ppo.micro_batch_size
-        return [torch.arange(i, min(i + m, n)) for i in range(0, n, m)]
-
-    @torch.no_grad()
-    def infer(self, batch: RolloutBatch):
-        temp = self.config.generation.temperature
-        self.actor.eval()
-        self.critic.eval()
-        outs = {"old": [], "ref": [], "val": []}
-        for idx in self._micro_indices(len(batch)):
-            mb = batch.select(idx.to(self.device))
-            r = batch.response_mask.shape[1]
-            pad = (lambda x: torch.nn.functional.pad(x.float(), (0, r - x.shape[1])))
-            outs["old"].append(pad(response_logprobs(self.actor, mb, temp)))
-            outs["ref"].append(pad(response_logprobs(self.ref, mb, temp)))
-            outs["val"].append(pad(response_values(self.critic, mb)))
-        return tuple(torch.cat(outs[k]) for k in ("old", "ref", "val"))
-
-    def train(self, batch, old_logp, old_values, advantages, returns) -> dict:
-        c = self.config.ppo
-        temp = self.config.generation.temperature
-        self.actor.train()
-        self.critic.train()
-        gen = torch.Generator().manual_seed(self.config.trainer.seed * 7919 + self.iteration)
-        stats: dict[str, list[float]] = {}
-        n_micro = c.mini_batch_size // c.micro_batch_size
-        for _ in range(c.ppo_epochs):
-            # Drawn on the CPU generator (the same shuffle on every device), then moved.
-            perm = torch.randperm(len(batch), generator=gen).to(self.device)
-            for start in range(0, len(batch), c.mini_batch_size):
-                mini = perm[start:start + c.mini_batch_size]
-                self.actor_opt.zero_grad(set_to_none=True)
-                self.critic_opt.zero_grad(set_to_none=True)
-                for k in range(0, len(mini), c.micro_batch_size):
-                    idx = mini[k:k + c.micro_batch_size]
-                    mb = batch.select(idx)
-                    r = mb.response_mask.shape[1]
-                    mask = mb.response_mask
-                    logp = response_logprobs(self.actor, mb, temp)
-                    pg, pg_stats = ppo.policy_loss(logp, old_logp[idx, :r], advantages[idx, :r],
-                                                   mask, c.clip_ratio)
-                    loss = pg
-                    if c.entropy_coef:
-                        ent = self._entropy(mb)
-                        loss = loss - c.entropy_coef * ent
-                        pg_stats["entropy"] = float(ent)
-                    (loss / n_micro).backward()
-                    v = response_values(self.critic, mb)
-                    vf, vf_stats = ppo.value_loss(v, old_values[idx, :r], returns[idx, :r], mask,
-                                                  c.value_clip)
-                    (vf / n_micro).backward()
-                    for k2, v2 in pg_stats.items():
-                        stats.setdefault(f"actor/{k2}", []).append(v2)
-                    stats.setdefault("critic/vf_loss", []).append(vf_stats["vf_loss"])
-                    stats.setdefault("critic/vf_clipfrac", []).append(vf_stats["clipfrac"])
-                stats.setdefault("actor/grad_norm", []).append(self._clip(self.actor))
-                stats.setdefault("critic/grad_norm", []).append(self._clip(self.critic))
-                self.actor_opt.step()
-                self.critic_opt.step()
-        return {k: sum(v) / len(v) for k, v in stats.items()}
-
-    def _entropy(self, mb: RolloutBatch) -> torch.Tensor:
-        from fusedrl.models.llama import gather_logits
-
-        logits = gather_logits(self.actor(mb.input_ids), self.actor.tp_group)
-        idx = mb.predictor_index()
-        picked = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))
-        ent = ppo.entropy_from_logits(picked.float() / self.config.generation.temperature)
-        return ppo.masked_mean(ent, mb.response_mask)
-
-    def _clip(self, model) -> float:
-        clip = self.config.ppo.grad_clip
-        params = [p for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        return float(norm)
 
     # ------------------------------------------------------------- state
 
-    def state_dict(self) -> dict:
-        """Optimizer states, KL controller, iteration (weights are saved separately)."""
-        return {
-            "iteration": self.iteration,
-            "actor_opt": self.actor_opt.state_dict(),
-            "critic_opt": self.critic_opt.state_dict(),
-            "kl_ctl": self.kl_ctl.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-        }
+    @property
+    def runtime(self) -> str:
+        return self.stages.runtime
 
-    def save_checkpoint(self, out) -> None:
+    def state_dict(self) -> dict:
+        """Iteration, KL controller, RNG (weights and optimizer states: the update's)."""
+        return {"iteration": self.iteration, "kl_ctl": self.kl_ctl.state_dict(),
+                "torch_rng": torch.get_rng_state(), "runtime": self.stages.runtime,
+                "placements": dict(self.stages.placements)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = int(state["iteration"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        torch.set_rng_state(state["torch_rng"])
+
+    def save_checkpoint(self, out):
         from fusedrl.checkpointing import save_training_checkpoint
 
-        save_training_checkpoint(out, self)
+        return save_training_checkpoint(out, self)
 
     def load_checkpoint(self, path) -> None:
         from fusedrl.checkpointing import load_training_checkpoint
@@ -383,13 +327,6 @@ class PPOTrainer:
         load_training_checkpoint(path, self)
 
     def close(self) -> None:
-        """Stop the generation backend (the Ray trainer also stops its workers)."""
-        self.engine.stop()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.iteration = int(state["iteration"])
-        self.actor_opt.load_state_dict(state["actor_opt"])
-        self.critic_opt.load_state_dict(state["critic_opt"])
-        self.kl_ctl.load_state_dict(state["kl_ctl"])
-        torch.set_rng_state(state["torch_rng"])
+        """Stop the stages and the runtime (workers, Ray if this run started it)."""
+        self.stages.close()
 

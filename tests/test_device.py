@@ -51,11 +51,11 @@ def test_accelerator_rejects_unknown_values():
 
 @no_cuda
 def test_cuda_without_cuda_is_a_config_error_at_trainer_construction():
-    from fusedrl.trainer import PPOTrainer
+    from fusedrl.runtime.launch import make_trainer
 
     cfg = load_config(None, SMALL + ["cluster.accelerator=cuda"])  # valid as a file
     with pytest.raises(ConfigError, match="cluster.accelerator='cuda': no CUDA device"):
-        PPOTrainer(cfg)
+        make_trainer(cfg)
 
 
 @no_cuda
@@ -165,22 +165,22 @@ def test_measured_memory_cap_bounds_the_fused_schedule():
 
 
 def _comparable(metrics):
-    return {k: v for k, v in metrics.items()
-            if not k.startswith("timing_s/") and k != "perf/throughput"}
+    return {k: v for k, v in metrics.items() if not k.startswith("timing_s/")
+            and k not in ("perf/throughput", "perf/device_utilization")}
 
 
 def test_explicit_cpu_trainer_equals_the_default():
     from fusedrl.devices import device_of
-    from fusedrl.trainer import PPOTrainer
+    from fusedrl.runtime.launch import make_trainer
 
     runs = []
     for extra in ([], ["cluster.accelerator=cpu"]):
         cfg = load_config(None, SMALL + extra)
         assert device_of(cfg) == torch.device("cpu")
-        t = PPOTrainer(cfg)
+        t = make_trainer(cfg)
         try:
             assert t.device == torch.device("cpu")
-            assert all(p.device.type == "cpu" for p in t.actor.parameters())
+            assert all(p.device.type == "cpu" for p in t.stages.models.actor.parameters())
             runs.append([_comparable(t.step()) for _ in range(2)])
         finally:
             t.close()
@@ -198,34 +198,39 @@ def test_synchronize_and_timer_on_cpu():
 
 @cuda
 def test_trainer_on_cuda_matches_cpu():
-    from fusedrl.rollout import RolloutBatch
-    from fusedrl.trainer import PPOTrainer
+    from fusedrl.runtime.launch import make_trainer
+    from fusedrl.update import minibatch_schedule
 
-    cpu = PPOTrainer(load_config(None, SMALL))
-    gpu = PPOTrainer(load_config(None, SMALL + ["cluster.accelerator=cuda"]))
+    cpu = make_trainer(load_config(None, SMALL))
+    gpu = make_trainer(load_config(None, SMALL + ["cluster.accelerator=cuda"]))
     try:
         assert gpu.device.type == "cuda"
-        for a, b in zip(cpu.critic.parameters(), gpu.critic.parameters()):
+        for a, b in zip(cpu.stages.models.critic.parameters(),
+                        gpu.stages.models.critic.parameters()):
             assert b.is_cuda and torch.equal(a, b.cpu())  # same init on every device
         idx = gpu.prompt_indices(0)
-        samples = gpu.engine.generate(gpu.requests(0, idx), gpu.sampling_params())
-        assert next(iter(gpu.engine.cache.k.values())).is_cuda
-        batch = RolloutBatch.from_samples(samples, gpu.setup.tokenizer.pad_token_id)
-        want = cpu.infer(batch)
-        got = gpu.infer(batch.to(gpu.device))
-        for w, g in zip(want, got):
+        requests, params = gpu.requests(0, idx), gpu.sampling_params()
+        want, got = cpu.stages.rollout.run(requests, params), gpu.stages.rollout.run(
+            requests, params)
+        assert next(iter(gpu.stages.models.engine.cache.k.values())).is_cuda
+        torch.testing.assert_close(got.batch.input_ids.cpu(), want.batch.input_ids)
+        for name in ("old_logp", "ref_logp", "values"):
+            w, g = getattr(want, name), getattr(got, name)
             assert g.is_cuda
             torch.testing.assert_close(g.cpu(), w, atol=1e-4, rtol=1e-4)
         # One PPO update on the same data and advantages: same losses and weights.
-        old, _, values = want
+        batch, old, values = want.batch, want.old_logp, want.values
         adv, ret = torch.randn_like(old) * batch.response_mask, values + 0.1
-        s_cpu = cpu.train(batch, old, values, adv, ret)
+        targets = {"old_logp": old, "values": values, "advantages": adv, "returns": ret}
+        schedule = minibatch_schedule(len(batch), cpu.config.ppo, 0, 0)
+        s_cpu = cpu.stages.update.train(batch, targets, schedule)
         dev = gpu.device
-        s_gpu = gpu.train(batch.to(dev), old.to(dev), values.to(dev), adv.to(dev),
-                          ret.to(dev))
+        s_gpu = gpu.stages.update.train(batch.to(dev), {k: v.to(dev) for k, v in
+                                                        targets.items()}, schedule)
         for key in ("actor/pg_loss", "critic/vf_loss", "actor/grad_norm"):
             assert s_gpu[key] == pytest.approx(s_cpu[key], rel=1e-3, abs=1e-5), key
-        for a, b in zip(cpu.actor.parameters(), gpu.actor.parameters()):
+        for a, b in zip(cpu.stages.models.actor.parameters(),
+                        gpu.stages.models.actor.parameters()):
             torch.testing.assert_close(b.cpu(), a, atol=1e-5, rtol=1e-4)
         m = gpu.step()  # the whole iteration on the device; metrics are floats
         assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in m.values())

@@ -70,7 +70,7 @@ def test_layout_matches_single_device(name, ray_session, reference, tmp_path):
 
 def test_placement_not_fitting_the_model_fails_before_workers(ray_session, tmp_path,
                                                              monkeypatch):
-    from fusedrl.runtime import controller
+    from fusedrl.runtime import cluster as controller
 
     def no_workers(*args, **kwargs):
         raise AssertionError("a worker was started for an invalid placement")

@@ -136,7 +136,8 @@ def test_gpu_count_is_checked_against_the_ray_cluster():
 def test_too_few_gpus_fail_before_any_worker_starts(ray_session, monkeypatch):
     import ray
 
-    from fusedrl.runtime import controller
+    from fusedrl.runtime import cluster as controller
+    from fusedrl.runtime.launch import make_trainer
 
     def no_workers(*args, **kwargs):
         raise AssertionError("a worker was started without the GPUs it needs")
@@ -146,7 +147,7 @@ def test_too_few_gpus_fail_before_any_worker_starts(ray_session, monkeypatch):
     cfg = load_config(None, SMALL + ["cluster.accelerator=cuda", "cluster.devices=2",
                                      "placement.default=dp2tp1pp1@0-1"])
     with pytest.raises(ConfigError, match=r"cluster.devices=2: the Ray cluster has 1 GPUs"):
-        controller.DistributedPPOTrainer(cfg)
+        make_trainer(cfg)
 
 
 # ------------------------------------------------------------ memory
@@ -181,17 +182,18 @@ def test_interstage_capacity_is_the_engine_geometry_when_memory_is_ample():
 def test_interstage_capacity_is_measured_on_the_generation_workers(ray_session):
     import ray
 
-    from fusedrl.runtime.controller import DistributedPPOTrainer
+    from fusedrl.runtime.launch import make_trainer
 
     c = load_config(None, SMALL + ["cluster.devices=2", "placement.default=dp2tp1pp1@0-1",
                                    "fusion.interstage=true"])
-    t = DistributedPPOTrainer(c)
+    t = make_trainer(c)
     try:
         max_len = c.data.max_prompt_len + c.generation.max_new_tokens
-        per = memory.kv_bytes_per_token(t.spec.model_config, 4)
+        per = memory.kv_bytes_per_token(t.stages.cluster.spec.model_config, 4)
         # a tiny model on a host with gigabytes free: the engine's slot cache bounds C
-        assert t.rollout.cost.kv_capacity_bytes == per * max_len * c.generation.max_batch_size
-        free, total = zip(*ray.get([w.device_memory.remote() for w in t.workers]))
+        assert t.stages.rollout.cost.kv_capacity_bytes == \
+            per * max_len * c.generation.max_batch_size
+        free, total = zip(*ray.get([w.device_memory.remote() for w in t.stages.cluster.workers]))
         _, host_total = memory.device_memory("cpu", share=2)  # two workers share the host
         assert all(x == host_total for x in total) and all(0 < f <= host_total for f in free)
     finally:
@@ -241,9 +243,11 @@ def test_fused_memory_cap_binds_only_when_memory_is_short():
     mib = MEM_UNIT
     problem = _problem(mib)  # 1F1B side by side peaks at 3 MiB on each node
     assert solver_memory_cap(problem, None) is None
-    # plenty (the CPU runtime's case), down to the side-by-side peak: the solver's default
+    # plenty (the CPU runtime's case): no schedule can exceed it, no cap
     assert solver_memory_cap(problem, [1 << 40, 1 << 40]) is None
-    assert solver_memory_cap(problem, [3 * mib, 3 * mib]) is None
+    assert solver_memory_cap(problem, [8 * mib, 8 * mib]) is None  # all 4+4 micro-batches fit
+    # the objective is makespan first: a measured cap that could bind is always passed on
+    assert solver_memory_cap(problem, [3 * mib, 3 * mib]) == 3.0
     default = solve(problem, time_limit=0.5, seed=0).to_dict()
     # short: the smallest node's measured cap bounds the schedule
     cap = solver_memory_cap(problem, [1 << 40, 1.5 * mib])
@@ -318,13 +322,13 @@ def test_cuda_fused_training_matches_sequential(ray_session, tmp_path):
 def test_cuda_workers_report_their_gpu_memory(ray_session):
     import ray
 
-    from fusedrl.runtime.controller import DistributedPPOTrainer
+    from fusedrl.runtime.launch import make_trainer
 
-    t = DistributedPPOTrainer(load_config(None, SMALL + [
+    t = make_trainer(load_config(None, SMALL + [
         "cluster.accelerator=cuda", "cluster.devices=2", "placement.default=dp2tp1pp1@0-1",
         "fusion.interstage=false"]))
     try:
-        mem = ray.get([w.device_memory.remote() for w in t.workers])
+        mem = ray.get([w.device_memory.remote() for w in t.stages.cluster.workers])
         total = torch.cuda.mem_get_info(0)[1]
         assert all(0 < free < tot for free, tot in mem)
         assert any(tot == total for _, tot in mem)  # a whole GPU each, not a share

@@ -28,21 +28,22 @@ DP2 = ["cluster.devices=2", "placement.default=dp2tp1pp1@0-1"]
 
 
 def _trainer(extra):
-    from fusedrl.runtime.controller import DistributedPPOTrainer
+    from fusedrl.runtime.launch import make_trainer
 
-    return DistributedPPOTrainer(load_config(None, SMALL + DP2 + extra))
+    return make_trainer(load_config(None, SMALL + DP2 + extra))
 
 
 def test_fused_rollout_matches_unfused_with_migration(ray_session):
     from fusedrl.generation import Request, SamplingParams
-    from fusedrl.rollout import RolloutBatch
-    from fusedrl.runtime.controller import _Generation
+    from fusedrl.interstage import InterStageRollout
+    from fusedrl.runtime.stages import RayRollout
 
     t = _trainer(["generation.max_new_tokens=24", "fusion.interstage=true",
                   "fusion.interstage_policy=test-migrate-early",
                   "fusion.interstage_steps=2"])
     try:
-        assert t.rollout is not None
+        rollout = t.stages.rollout
+        assert isinstance(rollout, InterStageRollout)
         prompts = t.setup.prompt_ids
         # forced lengths, one long tail per instance: the shared queue gives each
         # instance 5 samples, and the migration moves one instance's tail to the other
@@ -50,37 +51,28 @@ def test_fused_rollout_matches_unfused_with_migration(ray_session):
         requests = [Request(100 + j, list(prompts[j]), max_new_tokens=n)
                     for j, n in enumerate(lengths)]
         params = SamplingParams(temperature=1.0, max_new_tokens=24, seed=3, ignore_eos=True)
-        ref_samples = _Generation(t).generate(requests, params)
-        ref_batch = RolloutBatch.from_samples(ref_samples, t.setup.tokenizer.pad_token_id)
-        assert not t.rollout.holds(ref_batch)
-        ref_infer = t.infer(ref_batch)
-
-        samples = t.rollout.generate(requests, params)
-        m = t.rollout.metrics()
+        unfused = RayRollout(t.stages.cluster, t.config, t.setup).run(requests, params)
+        fused = rollout.run(requests, params)
+        m = fused.metrics
         assert m["interstage/rt"] == len(requests)
         assert m["interstage/migrated"] >= 1 and m["interstage/kept_instances"] == 1
         assert m["interstage/migrate_at_s"] >= 0
-        for a, b in zip(ref_samples, samples):
-            assert (a.sample_id, a.prompt_ids, a.response_ids) == \
-                (b.sample_id, b.prompt_ids, b.response_ids)
-            assert len(b.response_ids) == lengths[b.sample_id - 100]
-            torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs),
-                                       rtol=1e-4, atol=1e-5)
-        batch = RolloutBatch.from_samples(samples, t.setup.tokenizer.pad_token_id)
-        assert t.rollout.holds(batch)
-        fused_infer = t.infer(batch)
-        assert not t.rollout.holds(batch)  # used up: a later infer() recomputes
-        for name, a, b in zip(("old_logp", "ref_logp", "values"), ref_infer, fused_infer):
-            assert a.shape == b.shape, name
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
-        # every measured span is a real duration
-        assert 0 < m["timing_s/gen"] <= m["timing_s/rollout"]
-        assert 0 < m["timing_s/inference"] <= m["timing_s/rollout"]
-        assert 0 <= m["timing_s/gen_inference_overlap"] <= m["timing_s/inference"]
+        a, b = unfused.batch, fused.batch
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.sample_ids, b.sample_ids)
+        assert b.response_lens.tolist() == lengths
+        torch.testing.assert_close(b.gen_logprobs, a.gen_logprobs, rtol=1e-4, atol=1e-5)
+        for name in ("old_logp", "ref_logp", "values"):
+            x, y = getattr(unfused, name), getattr(fused, name)
+            assert x.shape == y.shape, name
+            torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5, msg=name)
+        # every event is a real duration, and inference ran on devices that generated
+        events = t.stages.take_events()
+        assert events and all(e.end >= e.start for e in events)
+        assert {e.device for e in events if e.stage == "inference"} == {0, 1}
         # the policy's cost model is calibrated from the measured decode steps
-        assert len(t.rollout.decode_points) >= 3
-        assert t.rollout.cost.decode_base_s != GenCostModel().decode_base_s
-        assert t.rollout.policy.cost is t.rollout.cost
+        assert len(rollout.decode_points) >= 3
+        assert rollout.cost.decode_base_s != GenCostModel().decode_base_s
+        assert rollout.policy.cost is rollout.cost
     finally:
         t.close()
 
@@ -101,14 +93,15 @@ def test_training_with_and_without_fusion_is_the_same(ray_session, tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (it, key)
         assert b["rollout/logprob_diff_max"] < 1e-4
         for key in ("timing_s/gen", "timing_s/inference", "timing_s/gen_inference_overlap",
-                    "interstage/migrate_at_s"):
+                    "interstage/migrate_at_s", "perf/device_utilization"):
             assert key in b
 
 
 def test_interstage_flag_validation(ray_session):
-    with pytest.raises(ConfigError, match=r"fusion.interstage=true: placement of actor_gen"
-                                          r".*tp=1 and pp=1"):
-        _trainer(["fusion.interstage=true", "placement.actor_gen=dp1tp2pp1@0-1"])
+    with pytest.raises(ConfigError, match=r"fusion.interstage=true: placement.actor_gen="
+                                          r"dp1tp2pp1@0-1.*tp=1, pp=1"):
+        load_config(None, SMALL + DP2 + ["fusion.interstage=true",
+                                         "placement.actor_gen=dp1tp2pp1@0-1"])
     with pytest.raises(ConfigError, match=r"fusion.interstage_policy='nope'"):
         load_config(None, ["fusion.interstage_policy=nope"])
 

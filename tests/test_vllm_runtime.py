@@ -38,9 +38,9 @@ if "test-vllm-migrate-early" not in available_policies():
 
 
 def _run(extra, steps=2):
-    from fusedrl.runtime.controller import DistributedPPOTrainer
+    from fusedrl.runtime.launch import make_trainer
 
-    t = DistributedPPOTrainer(load_config(None, BASE + extra))
+    t = make_trainer(load_config(None, BASE + extra))
     try:
         return t, [t.step() for _ in range(steps)]
     finally:
@@ -57,7 +57,7 @@ def test_vllm_replicas_colocated_and_separated_with_migration(ray_session):
                     "fusion.interstage_policy=test-vllm-migrate-early",
                     "fusion.interstage_steps=1",
                     "generation.forced_lengths=lognormal:3,8"])
-    assert t.rollout is not None
+    assert type(t.stages.rollout).__name__ == "InterStageRollout"
     assert max(m["interstage/migrated"] for m in hist) > 0
     for m in hist:
         assert m["rollout/logprob_diff_max"] < LOGPROB_TOL, m["rollout/logprob_diff_max"]
@@ -83,11 +83,11 @@ def test_vllm_on_the_training_devices_loads_in_place(ray_session):
 def test_vllm_needs_single_device_replicas():
     """vLLM runs one engine per device in the Ray runtime: a tensor-parallel actor_gen
     is refused before any worker starts, naming the key."""
-    from fusedrl.runtime.controller import DistributedPPOTrainer
+    from fusedrl.runtime.launch import make_trainer
 
     cfg = load_config(None, BASE + ["cluster.devices=2", "placement.actor_gen=dp1tp2pp1@0-1"])
     with pytest.raises(ConfigError, match=r"placement\.actor_gen=dp1tp2pp1@0-1"):
-        DistributedPPOTrainer(cfg)
+        make_trainer(cfg)
 
 
 @needs_vllm
@@ -98,9 +98,10 @@ def test_vllm_migration_keeps_the_sampled_tokens(ray_session):
     import torch
 
     from fusedrl.generation import Request, SamplingParams
-    from fusedrl.runtime.controller import DistributedPPOTrainer, _Generation
+    from fusedrl.runtime.launch import make_trainer
+    from fusedrl.runtime.stages import RayRollout
 
-    t = DistributedPPOTrainer(load_config(None, BASE + [
+    t = make_trainer(load_config(None, BASE + [
         "cluster.devices=2", "placement.default=dp2tp1pp1@0-1", "generation.max_new_tokens=24",
         "fusion.interstage=true", "fusion.interstage_policy=test-vllm-migrate-early",
         "fusion.interstage_steps=2"]))
@@ -110,9 +111,10 @@ def test_vllm_migration_keeps_the_sampled_tokens(ray_session):
         requests = [Request(100 + j, list(prompts[j]), max_new_tokens=n)
                     for j, n in enumerate(lengths)]
         params = SamplingParams(temperature=1.0, max_new_tokens=24, seed=3, ignore_eos=True)
-        unfused = _Generation(t).generate(requests, params)
-        fused = t.rollout.generate(requests, params)
-        assert t.rollout.metrics()["interstage/migrated"] >= 1
+        unfused = RayRollout(t.stages.cluster, t.config, t.setup).generate(requests, params)
+        result = t.stages.rollout.run_fused(requests, params)
+        fused = result.samples
+        assert result.metrics["interstage/migrated"] >= 1
         for a, b in zip(unfused, fused):
             assert (a.sample_id, a.response_ids) == (b.sample_id, b.response_ids)
             torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs),

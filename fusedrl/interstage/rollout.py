@@ -14,8 +14,9 @@ every generation instance nearly idle while the inference devices wait.
    finished.
 2. **Streaming inference.** Every finished sample goes to inference at once, in
    micro-batches of at most ``ppo.micro_batch_size`` in finish order, on any device
-   that holds the inference models and is not generating (placed apart from
-   generation: from the first finished sample on; colocated: once freed).
+   that can serve an inference call and is not generating: a device placed apart
+   from generation that holds a one-device replica of the call (from the first
+   finished sample on), or a generation device once it is freed or its tail ends.
 3. **Migration.** When the samples still generating drop below ``Rt`` (the policy's
    :meth:`~fusedrl.scheduler.interstage.InterStagePolicy.threshold`), the policy's
    :meth:`plan` (RLHFuse's rule, :func:`~fusedrl.scheduler.migration.plan_migration`)
@@ -34,15 +35,22 @@ every generation instance nearly idle while the inference devices wait.
    the observed lengths for ``Rt`` = 5%..95% of the batch with that model and re-tunes
    every few iterations.
 
-Inference models are used where the placements put them: a device serves the calls
-whose placement includes it. When a call's replicas are all on generation devices it
-starts when one of them is freed; no extra replica is loaded onto freed devices
-(weights reach them only through their own placement).
+5. **Freed devices receive the inference models** (RLHFuse §4). Every generation
+   device has a one-device copy slot for each inference model (old log-probs,
+   reference, critic, reward; :func:`serve_copies`), empty until the device is freed
+   or its tail ends. Then the reallocation engine fills it from wherever the model's
+   weights live -- the training shards (``actor_train``/``critic_train``, any
+   pipeline or tensor layout), the reference's or reward model's own placement --
+   moving only what the device lacks (ReaLHF), and inference starts on it at once.
+   The old log-probs need no copy where the native engine generates: the device's
+   generation copy *is* the current actor. Copies of frozen models stay filled across
+   iterations (``placement.keep_inference_copies``); copies of trained models are
+   refilled after each update.
 
-Supported layouts (:func:`interstage_support`): ``actor_gen`` and every inference call
-placed ``tp=pp=1`` (each dp replica one device). Results are the unfused ones up to
-floating-point reassociation of differently composed batches (tested in
-``tests/test_runtime_interstage.py``).
+Supported layouts (:func:`fusedrl.validate.interstage_support`): ``actor_gen`` placed
+``tp=pp=1`` with dp >= 2; inference and training placements are free. Results are the
+unfused ones up to floating-point reassociation of differently composed batches
+(tested in ``tests/test_runtime_interstage.py`` and ``tests/test_fused_iteration.py``).
 """
 
 from __future__ import annotations
@@ -55,47 +63,49 @@ from dataclasses import dataclass, field, replace
 import ray
 import torch
 
-from fusedrl.config import ConfigError
 from fusedrl.generation.engine import Request
+from fusedrl.rollout import RolloutBatch
+from fusedrl.runtime.stages import inference_calls
+from fusedrl.stages import RolloutOutput, StageContext, register_stage
 from fusedrl.scheduler.gen_cost import GenCostModel
 from fusedrl.scheduler.interstage import get_policy
 from fusedrl.scheduler.migration import SampleState, validate_plan
 
 GEN_ROLE = "actor_gen"
-INFER_CALLS = (("actor_train", "logp"), ("ref", "logp"), ("critic_infer", "values"))
-"""The inference calls of an iteration (``reward``/``score`` is added with a reward
-model): the same as the unfused ``DistributedPPOTrainer.infer``."""
 
 _NO_KV_TRANSFER_S = 1e6
 """Modelled cost of a KV-cache transfer: this runtime migrates by re-prefill only."""
 
 
-def inference_calls(has_reward_model: bool) -> tuple[tuple[str, str], ...]:
-    return INFER_CALLS + ((("reward", "score"),) if has_reward_model else ())
+def serve_copies(config, placements: dict[str, str], roles) -> dict[str, tuple[str, str, int]]:
+    """The one-device inference copies of a fused run: ``{"ref@1": (role, source, 1)}``
+    for each generation device and inference role that has no one-device replica there
+    by its own placement. ``source`` is the copy key the reallocation engine fills it
+    from: the role's own copy where it has one, else the training copy it mirrors;
+    ``actor_gen`` (the device's generation copy itself, no transfer) for the old
+    log-probs where the native engine generates with that copy."""
+    from fusedrl.layout import Placement
+    from fusedrl.roles import ROLES, Role
+    from fusedrl.runtime.reshard import sync_pairs
 
-
-def interstage_support(config, placements: dict, has_reward_model: bool) -> str | None:
-    """``None`` when inter-stage fusion can drive these placements, else why not."""
-    for role in (GEN_ROLE,) + tuple(r for r, _ in inference_calls(has_reward_model)):
-        p = placements[role]
-        if p.layout.tp != 1 or p.layout.pp != 1:
-            return (f"placement of {role} is {p}; step-level generation and per-device "
-                    "inference need tp=1 and pp=1")
-    return None
-
-
-def interstage_enabled(config, placements: dict, has_reward_model: bool) -> bool:
-    """``generation.interstage`` resolved: unset means on when supported and ``actor_gen``
-    has at least 2 instances; ``true`` where unsupported is a :class:`ConfigError`."""
-    flag = config.fusion.interstage
-    if flag is False:
-        return False
-    why = interstage_support(config, placements, has_reward_model)
-    if flag is None:
-        return why is None and placements[GEN_ROLE].layout.dp >= 2
-    if why is not None:
-        raise ConfigError(f"config key fusion.interstage=true: {why}")
-    return True
+    _, step = sync_pairs(placements, roles)
+    has_own_copy = {dst for _, dst in step}
+    gen = Placement.parse(placements[GEN_ROLE])
+    out = {}
+    for dev in gen.devices:
+        for role in (r for r, _ in inference_calls("reward" in roles)):
+            p = Placement.parse(placements[role])
+            if p.layout.tp == 1 and p.layout.pp == 1 and dev in p.devices:
+                continue  # its own replica on this device serves it
+            spec = ROLES[Role(role)]
+            if role == "actor_infer" and config.generation.backend == "native":
+                src = GEN_ROLE
+            elif spec.refresh == "step" and role not in has_own_copy:
+                src = str(spec.source)  # placed as its training copy: that copy
+            else:
+                src = role
+            out[f"{role}@{dev}"] = (role, src, dev)
+    return out
 
 
 @dataclass
@@ -116,35 +126,41 @@ class RolloutResult:
     metrics: dict
 
 
-class FusedRollout:
-    """Generation + inference of one iteration, fused (module docstring).
+class InterStageRollout:
+    """Generation + inference of one iteration, fused (module docstring): the
+    ``interstage`` rollout stage (:mod:`fusedrl.stages`)."""
 
-    Stands in for the engine of the reference trainer (:meth:`generate`); the
-    controller's ``infer``/``score`` then take the results (:meth:`take_infer`,
-    :meth:`take_scores`) instead of recomputing them.
-    """
-
-    def __init__(self, trainer):
-        self.t = trainer
-        c = trainer.config
-        self.config = c
-        self.gen_placement = trainer.placements[GEN_ROLE]
+    def __init__(self, cluster, config, setup):
+        self.cluster = cluster
+        c = config
+        self.config, self.setup = c, setup
+        self.gen_placement = cluster.placements[GEN_ROLE]
         self.instances = list(self.gen_placement.devices)  # dp rank i -> its one device
-        self.calls = inference_calls(trainer.spec.reward_config is not None)
-        self.role_devices = {role: set(trainer.placements[role].devices) for role, _ in self.calls}
+        self.calls = inference_calls(cluster.spec.reward_config is not None)
+        gen_devices = set(self.instances)
+        # A call is served on every generation device (its own replica or a copy the
+        # device receives when freed) and on devices apart from generation that hold a
+        # one-device replica of it by placement.
+        self.role_devices = {}
+        for role, _ in self.calls:
+            p = cluster.placements[role]
+            apart = set(p.devices) - gen_devices if p.layout.tp == p.layout.pp == 1 else set()
+            self.role_devices[role] = gen_devices | apart
+        self.copies_of = {d: [k for k, (_, _, dev) in cluster.spec.serve.items() if dev == d]
+                          for d in self.instances}
         self.steps_per_call = c.fusion.interstage_steps
         self.max_batch = c.generation.max_batch_size
         from fusedrl.models.build import TORCH_DTYPES
         from fusedrl.runtime import memory
 
-        mc = trainer.spec.model_config
+        mc = cluster.spec.model_config
         dtype_bytes = TORCH_DTYPES[c.model.dtype].itemsize
         max_len = c.data.max_prompt_len + c.generation.max_new_tokens
         # C of the migration rule (RLHFuse §4): the KV bytes an instance can hold, from the
         # least free memory among the generation devices, measured now that every replica's
         # weights are resident (weight_bytes=0: inference replicas are placed, not loaded);
         # at most the slot cache the engine preallocates (max_batch x max_len).
-        free = min(f for f, _ in ray.get([trainer.workers[d].device_memory.remote()
+        free = min(f for f, _ in ray.get([cluster.workers[d].device_memory.remote()
                                           for d in self.instances]))
         kv_per_token = memory.kv_bytes_per_token(mc, dtype_bytes)
         capacity = memory.kv_capacity_bytes(mc, free, dtype_bytes=dtype_bytes, weight_bytes=0,
@@ -160,62 +176,41 @@ class FusedRollout:
         self.prefill_points: deque = deque(maxlen=512)
         self.infer_points: deque = deque(maxlen=512)  # (tokens, seconds per full call set)
         self.overheads: deque = deque(maxlen=512)  # round trip minus worker busy time
-        self._stash: RolloutResult | None = None
         self.last: RolloutResult | None = None
 
-    # ------------------------------------------------------------ trainer hooks
+    # ------------------------------------------------------------ the stage
 
-    def generate(self, requests, params) -> list:
-        """The engine interface: generate (and infer) ``requests``; samples in order."""
-        result = self.run(requests, params)
+    def run(self, requests, params) -> RolloutOutput:
+        """Generate ``requests`` and infer them, fused; rows follow ``requests``."""
+        result = self.run_fused(requests, params)
         self.observe(result)
-        self._stash = result
-        return result.samples
-
-    def update_weights(self) -> None:
-        """Nothing here: the workers' backends load new weights in the trainer's
-        ``sync_weights``, after the reallocation."""
-
-    def holds(self, batch) -> bool:
-        """Whether the inference results of ``batch`` were computed during generation."""
-        s = self._stash
-        return s is not None and [x.sample_id for x in s.samples] == batch.sample_ids.tolist()
-
-    def take_scores(self, batch) -> torch.Tensor:
-        """Reward-model scores of ``batch`` (rows in batch order)."""
-        out = torch.zeros(len(batch))
-        for row, value in self._rows(batch, ("reward", "score")):
-            out[row] = value
-        return out
-
-    def take_infer(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(old_logp, ref_logp, values)`` of ``batch`` padded to its response width, as
-        the unfused ``infer`` returns them; the results are used up."""
+        batch = RolloutBatch.from_samples(result.samples, self.setup.tokenizer.pad_token_id)
         width = batch.response_mask.shape[1]
-        outs = []
-        for call in INFER_CALLS:
-            full = torch.zeros(len(batch), width)
-            for row, value in self._rows(batch, call):
-                full[row, :value.shape[0]] = value
-            outs.append(full)
-        self._stash = None
-        return tuple(outs)
-
-    def _rows(self, batch, call):
         row_of = {sid: r for r, sid in enumerate(batch.sample_ids.tolist())}
-        for mb in self._stash.micros:
-            for i, s in enumerate(mb.samples):
-                yield row_of[s.sample_id], mb.results[call][i]
+        out = {call: (torch.zeros(len(batch)) if call[1] == "score"
+                      else torch.zeros(len(batch), width)) for call in self.calls}
+        for mb in result.micros:
+            for i, smp in enumerate(mb.samples):
+                for call in self.calls:
+                    value = mb.results[call][i]
+                    if call[1] == "score":
+                        out[call][row_of[smp.sample_id]] = value
+                    else:
+                        out[call][row_of[smp.sample_id], :value.shape[0]] = value
+        return RolloutOutput(batch, out["actor_infer", "logp"], out["ref", "logp"],
+                             out["critic_infer", "values"], out.get(("reward", "score")),
+                             metrics=dict(result.metrics))
 
-    def metrics(self) -> dict:
-        return dict(self.last.metrics) if self.last is not None else {}
+    def close(self) -> None:
+        """The workers stop with the cluster."""
 
     # ------------------------------------------------------------ the fused loop
 
-    def run(self, requests, params, threshold: int | None = None) -> RolloutResult:
+    def run_fused(self, requests, params, threshold: int | None = None) -> RolloutResult:
         """Generate ``requests`` and run their inference, fused. ``threshold``: ``Rt``
         (default: the policy's)."""
-        workers = self.t.workers
+        cluster = self.cluster
+        workers = cluster.workers
         n = len(self.instances)
         batch = len(requests)
         rt = self.policy.threshold(batch) if threshold is None else threshold
@@ -241,6 +236,8 @@ class FusedRollout:
         migrated = 0
         gen_end = None
         infer_spans: list[tuple[float, float]] = []
+        serve_bytes = 0
+        filled_on: set[int] = set()
 
         def has_gen_work(i: int) -> bool:
             return bool(holding[i] or inbox[i] or (pending and i not in freed))
@@ -276,6 +273,20 @@ class FusedRollout:
         def generating_devices() -> set[int]:
             return {self.instances[i] for i in range(n) if i not in freed and has_gen_work(i)}
 
+        def fill_copies(dev: int) -> None:
+            """The freed device receives its inference models (reallocation engine),
+            queued before its first inference call (a worker runs calls in order)."""
+            stale = [k for k in self.copies_of.get(dev, ())
+                     if k not in cluster.serve_fresh and cluster.spec.serve[k][1] != GEN_ROLE]
+            if not stale:
+                return
+            pairs = [(cluster.spec.serve[k][1], k) for k in stale]
+            roles = sorted({r for pair in pairs for r in pair})
+            for d, fut in zip(cluster.devices_of(*roles), cluster.sync_futures(pairs)):
+                submit(d, fut, ("fill", dev, d))
+            cluster.serve_fresh.update(stale)
+            filled_on.add(dev)
+
         def dispatch_inference() -> None:
             busy = generating_devices()
             for dev in sorted({d for ds in self.role_devices.values() for d in ds}):
@@ -283,6 +294,9 @@ class FusedRollout:
                 # on the controller's round trip
                 if calls_on.get(dev, 0) >= 2 or dev in busy:
                     continue
+                if not (unbatched or any(m.todo for m in micros)):
+                    continue
+                fill_copies(dev)
                 held = {c for c in self.calls if dev in self.role_devices[c[0]]}
                 if not held:
                     continue
@@ -353,6 +367,8 @@ class FusedRollout:
                                                self.steps_per_call))
                     if len(finished) == batch:
                         gen_end = now - t0
+                elif kind == "fill":
+                    serve_bytes += out["bytes_received"]
                 elif kind == "abort":
                     src = what[1]
                     holding[src] = []
@@ -373,20 +389,16 @@ class FusedRollout:
             dispatch_generation()
             dispatch_inference()
             dispatch_inference()  # the second call per idle device
-        wall = time.perf_counter() - t0
 
         if len(finished) != batch or unbatched or any(len(m.results) != len(self.calls)
                                                       for m in micros):
             raise RuntimeError(f"fused rollout ended with {len(finished)}/{batch} samples "
                                "generated or inference left undone")
-        infer_start = min(s for s, _ in infer_spans)
-        infer_end = max(e for _, e in infer_spans)
         metrics = {
-            "timing_s/gen": gen_end,
-            "timing_s/inference": infer_end - infer_start,
-            "timing_s/gen_inference_overlap": max(0.0, min(gen_end, infer_end) - infer_start),
-            "timing_s/rollout": wall,
+            "interstage/gen_end_s": gen_end,
             "interstage/rt": rt,
+            "interstage/serve_bytes": serve_bytes,
+            "interstage/devices_received_models": len(filled_on),
             "interstage/migrate_at_s": migrate_at if plan is not None else -1.0,
             "interstage/migrated": migrated,
             "interstage/kept_instances": len(plan.kept) if plan is not None else n,
@@ -430,3 +442,8 @@ class FusedRollout:
                          bs_max=min(fitted.bs_max, self.max_batch))
         self.cost = self.policy.cost = fitted
         return fitted
+
+
+@register_stage("rollout", "interstage")
+def _interstage_rollout(ctx: StageContext):
+    return InterStageRollout(ctx.cluster, ctx.config, ctx.setup)

@@ -2,7 +2,7 @@
 
 :class:`InterStageWorker` is mixed into :class:`fusedrl.runtime.worker.Worker`. It
 exposes the native engine step by step, so that the controller
-(:mod:`fusedrl.runtime.interstage`) can drive every generation instance over one
+(:mod:`fusedrl.interstage.rollout`) can drive every generation instance over one
 shared sample queue, stop a long-tail sample on one instance and resume it on
 another, and run inference on single finished micro-batches on whichever device is
 free:
@@ -37,6 +37,15 @@ from fusedrl.devices import timer
 class InterStageWorker:
     """Mixin of the Ray worker: step-level generation and per-micro-batch inference."""
 
+    def serving_key(self, role: str) -> str:
+        """The shard that serves ``role``'s inference on this device: a one-device copy
+        received as a freed generation device (``role@device``) or the role's own."""
+        key = f"{role}@{self.device}"
+        if key in self.spec.serve:
+            src = self.spec.serve[key][1]
+            return src if src == "actor_gen" else key  # the generation copy itself
+        return role
+
     def _single_device_shard(self, role: str):
         shard = self.shards[role]
         g = shard.groups
@@ -66,7 +75,7 @@ class InterStageWorker:
         """
         engine = self._gen_engine(role)
         max_batch = self.spec.config.generation.max_batch_size
-        t_start = time.perf_counter()
+        t_start, wall_start = time.perf_counter(), time.time()
         engine.add(requests)
         finished, decode, prefill = [], [], []
         for _ in range(max_steps):
@@ -84,6 +93,8 @@ class InterStageWorker:
                 decode.append((len(running), context / len(running), dt))
             elif admits and not running:
                 prefill.append((sum(p.prompt_len + p.generated for p in admits), dt))
+        if decode or prefill or finished:
+            self.events.add("gen", wall_start, time.time())
         states = [(p.sample_id, p.prompt_len, p.generated) for p in engine.progress()]
         return {"finished": finished, "running": states, "decode": decode, "prefill": prefill,
                 "busy_s": time.perf_counter() - t_start}
@@ -104,17 +115,21 @@ class InterStageWorker:
         them to the batch's).
         """
         from fusedrl.devices import to_host
-        from fusedrl.rollout import RolloutBatch
-        from fusedrl.runtime.calls import infer_head
+        from fusedrl.rollout import RolloutBatch, infer_head
+        from fusedrl.runtime.worker import event_name
 
         t0 = time.perf_counter()
         mb = RolloutBatch.from_samples(samples, self.spec.pad_token_id).to(self.torch_device)
         width = mb.response_mask.shape[1]
         results = {}
         for role, kind in jobs:
-            shard = self._single_device_shard(role)
-            out = shard.model(mb.input_ids)
-            results[(role, kind)] = infer_head(kind, out, mb, shard.model.tp_group, width,
-                                               temperature)
+            # this device's copy of the role: its own one-device replica, or the copy a
+            # freed generation device received (``ref@1``)
+            key = self.serving_key(role)
+            shard = self._single_device_shard(key)
+            with self.events.record(event_name(role, kind)):
+                out = shard.model(mb.input_ids)
+                results[(role, kind)] = infer_head(kind, out, mb, shard.model.tp_group, width,
+                                                   temperature)
         return {"results": to_host(results), "tokens": mb.num_tokens(),
                 "busy_s": time.perf_counter() - t0}

@@ -67,49 +67,27 @@ def worker_profile(worker, batch, idx) -> dict:
             "free_bytes": max(0, free - pending)}
 
 
-def worker_train(worker, batch, data: dict, schedule: list[list], smap: tuple,
-                 plans: dict) -> dict:
-    """PPO updates of both models, one fused pipeline step per mini-batch;
-    ``{name: {"micro": [(mini, k, stats)], "grad_norm": [...]} or None}`` (None where
-    this worker is not the model's reporting rank)."""
+def fused_forward_backward(worker, shards: dict, work: dict, smap: tuple, plans: dict) -> None:
+    """The micro-batches of one mini-batch of both models through this worker's stages
+    in the fused schedule's order (:func:`fusedrl.pipeline.fused.train_fused`); each
+    task is one event on the device's timeline (``F:actor``, ``B:critic``...).
+    ``work[name] = (mine, micro_batches, loss_fn)`` as the shared update loop
+    (:meth:`fusedrl.runtime.worker.Worker.train`) prepared them."""
     from fusedrl.pipeline.fused import FusedPipeline, train_fused
-    from fusedrl.runtime.calls import LOSSES
-    from fusedrl.runtime.grads import clip_grad_norm
 
-    c = worker.spec.config
-    temp = c.generation.temperature
-    batch, data, schedule = to_device((batch, data, schedule), worker.torch_device)
-    shards = [worker.shards[r] for r in ROLES]
-    node = shards[0].groups.coord.pp
-    micro_stats = {name: [] for name in PIPELINES}
-    norms = {name: [] for name in PIPELINES}
-    for m, micros in enumerate(schedule):
-        n_micro = len(micros)  # global count: every micro loss is divided by it
-        runs, counts = [], []
-        for name, shard in zip(PIPELINES, shards):
-            mine = worker._mine(shard, micros)
-            mbs = [batch.select(idx) for _, idx in mine]
-            shard.reducer.zero_grad()
-
-            def loss_fn(out, i, m=m, mine=mine, mbs=mbs, shard=shard, name=name):
-                loss, stats = LOSSES[name](out, mbs[i], mine[i][1], data, shard.model.tp_group,
-                                           c.ppo, temp)
-                micro_stats[name].append((m, mine[i][0], stats))
-                return loss / n_micro
-
-            runs.append(FusedPipeline(shard.model, shard.groups, [mb.input_ids for mb in mbs],
-                                      loss_fn))
-            counts.append(len(mine))
-        tasks = plans[tuple(counts)][node]
-        check_node_tasks(tasks, node, smap, counts)
-        train_fused(runs, tasks)
-        for name, shard in zip(PIPELINES, shards):
-            shard.reducer.finish()
-            norms[name].append(clip_grad_norm(shard.model, shard.groups, c.ppo.grad_clip))
-            shard.optimizer.step()
-    return {name: ({"micro": micro_stats[name], "grad_norm": norms[name]}
-                   if worker._reporting(shard) else None)
-            for name, shard in zip(PIPELINES, shards)}
+    runs, counts = [], []
+    for name in PIPELINES:
+        shard = shards[name]
+        mine, mbs, loss_fn = work[name]
+        g = shard.groups
+        # dp reduction after the fused step, not overlapped (module docstring)
+        runs.append(FusedPipeline(shard.model, g, [mb.input_ids for mb in mbs], loss_fn))
+        counts.append(len(mine))
+    node = shards[PIPELINES[0]].groups.coord.pp
+    tasks = plans[tuple(counts)][node]
+    check_node_tasks(tasks, node, smap, counts)
+    train_fused(runs, tasks, on_task=lambda t, t0, t1: worker.events.add(
+        f"{t.kind}:{PIPELINES[t.pipeline]}", t0, t1))
 
 
 # -------------------------------------------------------------- controller side
@@ -117,9 +95,9 @@ def worker_train(worker, batch, data: dict, schedule: list[list], smap: tuple,
 class FusedTraining:
     """The controller's part: profile once, solve per shape (cached), dispatch."""
 
-    def __init__(self, trainer, time_limit: float = SOLVE_SECONDS):
-        self.t = trainer
-        self.actor, self.critic = (trainer.placements[r] for r in ROLES)
+    def __init__(self, cluster, time_limit: float = SOLVE_SECONDS):
+        self.cluster = cluster
+        self.actor, self.critic = (cluster.placements[r] for r in ROLES)
         self.smap = stage_map(self.actor, self.critic)
         self.time_limit = time_limit
         self.profile: dict[str, list[tuple[float, float, float]]] | None = None
@@ -132,7 +110,7 @@ class FusedTraining:
         return sorted(self.actor.devices)
 
     def _profile(self, bref, idx) -> None:
-        outs = ray.get([self.t.workers[d].profile_fused.remote(bref, idx)
+        outs = ray.get([self.cluster.workers[d].profile_fused.remote(bref, idx)
                         for d in self._devices()])
         pp = self.actor.layout.pp
         prof = {name: [(0.0, 0.0, 0.0)] * pp for name in PIPELINES}
@@ -174,9 +152,9 @@ class FusedTraining:
         for c in shapes:
             if min(c) == 0:  # a replica without micro-batches runs no task
                 plans[c] = [[] for _ in self.smap]
-        outs = ray.get([self.t.workers[d].train_fused.remote(bref, data, schedule, self.smap,
-                                                             plans)
-                        for d in self._devices()])
+        outs = ray.get([self.cluster.workers[d].train.remote(
+            list(PIPELINES), bref, data, schedule, (self.smap, plans))
+            for d in self._devices()])
         fused = sum(self.results[c]["makespan"] for c in shapes if c in self.results)
         seq = sum(self.results[c]["baseline"]["sequential_1f1b"]["makespan"]
                   for c in shapes if c in self.results)

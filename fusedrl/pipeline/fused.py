@@ -76,10 +76,12 @@ class FusedPipeline:
     before_last_backward: Callable[[], None] | None = None
 
 
-def train_fused(runs: Sequence[FusedPipeline], tasks: Sequence[Task]) -> None:
+def train_fused(runs: Sequence[FusedPipeline], tasks: Sequence[Task],
+                on_task: Callable[[Task, float, float], None] | None = None) -> None:
     """Run this node's ``tasks`` (forward/backward of pipeline ``runs[t.pipeline]``'s
     micro-batch ``t.microbatch`` through this worker's stage ``t.stage``) in order,
-    accumulating each model's gradients."""
+    accumulating each model's gradients. ``on_task(task, start, end)`` (wall-clock
+    seconds) after each task: the device timeline's events."""
     if not runs:
         raise ValueError("train_fused needs at least one pipeline")
     link = P2P(next(runs[0].model.parameters()).device)
@@ -95,6 +97,7 @@ def train_fused(runs: Sequence[FusedPipeline], tasks: Sequence[Task]) -> None:
         info.append((run.model.config.hidden_size, next(run.model.parameters()).dtype))
 
     for k, t in enumerate(tasks):
+        t_start = time.time()
         run = runs[t.pipeline]
         g = run.groups
         if g.coord.pp != t.stage:
@@ -134,6 +137,8 @@ def train_fused(runs: Sequence[FusedPipeline], tasks: Sequence[Task]) -> None:
                           message_tag(t.pipeline, t.microbatch, True, n))
         else:
             raise ValueError(f"task kind must be 'F' or 'B', got {t.kind!r}")
+        if on_task is not None:
+            on_task(t, t_start, time.time())
     if inputs:
         raise ValueError(f"micro-batches forwarded but never backwarded: {sorted(inputs)}")
     link.flush()

@@ -7,7 +7,10 @@ GPUs, checked by :func:`check_gpus` before any worker starts)."""
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
+from pathlib import Path
 
 LOCAL_PATH_NOTE = ("fast path: cluster.devices == 1 and every placement dp1tp1pp1@0 runs the "
                    "in-process single-device trainer")
@@ -27,9 +30,83 @@ def ensure_ray(address: str, num_devices: int) -> bool:
         probe_ray_address(address)  # ray.init retries an unreachable address for minutes
         ray.init(address=address, log_to_driver=True)
     else:
+        clean_dead_local_rays()
         ray.init(num_cpus=max(num_devices, os.cpu_count() or 1), include_dashboard=False,
                  log_to_driver=True)
+        record_local_ray()
     return True
+
+
+def local_ray_records() -> Path:
+    """Where drivers record the local Ray instances they started (one JSON per driver);
+    ``FUSEDRL_LOCAL_RAY_RECORDS`` overrides it."""
+    return Path(os.environ.get("FUSEDRL_LOCAL_RAY_RECORDS")
+                or Path(tempfile.gettempdir()) / f"fusedrl-local-ray-{os.getuid()}")
+
+
+def _alive(pid: int, started: float) -> bool:
+    """``pid`` is still the process that started at ``started`` (not a reused PID)."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        return p.create_time() == started and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def record_local_ray() -> None:
+    """Record the processes of the local Ray instance this driver just started (its
+    descendants running Ray). When the driver is SIGKILLed, Ray's GCS and raylet die with
+    it but its dashboard and runtime-env agents linger (they block up to 60 s reporting
+    the raylet's death to the dead GCS); :func:`clean_dead_local_rays` then ends them."""
+    import psutil
+
+    me = psutil.Process()
+    procs = []
+    for child in me.children(recursive=True):
+        try:
+            if any("ray" in part for part in child.cmdline()):
+                procs.append([child.pid, child.create_time()])
+        except psutil.Error:
+            pass
+    try:
+        root = local_ray_records()
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (root / f"{me.pid}.json").write_text(
+            json.dumps({"driver": [me.pid, me.create_time()], "processes": procs}))
+    except OSError:  # only a clean-up aid: never fail a run for it
+        pass
+
+
+def clean_dead_local_rays() -> list[int]:
+    """Kill what local Ray instances of dead drivers left behind (the processes recorded
+    by :func:`record_local_ray`, matched by PID and start time) and drop their records;
+    returns the PIDs killed. Records of live drivers are left alone."""
+    import psutil
+
+    killed: list[int] = []
+    root = local_ray_records()
+    if not root.is_dir():
+        return killed
+    for rec in root.glob("*.json"):
+        try:
+            data = json.loads(rec.read_text())
+            driver, procs = data["driver"], data["processes"]
+        except (OSError, ValueError, KeyError, TypeError):
+            rec.unlink(missing_ok=True)
+            continue
+        if _alive(*driver):
+            continue
+        for pid, started in procs:
+            if _alive(pid, started):
+                try:
+                    psutil.Process(pid).kill()
+                    killed.append(pid)
+                except psutil.Error:
+                    pass
+        rec.unlink(missing_ok=True)
+    return killed
 
 
 def probe_ray_address(address: str, timeout: float = 5.0) -> None:
@@ -106,16 +183,52 @@ def is_single_device(config) -> bool:
     return config.cluster.devices == 1 and config.placement.is_trivial()
 
 
-def make_trainer(config, setup=None):
-    """The in-process :class:`~fusedrl.trainer.PPOTrainer` for one device with trivial
-    placements, else the Ray runtime's :class:`DistributedPPOTrainer` (same interface).
-    Both honour ``cluster.accelerator``: the single-device trainer runs on that device,
-    the runtime's workers each take one (also with ``cluster.devices: 1`` and a
-    non-trivial placement)."""
+def stage_names(config) -> dict[str, str]:
+    """The registry names (:mod:`fusedrl.stages`) of the rollout, update and weight sync
+    of a run: the single-device ones, or the Ray runtime's picked by the fusion
+    switches (``fusion.interstage`` resolved by :func:`fusedrl.validate.interstage_enabled`)."""
+    from fusedrl.validate import interstage_enabled
+
     if is_single_device(config):
-        from fusedrl.trainer import PPOTrainer
+        return {"rollout": "local", "update": "local", "weight_sync": "local"}
+    return {"rollout": "interstage" if interstage_enabled(config) else "ray",
+            "update": "fused" if config.fusion.intrastage else "1f1b",
+            "weight_sync": "realloc"}
 
-        return PPOTrainer(config, setup)
-    from fusedrl.runtime.controller import DistributedPPOTrainer
 
-    return DistributedPPOTrainer(config, setup)
+def make_trainer(config, setup=None, stages: dict[str, str] | None = None):
+    """The :class:`~fusedrl.trainer.Trainer` of ``config``: the single-device stages for
+    one device with trivial placements, else the Ray runtime's (every call on its own
+    placement). Both honour ``cluster.accelerator``. ``stages`` overrides registry names
+    (a user's own rollout, update or weight sync)."""
+    from fusedrl.stages import StageContext, build_stage
+    from fusedrl.trainer import Stages, Trainer, build_setup
+
+    setup = setup or build_setup(config)
+    names = {**stage_names(config), **(stages or {})}
+    if is_single_device(config):
+        from fusedrl.local import LocalModels
+
+        models = LocalModels(config, setup)
+        ctx = StageContext(config, setup, models.events, models=models)
+        built = {k: build_stage(k, n, ctx) for k, n in names.items()}
+        return Trainer(config, setup, Stages(
+            built["rollout"], built["update"], built["weight_sync"],
+            take_events=models.events.take, devices=[0], runtime="single",
+            device=models.device, close=built["rollout"].close, models=models))
+
+    import fusedrl.interstage  # noqa: F401 - registers the stages
+    import fusedrl.runtime.stages  # noqa: F401
+    from fusedrl.runtime.cluster import RayCluster
+
+    cluster = RayCluster(config, setup, serve=names["rollout"] == "interstage")
+    try:
+        ctx = StageContext(config, setup, None, cluster=cluster)
+        built = {k: build_stage(k, n, ctx) for k, n in names.items()}
+    except BaseException:
+        cluster.close()
+        raise
+    return Trainer(config, setup, Stages(
+        built["rollout"], built["update"], built["weight_sync"],
+        take_events=cluster.take_events, devices=list(cluster.devices), runtime="ray",
+        placements=dict(cluster.spec.placements), close=cluster.close, cluster=cluster))

@@ -9,7 +9,8 @@ that means these source -> destination pairs (:func:`sync_pairs`), in this order
   it is resharded from the freshly loaded training copy instead of being read (or, for a
   GGUF, dequantized whole) again on every reference device; on the same placement the
   plan is all local copies;
-- ``actor_train -> actor_gen`` and ``critic_train -> critic_infer``, at setup and after
+- ``actor_train -> actor_gen``, ``actor_train -> actor_infer`` and
+  ``critic_train -> critic_infer``, at setup and after
   every training step, when the two placements differ (on the same placement the call
   uses the training module itself, :data:`fusedrl.runtime.worker.ALIASES`).
 
@@ -49,10 +50,11 @@ import torch
 from fusedrl.layout import Placement
 from fusedrl.realloc import ReallocExecutor, ReallocStats, plan_realloc
 from fusedrl.realloc.executor import DEFAULT_BUCKET_BYTES
+from fusedrl.roles import copy_pairs
 
-INIT_PAIRS = (("actor_train", "ref"),)
+INIT_PAIRS = tuple((str(s), str(d)) for s, d in copy_pairs("init"))
 """Copies made once, at setup, from the initial weights of a trainable model."""
-STEP_PAIRS = (("actor_train", "actor_gen"), ("critic_train", "critic_infer"))
+STEP_PAIRS = tuple((str(s), str(d)) for s, d in copy_pairs("step"))
 """Inference copies of a trainable model, refreshed after every training step."""
 
 
@@ -70,12 +72,13 @@ def sync_pairs(placements: dict[str, str], roles: Iterable[str]
 class WeightSync:
     """The plans and executors of every pair, on the worker of ``device``.
 
-    ``heads`` maps a role to its model head (``lm`` or ``value``); ``groups`` maps a
-    sorted device tuple to a process group (the runtime's registry).
+    ``model_configs`` maps a role (or copy key) to its model config, or is one config
+    for all; ``heads`` maps it to its model head (``lm`` or ``value``); ``groups`` maps
+    a sorted device tuple to a process group (the runtime's registry).
     """
 
     def __init__(self, pairs: Iterable[tuple[str, str]], placements: dict[str, Placement],
-                 model_config, heads: dict[str, str], device: int, dtype: torch.dtype,
+                 model_configs, heads: dict[str, str], device: int, dtype: torch.dtype,
                  groups: Callable[[tuple[int, ...]], object],
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES):
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -84,7 +87,8 @@ class WeightSync:
         for src, dst in pairs:
             if heads[src] != heads[dst]:
                 raise ValueError(f"{src} -> {dst}: heads differ ({heads[src]}, {heads[dst]})")
-            plan = plan_realloc(model_config, placements[src], placements[dst], heads[dst],
+            mc = model_configs[dst] if isinstance(model_configs, dict) else model_configs
+            plan = plan_realloc(mc, placements[src], placements[dst], heads[dst],
                                 dtype_bytes=itemsize)
             self.executors[src, dst] = ReallocExecutor(plan, device, dtype=dtype,
                                                        bucket_bytes=bucket_bytes, groups=groups)

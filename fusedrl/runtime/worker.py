@@ -1,7 +1,7 @@
 """The Ray actor of one device: holds this device's shards of every model whose
 placement includes it, and runs its part of each model function call.
 
-Lifecycle (driven by :class:`fusedrl.runtime.controller.DistributedPPOTrainer`)::
+Lifecycle (driven by :class:`fusedrl.runtime.cluster.RayCluster` and the stages)::
 
     w = RemoteWorker.options(**worker_options(accelerator)).remote(device, world_size,
                                                                   accelerator)
@@ -35,12 +35,13 @@ from dataclasses import dataclass, field
 import ray
 import torch
 
-from fusedrl.runtime.interstage_worker import InterStageWorker
+from fusedrl.roles import ROLES, heads
+from fusedrl.interstage.worker import InterStageWorker
+from fusedrl.timeline import EventLog
 
-ROLE_HEAD = {"actor_train": "lm", "actor_gen": "lm", "ref": "lm", "critic_train": "value",
-             "critic_infer": "value", "reward": "value"}
-ALIASES = {"actor_gen": "actor_train", "critic_infer": "critic_train"}
+ALIASES = {r.value: s.source.value for r, s in ROLES.items() if s.refresh == "step"}
 """A call placed exactly like its training counterpart uses the training copy itself."""
+TRAIN_ROLE = {"actor": "actor_train", "critic": "critic_train"}
 
 
 @dataclass
@@ -57,6 +58,10 @@ class RunSpec:
     eos_token_ids: tuple = ()
     pad_token_id: int = 0
     roles: tuple = field(default=())  # roles with a model in this run
+    serve: dict = field(default_factory=dict)
+    """Inter-stage fusion: copy key (``ref@1``) -> ``(role, source key, device)`` of the
+    one-device inference copies that freed generation devices receive
+    (:func:`fusedrl.interstage.serve_copies`)."""
 
 
 @dataclass
@@ -72,6 +77,36 @@ class Shard:
     engine: object | None = None
     proxy: object | None = None
     serve_cache: object | None = None
+
+
+def event_name(role: str, kind: str) -> str:
+    """The timeline's name of an inference call (``logp:ref``, ``values``, ``score``)."""
+    role = role.split("@")[0]  # a one-device copy (``ref@1``) counts as its role
+    return f"logp:{role}" if kind == "logp" else kind
+
+
+class ShardTrainable:
+    """A trained model's shard on this worker as :class:`fusedrl.update.Trainable`:
+    gradients all-reduced over data-parallel replicas (overlapped with the last
+    backward, :class:`fusedrl.runtime.grads.GradReducer`), the norm over all shards."""
+
+    def __init__(self, shard: Shard):
+        self.shard = shard
+        self.tp_group = shard.model.tp_group
+
+    def zero_grad(self) -> None:
+        self.shard.reducer.zero_grad()
+
+    def reduce_grads(self) -> None:
+        self.shard.reducer.finish()
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        from fusedrl.runtime.grads import clip_grad_norm
+
+        return clip_grad_norm(self.shard.model, self.shard.groups, max_norm)
+
+    def step(self) -> None:
+        self.shard.optimizer.step()
 
 
 class Worker(InterStageWorker):
@@ -90,6 +125,9 @@ class Worker(InterStageWorker):
         self.accelerator = accelerator
         self.torch_device = worker_device(accelerator)  # where this worker's tensors live
         self.shards: dict[str, Shard] = {}
+        from fusedrl.devices import synchronize
+
+        self.events = EventLog(device, synchronize=lambda: synchronize(self.torch_device))
 
     # --------------------------------------------------------------- lifecycle
 
@@ -142,18 +180,26 @@ class Worker(InterStageWorker):
         c = spec.config
         dtype = TORCH_DTYPES[c.model.dtype]
         self.placements = {r: Placement.parse(t) for r, t in spec.placements.items()}
+        role_head = {str(r): h for r, h in heads().items()}
+        for key, (role, src, dev) in spec.serve.items():  # one-device inference copies
+            self.placements[key] = Placement.parse(f"dp1tp1pp1@{dev}")
+            role_head[key] = role_head[role]
+        self.role_head = role_head
         self.registry = GroupRegistry(self.device, collective_backend(self.accelerator))
         # Reallocation plans and executors of every weight copy the run makes (ReaLHF),
         # built once; their groups join the global list below.
         init_pairs, step_pairs = sync_pairs(spec.placements, spec.roles)
-        self.weight_sync = WeightSync(init_pairs + step_pairs, self.placements,
-                                      spec.model_config, ROLE_HEAD, self.device, dtype,
-                                      self.registry.get)
+        # a copy whose source is the generation copy on the same device is that copy
+        serve_pairs = [(src, key) for key, (_, src, _) in spec.serve.items()
+                       if src != "actor_gen"]
+        self.weight_sync = WeightSync(init_pairs + step_pairs + serve_pairs, self.placements,
+                                      {k: self._config_of(k) for k in self.placements},
+                                      role_head, self.device, dtype, self.registry.get)
         synced = {dst for _, dst in init_pairs + step_pairs}  # weights come from the engine
         # The same list on every worker, in the same order (see groups.py).
         self.registry.create_all(rank_lists(
-            [(self.placements[r], spec.reward_config if r == "reward" else spec.model_config)
-             for r in spec.roles], self.world_size, self.weight_sync.group_rank_lists()),
+            [(self.placements[k], self._config_of(k)) for k in (*spec.roles, *spec.serve)],
+            self.world_size, self.weight_sync.group_rank_lists()),
             pipeline_channels([self.placements[r] for r in spec.roles]))
 
         full_cache: dict = {}
@@ -167,7 +213,7 @@ class Worker(InterStageWorker):
             mc = spec.reward_config if role == "reward" else spec.model_config
             groups = placement_groups(self.registry, p, self.device, mc)
             model = self._build(role, mc, p, groups, dtype, full_cache, load=role not in synced)
-            shard = Shard(role, ROLE_HEAD[role], model, groups)
+            shard = Shard(role, role_head[role], model, groups)
             if role in ("actor_train", "critic_train"):
                 from fusedrl.runtime.grads import GradReducer
 
@@ -178,6 +224,23 @@ class Worker(InterStageWorker):
             else:
                 model.requires_grad_(False)
             self.shards[role] = shard
+        from fusedrl.runtime.reshard import free_storage
+
+        for key, (role, src, dev) in spec.serve.items():
+            if dev != self.device or src == "actor_gen":
+                continue
+            p = self.placements[key]
+            mc = self._config_of(key)
+            groups = placement_groups(self.registry, p, self.device, mc)
+            model = self._build(role, mc, p, groups, dtype, full_cache, load=False)
+            model.requires_grad_(False)
+            free_storage(model)  # until a freed generation device receives the weights
+            self.shards[key] = Shard(key, role_head[key], model, groups)
+
+    def _config_of(self, key: str):
+        """Model config of a role or copy key (the reward model has its own)."""
+        role = self.spec.serve[key][0] if key in self.spec.serve else key
+        return self.spec.reward_config if role == "reward" else self.spec.model_config
 
     def _inference_copy(self, role: str) -> Shard | None:
         """``role``'s shard on this device when it is an inference-only copy whose storage
@@ -201,7 +264,7 @@ class Worker(InterStageWorker):
 
         c, spec = self.spec.config, self.spec
         L, coord = p.layout, groups.coord
-        head = ROLE_HEAD[role]
+        head = self.role_head[role]
         stage = StageSpec(stage_layers(mc.num_layers, L.pp)[coord.pp], coord.pp == 0,
                           coord.pp == L.pp - 1)
         model = build_model(mc, head, None, seed=c.trainer.seed, stage=stage,
@@ -278,11 +341,13 @@ class Worker(InterStageWorker):
             if shard.serve_cache is None:
                 max_len = c.data.max_prompt_len + c.generation.max_new_tokens
                 shard.serve_cache = shard.model.new_cache(c.generation.max_batch_size, max_len)
-            serve(shard.model, g, shard.serve_cache)
+            with self.events.record("gen"):
+                serve(shard.model, g, shard.serve_cache)
             return None
         backend = self.generation_backend(role)
         try:
-            samples = backend.generate(requests_by_dp[g.coord.dp], params)
+            with self.events.record("gen"):
+                samples = backend.generate(requests_by_dp[g.coord.dp], params)
         finally:
             if shard.proxy is not None:
                 shard.proxy.stop()
@@ -314,7 +379,7 @@ class Worker(InterStageWorker):
         reporting rank (``kind``: logp, values or score)."""
         from fusedrl.devices import to_device, to_host
         from fusedrl.pipeline.schedule import pipelined_forward
-        from fusedrl.runtime.calls import infer_head
+        from fusedrl.rollout import infer_head
 
         # indices too, as the single-device trainer does (no host-to-device copy per use)
         batch, micros = to_device((batch, micros), self.torch_device)
@@ -323,64 +388,69 @@ class Worker(InterStageWorker):
         mbs = [batch.select(idx) for _, idx in mine]
         width = batch.response_mask.shape[1]
         tp_group = shard.model.tp_group
-        results = pipelined_forward(
-            shard.model, shard.groups, [mb.input_ids for mb in mbs],
-            lambda out, i: infer_head(kind, out, mbs[i], tp_group, width, temperature))
+        with self.events.record(event_name(role, kind)):
+            results = pipelined_forward(
+                shard.model, shard.groups, [mb.input_ids for mb in mbs],
+                lambda out, i: infer_head(kind, out, mbs[i], tp_group, width, temperature))
         if not self._reporting(shard):
             return None
         return to_host([(k, r) for (k, _), r in zip(mine, results)])
 
-    def train(self, role: str, kind: str, batch, data: dict, schedule: list[list]):
-        """PPO updates of one model: for each mini-batch (a list of micro-batch index
-        tensors), 1F1B over this replica's micro-batches, gradient all-reduce, clip, step.
+    def train(self, names: list[str], batch, targets: dict, schedule: list[list],
+              fused: tuple | None = None) -> dict:
+        """PPO updates of ``names`` (``actor``/``critic``) with the shared mini-batch loop
+        (:func:`fusedrl.update.run_update`): per mini-batch, 1F1B over this replica's
+        micro-batches of each model in turn, or (``fused = (stage_map, plans)``) both
+        models in one fused pipeline schedule (RLHFuse §5,
+        :func:`fusedrl.intrastage.fused_forward_backward`); then gradient
+        all-reduce, clip, step.
 
-        Returns ``{"micro": [(mini, k, stats)], "grad_norm": [...]}`` on reporting ranks.
+        Returns ``{name: {"micro": [(mini, k, stats)], "grad_norm": [...]} or None}``
+        (None where this worker is not the model's reporting rank).
         """
         from fusedrl.devices import to_device
         from fusedrl.pipeline.schedule import train_1f1b
-        from fusedrl.runtime.calls import LOSSES
-        from fusedrl.runtime.grads import clip_grad_norm
+        from fusedrl.update import run_update
 
-        batch, data, schedule = to_device((batch, data, schedule), self.torch_device)
+        batch, targets, schedule = to_device((batch, targets, schedule), self.torch_device)
         c = self.spec.config
-        shard = self.shards[role]
-        model, g = shard.model, shard.groups
-        loss_of = LOSSES[kind]
-        temp = c.generation.temperature
-        micro_stats, norms = [], []
-        for m, micros in enumerate(schedule):
-            n_micro = len(micros)  # global count: every micro loss is divided by it
-            mine = self._mine(shard, micros)
-            mbs = [batch.select(idx) for _, idx in mine]
-            shard.reducer.zero_grad()
+        shards = {name: self.shards[TRAIN_ROLE[name]] for name in names}
+        models = {name: ShardTrainable(shard) for name, shard in shards.items()}
 
-            def loss_fn(out, i, m=m, mine=mine, mbs=mbs, n_micro=n_micro):
-                loss, stats = loss_of(out, mbs[i], mine[i][1], data, model.tp_group, c.ppo, temp)
-                micro_stats.append((m, mine[i][0], stats))
-                return loss / n_micro
+        def forward_backward(m, micros, loss):
+            work = {}
+            for name, shard in shards.items():
+                mine = self._mine(shard, micros)
+                mbs = [batch.select(idx) for _, idx in mine]
+                work[name] = (mine, mbs, lambda out, i, name=name, mine=mine, mbs=mbs:
+                              loss(name, out, mbs[i], mine[i][1], mine[i][0]))
+            if fused is not None:
+                from fusedrl.intrastage.training import fused_forward_backward
 
-            train_1f1b(model, g, [mb.input_ids for mb in mbs], loss_fn,
-                       shard.reducer.arm if g.dp_group is not None else None)
-            shard.reducer.finish()
-            norms.append(clip_grad_norm(model, g, c.ppo.grad_clip))
-            shard.optimizer.step()
-        if not self._reporting(shard):
-            return None
-        return {"micro": micro_stats, "grad_norm": norms}
+                fused_forward_backward(self, shards, work, *fused)
+                return
+            for name, shard in shards.items():
+                mine, mbs, loss_fn = work[name]
+                g = shard.groups
+                with self.events.record(f"train:{name}"):
+                    train_1f1b(shard.model, g, [mb.input_ids for mb in mbs], loss_fn,
+                               shard.reducer.arm if g.dp_group is not None else None)
+
+        out = run_update(schedule, models, forward_backward, targets, c.ppo,
+                         c.generation.temperature)
+        return {name: out[name] if self._reporting(shard) else None
+                for name, shard in shards.items()}
 
     def profile_fused(self, batch, idx):
         """Stage times of actor_train and critic_train on one micro-batch (fused
-        training, :mod:`fusedrl.runtime.fused_train`)."""
-        from fusedrl.runtime.fused_train import worker_profile
+        training, :mod:`fusedrl.intrastage`)."""
+        from fusedrl.intrastage.training import worker_profile
 
         return worker_profile(self, batch, idx)
 
-    def train_fused(self, batch, data: dict, schedule: list[list], smap: tuple, plans: dict):
-        """PPO updates of actor and critic in one fused pipeline schedule per mini-batch
-        (RLHFuse §5; :func:`fusedrl.runtime.fused_train.worker_train`)."""
-        from fusedrl.runtime.fused_train import worker_train
-
-        return worker_train(self, batch, data, schedule, smap, plans)
+    def take_events(self) -> list:
+        """This device's model-call events since the last call (:mod:`fusedrl.timeline`)."""
+        return self.events.take()
 
     # ----------------------------------------------------------------- weights
 
@@ -395,6 +465,7 @@ class Worker(InterStageWorker):
         from fusedrl.runtime.reshard import restore_storage
 
         out = {"bytes_received": 0, "bytes_sent": 0, "bytes_allocated": 0, "seconds": 0.0}
+        t0 = time.time()
         for src, dst in pairs:
             s, d = self.shards.get(src), self.shards.get(dst)
             if d is not None:
@@ -405,6 +476,8 @@ class Worker(InterStageWorker):
                 out["bytes_received"] += stats.bytes_received
                 out["bytes_sent"] += stats.bytes_sent
                 out["seconds"] += stats.seconds
+        if out["seconds"]:
+            self.events.add("realloc", t0, time.time())
         return out
 
     def release_weights(self, role: str) -> int:

@@ -105,7 +105,9 @@ def profile_runtime(preset: str, *, devices: int = 2, micro_batch_size: int = 8,
     from fusedrl.generation.sampling import SamplingParams
     from fusedrl.models.build import build_model
     from fusedrl.rollout import RolloutBatch
-    from fusedrl.runtime.controller import DistributedPPOTrainer
+    from fusedrl.runtime.launch import make_trainer
+    from fusedrl.runtime.stages import RayRollout
+    from fusedrl.update import minibatch_schedule
     from fusedrl.sim.calibration import best_time
 
     k1, k2 = gen_lengths
@@ -119,7 +121,9 @@ def profile_runtime(preset: str, *, devices: int = 2, micro_batch_size: int = 8,
         f"data.max_prompt_len={max(prompt_len, 8)}", f"trainer.seed={seed}"])
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    trainer = DistributedPPOTrainer(cfg)
+    trainer = make_trainer(cfg)
+    rollout = RayRollout(trainer.stages.cluster, cfg, trainer.setup)
+    update = trainer.stages.update
     raw: dict = {}
     try:
         mc = trainer.setup.model_config
@@ -134,8 +138,8 @@ def profile_runtime(preset: str, *, devices: int = 2, micro_batch_size: int = 8,
         for K in (k1, k2):
             reqs = [Request(i, list(p), max_new_tokens=K) for i, p in enumerate(prompts)]
             params = SamplingParams(max_new_tokens=K, ignore_eos=True, seed=seed)
-            trainer.engine.generate(reqs, params)  # warm-up
-            rt = best_time(lambda: trainer.engine.generate(reqs, params), repeats)
+            rollout.generate(reqs, params)  # warm-up
+            rt = best_time(lambda: rollout.generate(reqs, params), repeats)
             one = reqs[::devices]
             actor.eval()
 
@@ -150,7 +154,7 @@ def profile_runtime(preset: str, *, devices: int = 2, micro_batch_size: int = 8,
             excess_gen[K] = rt - bt
             raw[f"gen/K={K}"] = {"runtime_s": rt, "bare_s": bt}
             if K == k2:
-                samples = trainer.engine.generate(reqs, params)
+                samples = rollout.generate(reqs, params)
         gen_call, step = _two_point(k1, excess_gen[k1], k2, excess_gen[k2])
 
         batch = RolloutBatch.from_samples(samples, trainer.setup.tokenizer.pad_token_id)
@@ -162,8 +166,8 @@ def profile_runtime(preset: str, *, devices: int = 2, micro_batch_size: int = 8,
         excess_inf = {}
         for u in (1, 2):
             b = sub(u * mb * devices)
-            trainer.infer(b)
-            rt = best_time(lambda: trainer.infer(b), repeats)
+            rollout.infer(b)
+            rt = best_time(lambda: rollout.infer(b), repeats)
             ids = b.input_ids[:mb]
 
             def bare_inf():
@@ -187,10 +191,12 @@ def profile_runtime(preset: str, *, devices: int = 2, micro_batch_size: int = 8,
             n = M * u * mb * devices
             b = sub(n)
             R = b.response_mask.shape[1]
-            data = [torch.zeros(n, R), torch.zeros(n, R), torch.randn(n, R), torch.randn(n, R)]
+            data = {"old_logp": torch.zeros(n, R), "values": torch.zeros(n, R),
+                    "advantages": torch.randn(n, R), "returns": torch.randn(n, R)}
             trainer.config.ppo.mini_batch_size = u * mb * devices
-            trainer.train(b, *data)
-            rt = best_time(lambda: trainer.train(b, *data), repeats)
+            schedule = minibatch_schedule(n, trainer.config.ppo, seed, 0)
+            update.train(b, data, schedule)
+            rt = best_time(lambda: update.train(b, data, schedule), repeats)
             ids = b.input_ids[:mb]
 
             def bare_train():

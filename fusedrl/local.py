@@ -1,0 +1,201 @@
+"""The single-device stages: every model, the generation engine and both optimizers on
+one device (``cluster.accelerator``: the CPU or GPU 0 of this process).
+
+:class:`LocalModels` builds the four models once; :class:`LocalRollout` generates with
+the engine and runs inference micro-batch by micro-batch; :class:`LocalUpdate` runs the
+shared PPO update (:func:`fusedrl.update.run_update`) with a plain forward and backward
+per micro-batch; :class:`LocalSync` reloads a generation backend that keeps its own
+weights (vLLM) after each update (the native engine generates with the actor itself).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fusedrl.devices import device_of, synchronize
+from fusedrl.generation.backend import backend_from_config
+from fusedrl.models.build import TORCH_DTYPES, build_model, load_full_state
+from fusedrl.models.checkpoint import load_checkpoint, load_safetensors_dir, save_hf_checkpoint
+from fusedrl.models.hub import resolve_model_path
+from fusedrl.rollout import RolloutBatch, infer_head
+from fusedrl.stages import RolloutOutput, StageContext, register_stage
+from fusedrl.timeline import EventLog
+from fusedrl.update import merge_update_stats, run_update
+
+
+def micro_indices(n: int, size: int) -> list[torch.Tensor]:
+    """Consecutive micro-batches of ``size`` rows over ``n`` rows (inference calls)."""
+    return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+class LocalModels:
+    """Actor, critic, reference, optional reward model and the generation backend of a
+    single-device run, built from the setup's weights on ``device_of(config)``."""
+
+    def __init__(self, config, setup):
+        self.device = dev = device_of(config)  # ConfigError before any model is built
+        c, s = config, setup
+        dtype = TORCH_DTYPES[c.model.dtype]
+        seed, mc = c.trainer.seed, s.model_config
+        self.actor = build_model(mc, "lm", s.actor_state, seed=seed, dtype=dtype, device=dev)
+        self.ref = build_model(mc, "lm", s.actor_state, seed=seed, dtype=dtype,
+                               device=dev).eval().requires_grad_(False)
+        self.critic = build_model(mc, "value", s.critic_state or s.actor_state, seed=seed + 1,
+                                  dtype=dtype, device=dev)
+        self.reward_model = None
+        if c.reward.type == "model":
+            rm_config, rm_state = load_checkpoint(resolve_model_path(c.reward.model_path))
+            self.reward_model = build_model(rm_config, "value", rm_state, dtype=dtype,
+                                            device=dev).eval().requires_grad_(False)
+        tok = s.tokenizer
+        # The native engine generates with the actor module itself (weights in place);
+        # other backends (vLLM) hold their own copy, refreshed after every update.
+        self.engine = backend_from_config(c, self.actor, eos_token_ids=tok.eos_token_ids,
+                                          pad_token_id=tok.pad_token_id)
+        self.events = EventLog(0, synchronize=lambda: synchronize(dev))
+
+
+class LocalRollout:
+    """Generate the whole batch, then infer it micro-batch by micro-batch."""
+
+    def __init__(self, config, setup, models: LocalModels):
+        self.config, self.setup, self.m = config, setup, models
+
+    @torch.no_grad()
+    def run(self, requests, params) -> RolloutOutput:
+        m, c = self.m, self.config
+        m.actor.eval()
+        m.critic.eval()
+        with m.events.record("gen"):
+            samples = m.engine.generate(requests, params)
+        batch = RolloutBatch.from_samples(samples, self.setup.tokenizer.pad_token_id)
+        batch = batch.to(m.device)
+        width, temp = batch.response_mask.shape[1], c.generation.temperature
+        calls = [("logp:actor_infer", m.actor, "logp"), ("logp:ref", m.ref, "logp"),
+                 ("values", m.critic, "values")]
+        if m.reward_model is not None:
+            calls.append(("score", m.reward_model, "score"))
+        outs: dict[str, list] = {name: [] for name, _, _ in calls}
+        for idx in micro_indices(len(batch), c.ppo.micro_batch_size):
+            mb = batch.select(idx.to(m.device))
+            for name, model, kind in calls:
+                with m.events.record(name):
+                    outs[name].append(infer_head(kind, model(mb.input_ids), mb,
+                                                 model.tp_group, width, temp))
+        cat = {k: torch.cat(v) for k, v in outs.items()}
+        return RolloutOutput(batch, cat["logp:actor_infer"], cat["logp:ref"], cat["values"],
+                             cat.get("score"))
+
+    def close(self) -> None:
+        self.m.engine.stop()
+
+
+class _LocalTrainable:
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer
+        self.tp_group = model.tp_group
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def reduce_grads(self) -> None:
+        """One device: nothing to reduce."""
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        return float(torch.nn.utils.clip_grad_norm_(
+            params, max_norm if max_norm > 0 else float("inf")))
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+
+class LocalUpdate:
+    """PPO epochs on one device: per micro-batch a forward and backward of the actor,
+    then of the critic."""
+
+    name = "local"
+
+    def __init__(self, config, models: LocalModels):
+        c = config.ppo
+        self.config, self.m = config, models
+        self.actor_opt = torch.optim.AdamW(models.actor.parameters(), lr=c.actor_lr,
+                                           weight_decay=c.weight_decay)
+        self.critic_opt = torch.optim.AdamW(models.critic.parameters(), lr=c.critic_lr,
+                                            weight_decay=c.weight_decay)
+
+    def train(self, batch, targets, schedule) -> dict:
+        m = self.m
+        m.actor.train()
+        m.critic.train()
+        schedule = [[idx.to(m.device) for idx in micros] for micros in schedule]
+        models = {"actor": _LocalTrainable(m.actor, self.actor_opt),
+                  "critic": _LocalTrainable(m.critic, self.critic_opt)}
+
+        def forward_backward(_m, micros, loss):
+            for k, idx in enumerate(micros):
+                mb = batch.select(idx)
+                for name, tm in models.items():
+                    with m.events.record(f"train:{name}"):
+                        loss(name, tm.model(mb.input_ids), mb, idx, k).backward()
+
+        out = run_update(schedule, models, forward_backward, targets, self.config.ppo,
+                         self.config.generation.temperature)
+        return merge_update_stats({k: [v] for k, v in out.items()})
+
+    def save(self, directory: Path, tokenizer) -> dict:
+        mc = self.m.actor.config
+        save_hf_checkpoint(directory / "actor", mc, self.m.actor.hf_state_dict(), "lm", tokenizer)
+        save_hf_checkpoint(directory / "critic", mc, self.m.critic.hf_state_dict(), "value")
+        return {"actor_opt": self.actor_opt.state_dict(),
+                "critic_opt": self.critic_opt.state_dict()}
+
+    def load(self, directory: Path, state: dict) -> None:
+        _, actor = load_safetensors_dir(directory / "actor")
+        _, critic = load_safetensors_dir(directory / "critic")
+        load_full_state(self.m.actor, actor)
+        load_full_state(self.m.critic, critic)
+        self.actor_opt.load_state_dict(state["actor_opt"])
+        self.critic_opt.load_state_dict(state["critic_opt"])
+
+    def close(self) -> None:
+        """Nothing to stop: the models live in this process."""
+
+
+class LocalSync:
+    """A backend with its own weights (vLLM) reloads them from the actor after each
+    update and after a checkpoint load; the native engine uses the actor itself."""
+
+    def __init__(self, config, models: LocalModels):
+        self.own_weights = config.generation.backend != "native"
+        self.m = models
+
+    def before_update(self) -> None:
+        """Nothing to drop: one device holds each model once."""
+
+    def after_update(self) -> dict:
+        if self.own_weights:
+            with self.m.events.record("realloc"):
+                self.m.engine.update_weights()
+        return {}
+
+    def after_load(self) -> None:
+        if self.own_weights:
+            self.m.engine.update_weights()
+
+
+@register_stage("rollout", "local")
+def _local_rollout(ctx: StageContext):
+    return LocalRollout(ctx.config, ctx.setup, ctx.models)
+
+
+@register_stage("update", "local")
+def _local_update(ctx: StageContext):
+    return LocalUpdate(ctx.config, ctx.models)
+
+
+@register_stage("weight_sync", "local")
+def _local_sync(ctx: StageContext):
+    return LocalSync(ctx.config, ctx.models)
