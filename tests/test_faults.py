@@ -571,3 +571,47 @@ def read_trainer_state_runtime(ckpt):
     from fusedrl.checkpointing import read_trainer_state
 
     return read_trainer_state(ckpt)["runtime"]
+
+
+def test_next_start_cleans_up_the_local_ray_of_a_sigkilled_driver(tmp_path, monkeypatch):
+    """A driver that started a local Ray (ensure_ray) is SIGKILLed: Ray's agents outlive
+    it; the next start (clean_dead_local_rays, called by ensure_ray) ends exactly the
+    processes that driver recorded, and leaves a live driver's record alone."""
+    import signal
+    import subprocess
+    import sys
+
+    psutil = pytest.importorskip("psutil")
+    from fusedrl.runtime.launch import clean_dead_local_rays
+
+    records = tmp_path / "records"
+    monkeypatch.setenv("FUSEDRL_LOCAL_RAY_RECORDS", str(records))
+    driver = subprocess.Popen(
+        [sys.executable, "-c", "import time; from fusedrl.runtime.launch import ensure_ray; "
+         "ensure_ray('', 1); print('ready', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert driver.stdout.readline().strip() == "ready"
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    [record] = records.glob("*.json")
+    procs = json.loads(record.read_text())["processes"]
+    assert procs
+    me = psutil.Process()
+    live = records / "live.json"
+    live.write_text(json.dumps({"driver": [me.pid, me.create_time()],
+                                "processes": [[me.pid, me.create_time()]]}))
+    time.sleep(2)  # GCS and raylet die with the driver; the agents do not
+    lingering = [pid for pid, t in procs if psutil.pid_exists(pid)
+                 and psutil.Process(pid).create_time() == t
+                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    killed = clean_dead_local_rays()
+    assert sorted(killed) == sorted(lingering)
+    deadline = time.monotonic() + 10
+    while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+              for pid in killed) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status()
+                   != psutil.STATUS_ZOMBIE for pid in killed)
+    assert not record.exists() and live.exists()  # the live driver (this test) untouched
