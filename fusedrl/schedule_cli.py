@@ -7,9 +7,10 @@ the fused schedule, the paper's greedy start and sequential 1F1B (makespan and
 its ratio to the lower bound, bubble ratio, peak memory). ``--plot FILE.png``
 draws the fused schedule as a Gantt chart.
 
-``--memory-cap``: ``auto`` (default) keeps every node's peak memory within the
-pipelines' 1F1B schedules side by side; ``none`` searches the makespan alone;
-a number caps it there. Bad input (unreadable or invalid problem, a cap no
+The objective is lexicographic (RLHFuse §5's two phases): the shortest makespan,
+then the lowest peak memory at that makespan. ``--memory-cap`` adds a hard per-node
+cap on peak memory: a number, or ``1f1b`` for the peak of the pipelines' 1F1B
+schedules side by side (fusion never costs memory); ``none`` (default) for no cap. Bad input (unreadable or invalid problem, a cap no
 schedule fits) is one line on stderr and exit code 2.
 """
 
@@ -28,18 +29,18 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _parse_cap(text: str) -> float | None:
+def _parse_cap(text: str) -> float | str | None:
     low = text.strip().lower()
-    if low == "auto":
-        return None
     if low in ("none", "inf", "off"):
-        return math.inf
+        return None
+    if low == "1f1b":
+        return "1f1b"
     try:
         value = float(low)
     except ValueError:
         value = math.nan
-    if not value > 0:
-        _fail(f"--memory-cap: expected 'auto', 'none' or a positive number, got {text!r}")
+    if not (value > 0 and math.isfinite(value)):
+        _fail(f"--memory-cap: expected a positive number, '1f1b' or 'none', got {text!r}")
     return value
 
 
@@ -74,8 +75,9 @@ def schedule(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw a Gantt chart to FILE.png."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same schedule unless the "
                                                "time limit cuts the search)."),
-    memory_cap: str = typer.Option("auto", "--memory-cap", help="Per-node peak memory cap: auto "
-                                   "(1F1B side by side), none, or a number."),
+    memory_cap: str = typer.Option("none", "--memory-cap", help="Per-node peak memory cap: a "
+                                   "number, 1f1b (1F1B side by side) or none (default: makespan "
+                                   "first, then the lowest peak at that makespan)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Search processes (default: 2 "
                                           "where the machine has 2 cores)."),
 ) -> None:

@@ -647,3 +647,149 @@ def list_schedule(dur, node, succ, class_first, class_stride, class_count, class
             release_time[u] = node_free[n]
             released[cls_of[u]] += 1
     return order, node_ptr
+
+
+@njit(cache=True)
+def _insert(order, j, k, ws):
+    """Moves ``order[j]`` to position ``k`` of the same node, shifting what lies between
+    (saves the segment first); returns its ``(lo, hi)``."""
+    lo = j if j < k else k
+    hi = k if j < k else j
+    _save(order, lo, hi, ws)
+    t = order[j]
+    if j < k:
+        for q in range(j, k):
+            order[q] = order[q + 1]
+    else:
+        for q in range(j, k, -1):
+            order[q] = order[q - 1]
+    order[k] = t
+    return lo, hi
+
+
+@njit(cache=True)
+def _peak_move(order, node_ptr, node, memd, prefix, peaks, eps, ws):
+    """A move aimed at the highest node peak: one of the forwards at or before a peak
+    position ``k`` goes to just after the first backward after ``k``, or one of the
+    backwards after ``k`` goes to just before it; either lowers the running sum at
+    ``k`` by the moved task's memory (the move may still be rejected for the makespan).
+    Returns the changed segment ``(lo, hi)`` (saved), or ``(-1, -1)``."""
+    n_nodes = node_ptr.shape[0] - 1
+    top = 0.0
+    for n in range(n_nodes):
+        if peaks[n] > top:
+            top = peaks[n]
+    n_tied = 0
+    n = -1
+    for m in range(n_nodes):
+        if peaks[m] >= top - eps:
+            n_tied += 1
+            if np.random.randint(0, n_tied) == 0:
+                n = m
+    if n < 0 or node_ptr[n + 1] <= node_ptr[n]:
+        return -1, -1
+    first = node_ptr[n]
+    stop = node_ptr[n + 1]
+    n_tied = 0
+    k = -1
+    for q in range(first, stop):
+        if prefix[q] >= top - eps:
+            n_tied += 1
+            if np.random.randint(0, n_tied) == 0:
+                k = q
+    if k < 0:
+        return -1, -1
+    if np.random.random() < 0.5:
+        # a forward at or before k, moved to just after the first backward after k (the
+        # running sum after that backward is below the peak; moving the forward past
+        # its own backward would deadlock and be rejected)
+        kb = k + 1
+        while kb < stop and memd[order[kb]] >= 0.0:
+            kb += 1
+        if kb >= stop:
+            return -1, -1
+        span = k - first + 1
+        for _ in range(8):
+            j = k - np.random.randint(0, min(span, 64))
+            if memd[order[j]] > 0.0:
+                return _insert(order, j, kb, ws)
+    else:
+        span = stop - k - 1
+        if span <= 0:
+            return -1, -1
+        for _ in range(8):
+            j = k + 1 + np.random.randint(0, min(span, 64))
+            if memd[order[j]] < 0.0:
+                return _insert(order, j, k, ws)
+    return -1, -1
+
+
+@njit(cache=True)
+def anneal_memory_moves(order, pos, node_ptr, dur, node, dep, succ, memd, klass, start, end, prefix,
+                        peaks, best_order, state, n_iters, cooling, mk_limit, alpha, eps, p_peak):
+    """Simulated annealing on peak memory that never loses makespan (RLHFuse §5's
+    second phase), over insertion moves.
+
+    With probability ``p_peak`` a move aimed at the highest peak (:func:`_peak_move`),
+    else a random block move (:func:`_random_block_move`). Energy, state and
+    acceptance as :func:`anneal_memory`: the memory change of the segment is judged
+    first (Metropolis), then the incremental timing check rejects the move if the
+    makespan would exceed ``mk_limit`` or the order deadlocks.
+    """
+    n_nodes = node_ptr.shape[0] - 1
+    T = order.shape[0]
+    ws = _workspace(T, n_nodes)
+    cur = state[0]
+    best = state[1]
+    temp = state[2]
+    best_peak = state[4]
+    for _ in range(n_iters):
+        temp *= cooling
+        if np.random.random() < p_peak:
+            lo, hi = _peak_move(order, node_ptr, node, memd, prefix, peaks, eps, ws)
+        else:
+            lo, hi = _random_block_move(order, node_ptr, node, klass, ws)
+        if lo < 0:
+            continue
+        n = node[order[lo]]
+        # the node's new peak: its prefix outside the segment is unchanged
+        acc = prefix[lo - 1] if lo > node_ptr[n] else 0.0
+        pk = 0.0
+        for q in range(node_ptr[n], lo):
+            if prefix[q] > pk:
+                pk = prefix[q]
+        for q in range(lo, hi + 1):
+            acc += memd[order[q]]
+            if acc > pk:
+                pk = acc
+        for q in range(hi + 1, node_ptr[n + 1]):
+            if prefix[q] > pk:
+                pk = prefix[q]
+        old_pk = peaks[n]
+        peaks[n] = pk
+        energy = memory_energy(peaks, alpha)
+        delta = energy - cur
+        if delta > eps and (temp <= 0.0 or np.random.random() >= math.exp(-delta / temp)):
+            peaks[n] = old_pk
+            _revert(order, pos, start, end, lo, hi, 0, ws)
+            continue
+        mk, n_log = _retime(order, pos, node_ptr, dur, node, dep, succ, start, end, lo, hi, mk_limit + eps, ws)
+        if mk < 0.0:
+            peaks[n] = old_pk
+            _revert(order, pos, start, end, lo, hi, n_log, ws)
+            continue
+        _refresh_prefix(order, node_ptr, node, memd, prefix, lo, hi)
+        cur = energy
+        peak = 0.0
+        for m in range(n_nodes):
+            if peaks[m] > peak:
+                peak = peaks[m]
+        if peak < best_peak - eps or (peak <= best_peak + eps and energy < best - eps):
+            best = energy
+            best_peak = peak
+            best_order[:] = order
+    state[0] = cur
+    state[1] = best
+    state[2] = temp
+    state[3] += n_iters
+    state[4] = best_peak

@@ -53,8 +53,26 @@ class LowerBound:
     memory: float  # bound under the memory cap (0 without one)
     memory_cap: float
 
+    @property
+    def plain(self) -> float:
+        """RLHFuse §5's bound: per node, per pipeline, average work."""
+        return max(self.node, self.critical_path, self.average_work)
+
+    def gap_reason(self) -> str | None:
+        """Why ``plain`` is provably unreachable (``value`` above it), or ``None``."""
+        if self.value <= self.plain * (1 + 1e-12):
+            return None
+        parts = []
+        if self.node_subsets > self.plain * (1 + 1e-12):
+            parts.append(f"a subset of one node's tasks needs {self.node_subsets:g} (earliest head + "
+                         "work + shortest tail of the tasks that cannot start before / end after it)")
+        if self.memory > max(self.plain, self.node_subsets) * (1 + 1e-12):
+            parts.append(f"within the memory cap {self.memory_cap:g} a node cannot hold enough forwards "
+                         f"before its first backward: {self.memory:g}")
+        return (f"RLHFuse's bound {self.plain:g} is unreachable: " + "; ".join(parts)) if parts else None
+
     def to_dict(self) -> dict[str, float]:
-        return dict(value=self.value, node=self.node, critical_path=self.critical_path,
+        return dict(value=self.value, plain=self.plain, node=self.node, critical_path=self.critical_path,
                     average_work=self.average_work, node_subsets=self.node_subsets,
                     memory=self.memory, memory_cap=self.memory_cap)
 
@@ -146,3 +164,39 @@ def lower_bound(problem: FusedProblem, memory_cap: float = math.inf) -> LowerBou
     avg = problem.total_work / problem.nodes
     return LowerBound(value=max(node_lb, cp, avg, subset_lb, mem_lb), node=node_lb, critical_path=cp,
                       average_work=avg, node_subsets=subset_lb, memory=mem_lb, memory_cap=memory_cap)
+
+
+def memory_lower_bound(problem: FusedProblem, makespan: float) -> float:
+    """No schedule that ends by ``makespan`` has a lower peak memory.
+
+    The memory bound of the module doc inverted: the node bound under a cap ``C``
+    only falls as ``C`` grows, so the least ``C`` (found by bisection) at which it is
+    within ``makespan`` on every node bounds the peak of every schedule that short;
+    and no schedule holds less than one micro-batch's stages on a node
+    (``memory_floor``).
+    """
+    floor = 0.0
+    per_node = [0.0] * problem.nodes
+    for spec in problem.pipelines:
+        held = [0.0] * problem.nodes
+        for n, m in zip(spec.stage_nodes, spec.mem):
+            held[n] += m
+        per_node = [max(a, b) for a, b in zip(per_node, held)]
+    floor = max(per_node)
+    best = floor
+    tol = 1e-9 * max(1.0, makespan)
+    for cls in _task_classes(problem):
+        if not cls:
+            continue
+        lo, hi = 0.0, sum(c.count * c.mem for c in cls if c.forward)
+        if _memory_bound(cls, hi) > makespan + tol or _memory_bound(cls, best) <= makespan + tol:
+            continue  # no cap helps (makespan below the plain bound), or ``best`` already fits
+        lo = best
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            if _memory_bound(cls, mid) <= makespan + tol:
+                hi = mid
+            else:
+                lo = mid
+        best = max(best, lo)
+    return best

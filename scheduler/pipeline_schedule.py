@@ -19,7 +19,7 @@ import numpy as np
 from fusedrl.kernels import schedule_eval as ke
 
 from .pipeline_baselines import one_f_one_b, pipeline_node_orders, start_candidates
-from .pipeline_bounds import LowerBound, lower_bound
+from .pipeline_bounds import LowerBound, lower_bound, memory_lower_bound
 from .pipeline_problem import FusedProblem, Schedule, TaskTable, fifo_relabel, tasks_to_records
 from .pipeline_search import SearchConfig, SearchOutcome, search
 
@@ -106,6 +106,12 @@ class ScheduleResult:
     def bubble_ratio(self) -> float:
         return self.timing.bubble_ratio(self.problem.total_work, self.problem.nodes)
 
+    @property
+    def memory_lower_bound(self) -> float:
+        """No schedule as short as this one holds less peak memory
+        (:func:`~.pipeline_bounds.memory_lower_bound`)."""
+        return memory_lower_bound(self.problem, self.makespan)
+
     def tasks(self) -> list[dict[str, Any]]:
         return tasks_to_records(self.problem, self.table, self.timing.schedule, self.timing.start,
                                 self.timing.end)
@@ -117,7 +123,9 @@ class ScheduleResult:
         return {
             "makespan": self.makespan,
             "lower_bound": self.lower_bound.value,
+            "bound_gap_reason": self.lower_bound.gap_reason(),
             "peak_memory": self.peak_memory,
+            "memory_lower_bound": self.memory_lower_bound,
             "bubble_ratio": self.bubble_ratio,
             "tasks": self.tasks(),
             "baseline": {
@@ -131,22 +139,42 @@ class ScheduleResult:
                 "lower_bound_parts": self.lower_bound.to_dict(),
                 "workers": [{"seed": o.seed, "makespan": o.makespan, "peak_memory": o.peak_memory,
                              "makespan_iters": o.makespan_iters, "memory_iters": o.memory_iters,
+                             "memory_probes": [{"cap": c, "kept_makespan": ok} for c, ok in o.memory_probes],
                              "restarts": o.restarts, "seconds": o.seconds} for o in self.outcomes],
             },
         }
 
 
+MEMORY_CAP_1F1B = "1f1b"
+"""``memory_cap`` value: the peak of the pipelines' 1F1B schedules side by side."""
+
+
+def resolve_memory_cap(memory_cap: float | str | None, side_by_side: float) -> float:
+    """The cap as a number: ``None`` -> no cap (``inf``), ``"1f1b"`` -> ``side_by_side``."""
+    if memory_cap is None:
+        return math.inf
+    if isinstance(memory_cap, str):
+        if memory_cap.strip().lower() == MEMORY_CAP_1F1B:
+            return side_by_side
+        raise ValueError(f"memory_cap: expected a number or '1f1b', got {memory_cap!r}")
+    cap = float(memory_cap)
+    if math.isnan(cap):
+        raise ValueError(f"memory_cap: expected a number or '1f1b', got {memory_cap!r}")
+    return cap
+
+
 def solve(problem: FusedProblem | dict, time_limit: float = 10.0, seed: int = 0,
-          workers: int | None = None, memory_cap: float | None = None,
+          workers: int | None = None, memory_cap: float | str | None = None,
           config: SearchConfig | None = None) -> ScheduleResult:
     """Finds a fused schedule for ``problem`` within about ``time_limit`` seconds.
 
-    ``memory_cap``: the highest peak memory a node may reach. ``None`` (default)
-    caps it at the peak of the pipelines' 1F1B schedules side by side, so fusion
-    never costs memory over running them unfused on shared nodes; ``math.inf``
-    searches the makespan alone (RLHFuse's objective), then lowers the memory.
-    A cap below the memory of one micro-batch's stages on a node is a
-    ``ValueError`` (no schedule fits).
+    The objective is lexicographic (RLHFuse §5's two phases): the shortest makespan
+    first, then the lowest peak memory at that makespan; the memory phase never
+    gives back makespan. ``memory_cap``: the highest peak memory a node may reach
+    (a hard constraint of both phases, e.g. the device memory left for activations).
+    ``None`` (default): no cap; ``"1f1b"``: the peak of the pipelines' 1F1B
+    schedules side by side (fusion never costs memory). A cap below the memory of
+    one micro-batch's stages on a node is a ``ValueError`` (no schedule fits).
     """
     t0 = time.time()
     if not isinstance(problem, FusedProblem):
@@ -155,7 +183,7 @@ def solve(problem: FusedProblem | dict, time_limit: float = 10.0, seed: int = 0,
         raise ValueError(f"time_limit: must be a non-negative number of seconds, got {time_limit!r}")
     table = TaskTable.build(problem)
     sbs = side_by_side_peak(problem, table)
-    cap = sbs if memory_cap is None else float(memory_cap)
+    cap = resolve_memory_cap(memory_cap, sbs)
     floor = memory_floor(problem)
     if not cap >= floor:
         raise ValueError(f"memory_cap: {memory_cap} is below {floor}, the memory one micro-batch "
@@ -165,8 +193,9 @@ def solve(problem: FusedProblem | dict, time_limit: float = 10.0, seed: int = 0,
         cfg = replace(cfg, workers=int(workers))
     lb = lower_bound(problem, cfg.memory_cap)
     seq = time_schedule(table, one_f_one_b(problem, table))
-    starts = {name: time_schedule(table, s) for name, s in start_candidates(problem, table, lb.value,
-                                                                           cfg.memory_cap)}
+    # Constructive starts take at most a share of the time (a few seconds on 4k tasks).
+    starts = {name: time_schedule(table, s) for name, s in start_candidates(
+        problem, table, lb.value, cfg.memory_cap, deadline=t0 + cfg.start_share * cfg.time_limit)}
     fits = [t for t in list(starts.values()) + [seq] if t.peak_memory <= cfg.memory_cap]
     if not fits:
         raise ValueError(f"memory_cap: no start schedule fits under {cfg.memory_cap}")
@@ -176,6 +205,6 @@ def solve(problem: FusedProblem | dict, time_limit: float = 10.0, seed: int = 0,
     # The search starts from the best start (or sequential 1F1B) within the cap.
     first = fifo_relabel(table, min(fits, key=lambda t: (t.makespan, t.peak_memory)).schedule)
     remaining = max(0.0, cfg.time_limit - (time.time() - t0))
-    outcomes = search(table, first, lb.value, floor, replace(cfg, time_limit=remaining))
+    outcomes = search(problem, table, first, lb.value, floor, replace(cfg, time_limit=remaining))
     timing = time_schedule(table, Schedule(outcomes[0].order, first.node_ptr))
     return ScheduleResult(problem, table, timing, lb, greedy, seq, sbs, outcomes, time.time() - t0)

@@ -15,9 +15,17 @@ makespan. This module drives the kernels of ``fusedrl.kernels.schedule_eval``:
    Geometric cooling over a fixed number of iterations, then a restart from the
    best order seen, until the makespan reaches the lower bound or the phase's
    time (or run budget) is up.
-2. **Memory.** Simulated annealing over random adjacent swaps on the peak
-   memory (plus a fraction of the mean node peak, to break plateaus), rejecting
-   any move that raises the makespan found in phase 1.
+2. **Memory** (lexicographic: never at the cost of makespan). (a) *Capped
+   probes*: ask for a peak below the best so far, build the shortest list schedule
+   within that cap and anneal its makespan under the cap (phase 1's moves) back to
+   phase 1's makespan; success lowers the best peak, a probe that runs out of its
+   time halves the step. These reach much lower peaks than swaps can, since between
+   two good orders lie orders with higher peaks. (b) Simulated annealing on the
+   peak memory (plus a fraction of the mean node peak, to break plateaus) over
+   moves aimed at the peak (a forward before it moved past the next backward, or a
+   backward after it moved before it) and random block moves, rejecting any move
+   that raises the makespan. Both stop at the memory lower bound at that makespan
+   (:func:`~.pipeline_bounds.memory_lower_bound`).
 
 ``workers`` independent searches run in parallel processes with different seeds
 (one in this process); the best result wins, ties to the lowest worker index,
@@ -41,7 +49,7 @@ import numpy as np
 
 from fusedrl.kernels import schedule_eval as ke
 
-from .pipeline_problem import Schedule, TaskTable
+from .pipeline_problem import FusedProblem, Schedule, TaskTable, fifo_relabel
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,14 @@ class SearchConfig:
     memory_temp_start: float = 0.5  # phase-2 temperatures, in mean per-task memory
     memory_temp_end: float = 0.01
     memory_alpha: float = 0.5  # weight of the mean node peak in the memory energy
+    start_share: float = 0.25  # at most this share of the time builds the constructive starts (solve())
+    caps_share: float = 0.85  # share of phase 2's time for the capped probes (the rest: swap annealing)
+    probe_share: float = 0.25  # a memory probe gets this share of the time left for probes ...
+    probe_min_seconds: float = 0.3  # ... and at least this long
+    memory_starts: bool = True  # probes also try the constructive starts under their cap
+    memory_peak_moves: float = 0.5  # share of phase-2b moves aimed at the peak (the rest: random block moves)
+    memory_runs: int | None = 8  # phase-2b annealing runs (None: until the deadline or the memory bound)
+    probe_runs: int = 2  # phase-1 annealing runs per memory probe
     chunk_iters: int = 5_000  # iterations between clock checks
     memory_cap: float = math.inf  # hard per-node cap on peak memory (solve() sets it)
 
@@ -80,6 +96,8 @@ class SearchOutcome:
     restarts: int = 0
     seconds: float = 0.0
     reached_bound: bool = False
+    memory_bound: float = 0.0  # no schedule as short holds less (phase 2 stops there)
+    memory_probes: list[tuple[float, bool]] = field(default_factory=list)  # (cap, reached the makespan)
     history: list[tuple[float, float]] = field(default_factory=list)  # (seconds, best makespan)
 
 
@@ -87,6 +105,7 @@ class SearchOutcome:
 class _Job:
     """Everything one search process needs (picklable)."""
 
+    problem: FusedProblem
     table: TaskTable
     node_ptr: np.ndarray
     order: np.ndarray
@@ -101,20 +120,25 @@ def _tolerance(table: TaskTable) -> float:
     return 1e-9 * max(1.0, float(table.dur.sum()))
 
 
-def _phase_makespan(job: _Job, order: np.ndarray, out: SearchOutcome, t_begin: float) -> np.ndarray:
-    """Phase 1: anneal the makespan within the memory cap; returns the best order."""
+def _anneal(job: _Job, order: np.ndarray, cap: float, target: float, phase_end: float,
+            max_runs: int | None = None, out: SearchOutcome | None = None,
+            t_begin: float = 0.0) -> tuple[np.ndarray, float, int, int]:
+    """Anneals the makespan of ``order`` (within ``cap``) until it reaches ``target``,
+    ``phase_end`` or ``max_runs`` runs; returns ``(best order, its makespan, iterations,
+    runs)``. ``order`` must fit ``cap``; it is used as scratch space."""
     cfg, tb, ptr = job.config, job.table, job.node_ptr
     T, eps = tb.num_tasks, _tolerance(tb)
     pos, start, end = np.empty(T, np.int64), np.zeros(T), np.zeros(T)
     prefix, peaks = np.zeros(T), np.zeros(tb.num_nodes)
     best_order = order.copy()
-    phase_end = min(job.deadline, t_begin + cfg.makespan_share * max(0.0, job.deadline - t_begin))
+    pos[order] = np.arange(T)
+    best = float(ke.evaluate(order, pos, ptr, tb.dur, tb.node, tb.dep, tb.succ, start, end))
     run_iters = max(cfg.min_run_iters, int(cfg.run_iters_per_task * T))
     cooling = (cfg.temp_end / cfg.temp_start) ** (1.0 / run_iters)
     # Larger problems anneal colder: more tasks, more ways for uphill moves to pile up.
     temp0 = cfg.temp_start * min(1.0, cfg.temp_size / T) * float(tb.dur.mean())
-    best, iters, runs = out.makespan, 0.0, 0
-    while best > job.lower_bound + eps and time.time() < phase_end and (cfg.max_runs is None or runs < cfg.max_runs):
+    iters, runs = 0.0, 0
+    while best > target + eps and time.time() < phase_end and (max_runs is None or runs < max_runs):
         # One annealing run from the best order so far (a restart, reheated).
         order[:] = best_order
         pos[order] = np.arange(T)
@@ -122,66 +146,175 @@ def _phase_makespan(job: _Job, order: np.ndarray, out: SearchOutcome, t_begin: f
         ke.node_peaks(order, ptr, tb.memd, prefix, peaks)
         state = np.array([mk, best, temp0, iters])
         left = run_iters
-        while left > 0 and state[1] > job.lower_bound + eps and time.time() < phase_end:
+        while left > 0 and state[1] > target + eps and time.time() < phase_end:
             n = min(cfg.chunk_iters, left)
             ke.anneal_makespan(order, pos, ptr, tb.dur, tb.node, tb.dep, tb.succ, tb.memd, tb.klass, start, end,
-                               prefix, best_order, state, n, cooling, cfg.memory_cap, job.lower_bound, eps,
-                               cfg.random_moves)
+                               prefix, best_order, state, n, cooling, cap, target, eps, cfg.random_moves)
             left -= n
             if state[1] < best:
                 best = float(state[1])
-                out.history.append((time.time() - t_begin, best))
+                if out is not None:
+                    out.history.append((time.time() - t_begin, best))
         iters = state[3]
         runs += 1
-    out.makespan_iters, out.restarts = int(iters), max(0, runs - 1)
-    out.reached_bound = best <= job.lower_bound + eps
+    return best_order, best, int(iters), runs
+
+
+def _phase_makespan(job: _Job, order: np.ndarray, out: SearchOutcome, t_begin: float) -> np.ndarray:
+    """Phase 1: anneal the makespan within the memory cap; returns the best order."""
+    cfg = job.config
+    phase_end = min(job.deadline, t_begin + cfg.makespan_share * max(0.0, job.deadline - t_begin))
+    best_order, best, iters, runs = _anneal(job, order, cfg.memory_cap, job.lower_bound, phase_end,
+                                            cfg.max_runs, out, t_begin)
+    out.makespan_iters, out.restarts = iters, max(0, runs - 1)
+    out.reached_bound = best <= job.lower_bound + _tolerance(job.table)
     return best_order
 
 
-def _phase_memory(job: _Job, best_order: np.ndarray, out: SearchOutcome) -> None:
-    """Phase 2: anneal the peak memory without losing makespan (``best_order`` in place)."""
-    cfg, tb, ptr = job.config, job.table, job.node_ptr
-    T, eps = tb.num_tasks, _tolerance(tb)
-    order = best_order.copy()
+def _peak(tb: TaskTable, ptr: np.ndarray, order: np.ndarray) -> float:
+    return float(ke.node_peaks(order, ptr, tb.memd, np.zeros(tb.num_tasks), np.zeros(tb.num_nodes)))
+
+
+def _makespan(tb: TaskTable, ptr: np.ndarray, order: np.ndarray) -> float:
+    T = tb.num_tasks
+    pos = np.empty(T, np.int64)
+    pos[order] = np.arange(T)
+    return float(ke.evaluate(order, pos, ptr, tb.dur, tb.node, tb.dep, tb.succ, np.zeros(T), np.zeros(T)))
+
+
+def _capped_start(job: _Job, order: np.ndarray, cap: float) -> np.ndarray | None:
+    """The shortest of a few list schedules whose nodes hold at most ``cap``: ``order``
+    repaired (its tasks by their start times, forwards held back where the cap binds),
+    the critical-path rule, and :func:`~.pipeline_baselines.paced_due_dates` over a
+    grid of paces, all admitting forwards only within the cap."""
+    from .pipeline_baselines import PACES, greedy_fused, list_schedule, paced_due_dates
+
+    tb, ptr, problem = job.table, job.node_ptr, job.problem
+    T = tb.num_tasks
     pos, start, end = np.empty(T, np.int64), np.zeros(T), np.zeros(T)
     pos[order] = np.arange(T)
-    mk = ke.evaluate(order, pos, ptr, tb.dur, tb.node, tb.dep, tb.succ, start, end)
+    ke.evaluate(order, pos, ptr, tb.dur, tb.node, tb.dep, tb.succ, start, end)
+    cands = [list_schedule(problem, tb, start, None, cap), greedy_fused(problem, tb, "tail", None, False, cap)]
+    if job.config.memory_starts:
+        work = np.array([sum(p.fwd) + sum(p.bwd) for p in problem.pipelines])
+        big = work >= work.max()
+        for a in PACES:
+            for b in (PACES if not big.all() else (a,)):
+                due = paced_due_dates(problem, tb, job.lower_bound, np.where(big, a, b))
+                cands.append(list_schedule(problem, tb, due, None, cap))
+    best, best_key = None, None
+    for s in cands:
+        if s is None or _peak(tb, ptr, s.order) > cap:
+            continue
+        key = (_makespan(tb, ptr, s.order), _peak(tb, ptr, s.order))
+        if best_key is None or key < best_key:
+            best, best_key = s.order, key
+    return None if best is None else fifo_relabel(tb, Schedule(best, ptr.copy())).order
+
+
+def _phase_memory_caps(job: _Job, best_order: np.ndarray, out: SearchOutcome, target: float,
+                       memory_bound: float, phase_end: float) -> np.ndarray:
+    """Phase 2a: lower the peak memory keeping the makespan ``target`` (RLHFuse §5's
+    second phase) by searching the makespan under ever lower caps.
+
+    Each probe asks for a peak ``step`` below the best so far: it builds the shortest
+    list schedule within that cap (:func:`_capped_start`) and anneals its makespan
+    under the cap (phase 1's moves) until it is back at ``target``. A probe that gets
+    there is the new best, one that runs out of its time halves ``step``; probing stops
+    at ``memory_bound`` (no schedule that short holds less), below the smallest memory
+    step, or at ``phase_end``. Moves never lift a node past the cap, so large drops in
+    peak that adjacent swaps cannot find (they must cross higher peaks) are reached.
+    """
+    tb, ptr, eps = job.table, job.node_ptr, _tolerance(job.table)
+    mems = np.abs(tb.memd[tb.memd != 0])
+    if mems.size == 0:
+        return best_order
+    unit = float(mems.min())
+    meps = 1e-9 * max(1.0, float(mems.max()))
+    peak = _peak(tb, ptr, best_order)
+    step = max(unit, 0.5 * (peak - memory_bound))
+    while time.time() < phase_end and peak > memory_bound + meps and step >= unit - meps:
+        cap = max(memory_bound, peak - step)
+        now = time.time()
+        slice_end = min(phase_end, now + max(job.config.probe_min_seconds, job.config.probe_share * (phase_end - now)))
+        start = _capped_start(job, best_order, cap + meps)
+        ok = False
+        if start is not None:
+            order, mk, iters, _ = _anneal(job, start, cap, target, slice_end, job.config.probe_runs)
+            out.memory_iters += iters
+            new_peak = _peak(tb, ptr, order)
+            if mk <= target + eps and new_peak < peak - meps:
+                best_order, peak, ok = order, new_peak, True
+        out.memory_probes.append((float(cap), ok))
+        if not ok:
+            step *= 0.5
+    return best_order
+
+
+def _phase_memory(job: _Job, best_order: np.ndarray, out: SearchOutcome, memory_bound: float) -> None:
+    """Phase 2b: anneal the peak memory without losing makespan (``best_order`` in
+    place), over moves aimed at the peak and random block moves
+    (:func:`~fusedrl.kernels.schedule_eval.anneal_memory_moves`); runs of
+    ``memory_iters_per_task`` iterations per task, each restarted from the best order,
+    until the deadline or ``memory_bound``."""
+    cfg, tb, ptr = job.config, job.table, job.node_ptr
+    T, eps = tb.num_tasks, _tolerance(tb)
+    pos, start, end = np.empty(T, np.int64), np.zeros(T), np.zeros(T)
     prefix, peaks = np.zeros(T), np.zeros(tb.num_nodes)
-    peak = ke.node_peaks(order, ptr, tb.memd, prefix, peaks)
     mem_unit = float(np.abs(tb.memd).mean())
     budget = int(cfg.memory_iters_per_task * T)
-    if mem_unit <= 0 or budget <= 0 or peak <= job.memory_floor + eps:
+    if mem_unit <= 0 or budget <= 0:
         return
-    energy = ke.memory_energy(peaks, cfg.memory_alpha)
     cooling = (cfg.memory_temp_end / cfg.memory_temp_start) ** (1.0 / budget)
-    state = np.array([energy, energy, cfg.memory_temp_start * mem_unit, 0.0, peak])
-    while state[3] < budget and time.time() < job.deadline and state[4] > job.memory_floor + eps:
-        n = int(min(4 * cfg.chunk_iters, budget - state[3]))
-        ke.anneal_memory(order, pos, ptr, tb.dur, tb.node, tb.dep, tb.succ, tb.memd, start, end, prefix, peaks,
-                         best_order, state, n, cooling, mk, cfg.memory_alpha, eps)
-    out.memory_iters = int(state[3])
+    order = best_order.copy()
+    pos[order] = np.arange(T)
+    mk = ke.evaluate(order, pos, ptr, tb.dur, tb.node, tb.dep, tb.succ, start, end)
+    best_peak = ke.node_peaks(order, ptr, tb.memd, prefix, peaks)
+    best_energy = ke.memory_energy(peaks, cfg.memory_alpha)
+    runs = 0
+    while time.time() < job.deadline and best_peak > memory_bound + eps and (
+            cfg.memory_runs is None or runs < cfg.memory_runs):
+        order[:] = best_order
+        pos[order] = np.arange(T)
+        ke.evaluate(order, pos, ptr, tb.dur, tb.node, tb.dep, tb.succ, start, end)
+        ke.node_peaks(order, ptr, tb.memd, prefix, peaks)
+        state = np.array([best_energy, best_energy, cfg.memory_temp_start * mem_unit, 0.0, best_peak])
+        while state[3] < budget and time.time() < job.deadline and state[4] > memory_bound + eps:
+            n = int(min(4 * cfg.chunk_iters, budget - state[3]))
+            ke.anneal_memory_moves(order, pos, ptr, tb.dur, tb.node, tb.dep, tb.succ, tb.memd, tb.klass, start,
+                                   end, prefix, peaks, best_order, state, n, cooling, mk, cfg.memory_alpha, eps,
+                                   cfg.memory_peak_moves)
+        best_energy, best_peak = float(state[1]), float(state[4])
+        out.memory_iters += int(state[3])
+        runs += 1
 
 
 def _run(job: _Job) -> SearchOutcome:
     """One search (both phases) from ``job.order``; runs in a worker process too."""
+    from .pipeline_bounds import memory_lower_bound
+
     t_begin = time.time()
     tb, ptr = job.table, job.node_ptr
     ke.seed_rng(job.seed)
     T = tb.num_tasks
     order = job.order.copy()
-    pos, start, end = np.empty(T, np.int64), np.zeros(T), np.zeros(T)
-    pos[order] = np.arange(T)
-    mk = ke.evaluate(order, pos, ptr, tb.dur, tb.node, tb.dep, tb.succ, start, end)
+    mk = _makespan(tb, ptr, order)
     if mk < 0:
         raise ValueError("search: the starting order deadlocks")
     out = SearchOutcome(order=order, makespan=float(mk), peak_memory=0.0, seed=job.seed)
     out.history.append((0.0, float(mk)))
     best_order = _phase_makespan(job, order, out, t_begin)
-    _phase_memory(job, best_order, out)
-    pos[best_order] = np.arange(T)
+    target = _makespan(tb, ptr, best_order)
+    # Phase 2 never gives back makespan: every order it keeps ends by ``target``.
+    mem_lb = max(job.memory_floor, memory_lower_bound(job.problem, target))
+    out.memory_bound = mem_lb
+    now = time.time()
+    caps_end = now + job.config.caps_share * max(0.0, job.deadline - now)
+    best_order = _phase_memory_caps(job, best_order, out, target, mem_lb, caps_end)
+    _phase_memory(job, best_order, out, mem_lb)
     out.order = best_order
-    out.makespan = float(ke.evaluate(best_order, pos, ptr, tb.dur, tb.node, tb.dep, tb.succ, start, end))
-    out.peak_memory = float(ke.node_peaks(best_order, ptr, tb.memd, np.zeros(T), np.zeros(tb.num_nodes)))
+    out.makespan = _makespan(tb, ptr, best_order)
+    out.peak_memory = _peak(tb, ptr, best_order)
     out.seconds = time.time() - t_begin
     return out
 
@@ -191,13 +324,13 @@ def default_workers(num_tasks: int) -> int:
     return 1 if num_tasks < 256 else min(2, os.cpu_count() or 1)
 
 
-def search(table: TaskTable, start: Schedule, lower_bound: float, memory_floor: float,
+def search(problem: FusedProblem, table: TaskTable, start: Schedule, lower_bound: float, memory_floor: float,
            config: SearchConfig = SearchConfig()) -> list[SearchOutcome]:
     """Runs ``config.workers`` searches from ``start``; returns them best first."""
     workers = config.workers or default_workers(table.num_tasks)
     deadline = time.time() + config.time_limit
     seeds = np.random.SeedSequence(config.seed).generate_state(workers).tolist()
-    jobs = [_Job(table, start.node_ptr, start.order, lower_bound, memory_floor, int(s) % (2**31 - 1),
+    jobs = [_Job(problem, table, start.node_ptr, start.order, lower_bound, memory_floor, int(s) % (2**31 - 1),
                  deadline, config) for s in seeds]
     outcomes: list[SearchOutcome | None] = [None] * workers
     pool, futures = None, []

@@ -31,7 +31,7 @@ def test_json_output_follows_the_contract(problem_file):
     assert len(out["tasks"]) == 2 * 4 * 8 + 2 * 2 * 2 * 4
     assert set(out["tasks"][0]) == {"node", "pipeline", "microbatch", "stage", "kind", "start", "end"}
     assert out["lower_bound"] <= out["makespan"] <= out["baseline"]["sequential_1f1b"]["makespan"]
-    assert out["peak_memory"] <= out["baseline"]["side_by_side_1f1b_peak_memory"]
+    assert out["memory_lower_bound"] <= out["peak_memory"]
 
 
 def test_table_and_plot(problem_file, tmp_path):
@@ -49,6 +49,29 @@ def test_memory_cap_none_searches_makespan_alone(problem_file):
                               "--memory-cap", "none"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["search"]["lower_bound_parts"]["memory_cap"] == float("inf")
+
+
+def test_memory_cap_1f1b_keeps_side_by_side_memory(problem_file):
+    res = runner.invoke(app, [str(problem_file), "--json", "--time-limit", "2", "--workers", "1",
+                              "--memory-cap", "1f1b"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    sbs = out["baseline"]["side_by_side_1f1b_peak_memory"]
+    assert out["search"]["lower_bound_parts"]["memory_cap"] == sbs
+    assert out["peak_memory"] <= sbs
+
+
+def test_default_is_makespan_first(problem_file):
+    """No cap by default: never longer than under the 1F1B cap, memory bound reported."""
+    runs = {}
+    for cap in ("none", "1f1b"):
+        res = runner.invoke(app, [str(problem_file), "--json", "--time-limit", "2", "--workers", "1",
+                                  "--memory-cap", cap])
+        assert res.exit_code == 0, res.output
+        runs[cap] = json.loads(res.stdout)
+    assert runs["none"]["makespan"] <= runs["1f1b"]["makespan"]
+    assert runs["none"]["memory_lower_bound"] <= runs["none"]["peak_memory"]
+    assert "bound_gap_reason" in runs["none"]
 
 
 @pytest.mark.parametrize("content,args,message", [

@@ -18,7 +18,7 @@ import pytest
 
 from fusedrl.kernels import schedule_eval as ke
 from fusedrl.scheduler.pipeline_baselines import one_f_one_b, start_candidates
-from fusedrl.scheduler.pipeline_bounds import lower_bound
+from fusedrl.scheduler.pipeline_bounds import lower_bound, memory_lower_bound
 from fusedrl.scheduler.pipeline_families import actor_critic_problem
 from fusedrl.scheduler.pipeline_problem import FusedProblem, Schedule, TaskTable, fifo_relabel
 from fusedrl.scheduler.pipeline_schedule import side_by_side_peak, solve, time_schedule
@@ -163,6 +163,21 @@ def brute_force(problem: FusedProblem, memory_cap: float = math.inf) -> float:
     return best
 
 
+def brute_force_lexicographic(problem: FusedProblem) -> tuple[float, float]:
+    """The least ``(makespan, peak memory)`` over all per-node orders, makespan first."""
+    per_node = [[] for _ in range(problem.nodes)]
+    for p, spec in enumerate(problem.pipelines):
+        for m in range(spec.microbatches):
+            for s, n in enumerate(spec.stage_nodes):
+                per_node[n] += [(p, m, s, "F"), (p, m, s, "B")]
+    best = (math.inf, math.inf)
+    for orders in itertools.product(*[list(node_sequences(t)) for t in per_node]):
+        mk = simple_times(problem, list(orders))
+        if mk is not None:
+            best = min(best, (mk, simple_peak(problem, list(orders))))
+    return best
+
+
 def random_problem(rng: np.random.Generator) -> dict:
     nodes = int(rng.integers(1, 5))
     pipes = []
@@ -203,11 +218,14 @@ def random_valid_schedule(table: TaskTable, rng: np.random.Generator) -> Schedul
         {"name": "reward", "stage_nodes": [1], "microbatches": 2, "fwd": 0.5, "bwd": 0.5}]},
 ])
 def test_result_format_is_valid(problem):
-    res = solve(problem, time_limit=3, workers=1, config=FAST)
-    out = res.to_dict()
-    check_result(problem, out)
-    assert out["peak_memory"] <= res.side_by_side_peak + 1e-9  # the default cap
-    assert out["makespan"] <= out["baseline"]["sequential_1f1b"]["makespan"]
+    for cap in (None, "1f1b"):
+        res = solve(problem, time_limit=3, workers=1, config=FAST, memory_cap=cap)
+        out = res.to_dict()
+        check_result(problem, out)
+        if cap == "1f1b":
+            assert out["peak_memory"] <= res.side_by_side_peak + 1e-9
+        assert out["makespan"] <= out["baseline"]["sequential_1f1b"]["makespan"]
+        assert out["memory_lower_bound"] <= out["peak_memory"] + 1e-9
 
 
 def test_one_f_one_b_matches_closed_form():
@@ -368,11 +386,12 @@ def test_two_workers_use_both_cores():
 
 
 def test_published_families_reach_the_bound_quickly():
-    """1:1 instances (the bound under the 1F1B-side-by-side memory is reached at once)."""
+    """1:1 instances: the makespan bound is reached, then the memory phase gets the peak
+    down to 1F1B side by side or to the memory bound at that makespan."""
     for S, M in [(8, 16), (16, 32)]:
         res = solve(actor_critic_problem(S, 1, M), time_limit=5, workers=1, config=FAST)
         assert res.makespan == res.lower_bound.value
-        assert res.peak_memory <= res.side_by_side_peak
+        assert res.peak_memory <= max(res.side_by_side_peak, math.ceil(res.memory_lower_bound - 1e-6))
 
 
 @pytest.mark.parametrize("data,message", [
@@ -437,3 +456,126 @@ def test_pure_python_fallback_without_numba(tmp_path):
     assert out.returncode == 0, out.stderr
     makespan, bound = map(float, out.stdout.split())
     assert bound <= makespan
+
+
+# ------------------------------------------------- lexicographic objective (issue 15)
+
+
+@pytest.mark.parametrize("problem", [
+    {"nodes": 2, "pipelines": [  # 8100 order pairs each
+        {"name": "actor", "stage_nodes": [0, 1], "microbatches": 2, "fwd": 1, "bwd": 2, "mem": 2},
+        {"name": "critic", "stage_nodes": [1, 0], "microbatches": 1, "fwd": 1, "bwd": 2, "mem": 1}]},
+    {"nodes": 2, "pipelines": [
+        {"name": "actor", "stage_nodes": [0, 1], "microbatches": 2, "fwd": [1, 2], "bwd": [3, 2], "mem": 3},
+        {"name": "critic", "stage_nodes": [1, 0], "microbatches": 1, "fwd": [2, 1], "bwd": [1, 3], "mem": 1}]},
+    {"nodes": 2, "pipelines": [
+        {"name": "actor", "stage_nodes": [0, 1], "microbatches": 3, "fwd": 1, "bwd": 2, "mem": 1}]},
+])
+def test_default_objective_is_makespan_then_memory(problem):
+    """The default search finds the brute-force lexicographic optimum: the least
+    makespan, then the least peak memory among the schedules that short."""
+    prob = FusedProblem.from_dict(problem)
+    best_mk, best_peak = brute_force_lexicographic(prob)
+    res = solve(prob, time_limit=20, workers=1, config=SearchConfig(max_runs=20, min_run_iters=2_000))
+    assert res.makespan == pytest.approx(best_mk)
+    assert res.peak_memory == pytest.approx(best_peak)
+    assert res.memory_lower_bound <= best_peak + 1e-9
+    check_result(problem, res.to_dict())
+
+
+def test_memory_phase_never_gives_back_makespan():
+    prob = FusedProblem.from_dict(published_instance())
+    res = solve(prob, time_limit=6, workers=1, config=FAST)
+    o = res.outcomes[0]
+    assert res.makespan <= min(m for _, m in o.history) + 1e-9  # phase 1's best
+    capped = solve(prob, time_limit=6, workers=1, config=FAST, memory_cap="1f1b")
+    assert capped.peak_memory <= capped.side_by_side_peak
+    assert res.makespan <= capped.makespan  # no cap: never longer than under one
+
+
+def published_instance() -> dict:
+    from fusedrl.scheduler.pipeline_families import FamilyInstance
+
+    return FamilyInstance(nodes=8, critics=2, microbatches=8, actor_fwd=2, critic_fwd=3,
+                          actor_mem=1, critic_mem=3).problem()
+
+
+def test_memory_lower_bound_holds_on_random_problems():
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        prob = FusedProblem.from_dict(random_problem(rng))
+        table = TaskTable.build(prob)
+        plain = lower_bound(prob).value
+        for sched in [s for _, s in start_candidates(prob, table, plain)][::15] + [
+                random_valid_schedule(table, rng) for _ in range(6)]:
+            timing = time_schedule(table, sched)
+            assert memory_lower_bound(prob, timing.makespan) <= timing.peak_memory + 1e-9
+
+
+def test_memory_lower_bound_is_tight_where_memory_binds():
+    """16-stage actor and reversed critic, 64 micro-batches: 17 held per node allow no
+    schedule shorter than 411 (the memory bound), so a schedule of 405 needs more."""
+    prob = FusedProblem.from_dict(actor_critic_problem(16, 1, 64))
+    assert memory_lower_bound(prob, 411) <= 17
+    assert memory_lower_bound(prob, 405) > 17
+
+
+def test_memory_cap_option_and_gap_reason():
+    prob = actor_critic_problem(16, 1, 64)
+    assert solve(prob, time_limit=0, workers=1, config=FAST).to_dict()["bound_gap_reason"] is None
+    capped = solve(prob, time_limit=0, workers=1, config=FAST, memory_cap="1f1b").to_dict()
+    assert capped["lower_bound"] == 411
+    assert "memory cap 17" in capped["bound_gap_reason"]
+    with pytest.raises(ValueError, match="memory_cap: expected a number or '1f1b', got 'lots'"):
+        solve(prob, time_limit=0, workers=1, memory_cap="lots")
+
+
+def test_family_generator_covers_the_published_family():
+    from fusedrl.scheduler.pipeline_families import family_instances
+
+    insts = family_instances(24, seed=0)
+    assert insts == family_instances(24, seed=0)  # reproducible
+    assert {(i.nodes, i.critics) for i in insts} == {(8, 1), (8, 2), (16, 1), (16, 2)}
+    for i in insts:
+        prob = FusedProblem.from_dict(i.problem())
+        assert 4 <= i.microbatches <= 64 and i.actor_mem != i.critic_mem
+        assert len(prob.pipelines) == 1 + i.critics
+        for spec in prob.pipelines[1:]:  # K critics of N/K stages, reversed over their share
+            assert spec.num_stages * i.critics == i.nodes
+            assert list(spec.stage_nodes) == sorted(spec.stage_nodes, reverse=True)
+            assert spec.microbatches * i.critics == i.microbatches
+        for spec in prob.pipelines:
+            assert all(b == 2 * f and f == int(f) for f, b in zip(spec.fwd, spec.bwd))
+
+
+def test_peak_moves_keep_times_and_memory_exact():
+    """anneal_memory_moves: after any number of moves the incremental times, prefix sums
+    and node peaks equal a full re-evaluation, and the makespan never exceeds the limit."""
+    prob = FusedProblem.from_dict(published_instance())
+    table = TaskTable.build(prob)
+    sched = fifo_relabel(table, start_candidates(prob, table, 0.0)[0][1])
+    order, ptr = sched.order.copy(), sched.node_ptr
+    T = table.num_tasks
+    pos = np.empty(T, np.int64)
+    pos[order] = np.arange(T)
+    start, end, prefix, peaks = np.zeros(T), np.zeros(T), np.zeros(T), np.zeros(table.num_nodes)
+    mk = ke.evaluate(order, pos, ptr, table.dur, table.node, table.dep, table.succ, start, end)
+    peak = ke.node_peaks(order, ptr, table.memd, prefix, peaks)
+    best = order.copy()
+    state = np.array([ke.memory_energy(peaks, 0.5)] * 2 + [1.0, 0.0, peak])
+    ke.seed_rng(5)
+    ke.anneal_memory_moves(order, pos, ptr, table.dur, table.node, table.dep, table.succ, table.memd,
+                           table.klass, start, end, prefix, peaks, best, state, 20_000, 0.9999, mk, 0.5,
+                           1e-9, 0.5)
+    s2, e2, pref2, peaks2 = np.zeros(T), np.zeros(T), np.zeros(T), np.zeros(table.num_nodes)
+    assert ke.evaluate(order, pos, ptr, table.dur, table.node, table.dep, table.succ, s2, e2) <= mk + 1e-9
+    np.testing.assert_array_equal(start, s2)
+    np.testing.assert_array_equal(end, e2)
+    ke.node_peaks(order, ptr, table.memd, pref2, peaks2)
+    np.testing.assert_allclose(prefix, pref2)
+    np.testing.assert_allclose(peaks, peaks2)
+    assert state[4] <= peak  # the best peak seen never rises
+    pb = np.empty(T, np.int64)
+    pb[best] = np.arange(T)
+    assert ke.evaluate(best, pb, ptr, table.dur, table.node, table.dep, table.succ, s2, e2) <= mk + 1e-9
+    assert ke.node_peaks(best, ptr, table.memd, pref2, peaks2) == pytest.approx(state[4])

@@ -19,11 +19,11 @@ Problem (docs/design.md "Fused schedule problem")::
 
 Its solution's ``tasks`` become, per node, a list of :class:`Task` in execution order.
 
-Memory: without a measurement the solver caps each node's peak at the two 1F1B
-schedules side by side (fusion never costs memory). Given the bytes each node's
-device has free for activations (:func:`fusedrl.runtime.memory.device_memory`, after
-weights, gradients and optimizer state), :func:`memory_cap` gives the real bound
-instead, so the search may hold more micro-batches in flight where they fit.
+Memory: the solver finds the shortest schedule first, then the lowest peak memory at
+that makespan (RLHFuse §5). Given the bytes each node's device has free for
+activations (:func:`fusedrl.runtime.memory.device_memory`, after weights, gradients
+and optimizer state), :func:`memory_cap` gives the real bound, a hard constraint of
+both phases (:func:`solver_memory_cap`).
 """
 
 from __future__ import annotations
@@ -136,17 +136,24 @@ def memory_cap(problem: dict, free_bytes: Sequence[float] | None) -> float | Non
 
 def solver_memory_cap(problem: dict, free_bytes: Sequence[float] | None) -> float | None:
     """The ``memory_cap`` to give the solver: :func:`memory_cap` of the measured free
-    bytes where it is below the solver's default cap (the two pipelines' 1F1B schedules
-    side by side, so fusion never costs memory), else ``None`` (that default). So the
-    schedule changes only where the device is really short of memory; a node that cannot
-    hold one micro-batch is :func:`memory_cap`'s ``ValueError``."""
+    bytes, or ``None`` (no cap) where nothing was measured or where even a schedule
+    that forwards every micro-batch before any backward fits. The solver's own
+    objective is lexicographic (makespan, then peak memory at that makespan, RLHFuse
+    §5), so a measured cap is the device's real limit and is always passed on when it
+    could bind; a node that cannot hold one micro-batch is :func:`memory_cap`'s
+    ``ValueError``."""
     cap = memory_cap(problem, free_bytes)
     if cap is None:
         return None
-    from fusedrl.scheduler.pipeline_schedule import FusedProblem, TaskTable, side_by_side_peak
-
-    fp = FusedProblem.from_dict(problem)
-    return cap if cap < side_by_side_peak(fp, TaskTable.build(fp)) else None
+    # The most any schedule can hold on a node: all micro-batches of all its stages.
+    most = [0.0] * problem["nodes"]
+    for pipe in problem["pipelines"]:
+        mems = pipe["mem"]
+        if isinstance(mems, (int, float)):
+            mems = [mems] * len(pipe["stage_nodes"])
+        for node, mem in zip(pipe["stage_nodes"], mems):
+            most[node] += mem * pipe["microbatches"]
+    return cap if cap < max(most) else None
 
 
 def node_tasks(result: dict, nodes: int) -> list[list[Task]]:
