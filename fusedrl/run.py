@@ -423,7 +423,12 @@ def train(config: Config, out: Path, resume: bool = False, console: Console | No
             console.print(f"{out / 'checkpoints'}: removed {name} (left by a killed run)")
         for note in run.notes:
             console.print(note)
-        trainer = make_trainer(config, setup)  # in-process, or Ray workers per placement
+        try:
+            trainer = make_trainer(config, setup)  # in-process, or Ray workers per placement
+        except Exception as e:  # a worker that dies while the workers start
+            if _actor_error(e) is None:
+                raise
+            raise WorkerDiedError(describe_dead_worker(None, _actor_error(e))) from None
         try:
             return _loop(config, trainer, out, run, console, show_progress)
         except Exception as e:

@@ -374,6 +374,10 @@ def test_ray_run_refuses_single_device_and_other_placement_checkpoints(tmp_path,
         check_resumable(ckpt, ray_cfg)
     _ray_state(ckpt, {"actor_train": "dp2tp1pp1@0-1"})
     assert check_resumable(ckpt, ray_cfg)["runtime"] == "ray"
+    (ckpt / "trainer_state.pt").write_bytes(b"\x80\x04garbage")  # corrupt, on the Ray path
+    with pytest.raises(CheckpointError, match="trainer_state.pt: unreadable, not a trainer "
+                                              "state"):
+        train(ray_cfg, ckpt.parent.parent, resume=True, show_progress=False)
 
 
 # ----------------------------------------------------------------- bad input
