@@ -118,11 +118,19 @@ def test_plugin_that_raises_is_one_line(tmp_path):
 def test_example_policy_sets_the_migration_threshold(tmp_path, ray_session):
     code, output, metrics = train(tmp_path, [EXAMPLES / "tenth_policy.py"],
                                   SMALL + DP2 + ["fusion.interstage=true",
-                                                 "fusion.interstage_policy=tenth"])
+                                                 "fusion.interstage_policy=tenth",
+                                                 "ppo.rollout_batch_size=20"])
     assert code == 0, output
     assert len(metrics) == 2
-    # the policy's Rt (samples still generating when the tail migrates): a tenth of 8
-    assert [m["interstage/rt"] for m in metrics] == [8 // 10] * 2
+    # the policy's Rt (samples still generating when the tail migrates): a tenth of 20
+    # (the built-in fixed policy: 4; rlhfuse before its first observation: 4)
+    assert [m["interstage/rt"] for m in metrics] == [2, 2]
+    # the Ray runtime's checkpoint is inference-ready too (workers wrote the weights)
+    ckpt = tmp_path / "run" / "checkpoints" / "iter_2"
+    assert json.loads((ckpt / "actor" / "generation_config.json").read_text())["eos_token_id"]
+    critic = json.loads((ckpt / "critic" / "config.json").read_text())
+    assert critic["architectures"] == ["LlamaForSequenceClassification"]
+    assert "pad_token_id" in critic and (ckpt / "critic" / "tokenizer.json").exists()
 
 
 @pytest.mark.ray
