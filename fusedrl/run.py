@@ -404,14 +404,18 @@ def train(config: Config, out: Path, resume: bool = False, console: Console | No
     Raises :class:`ConfigError` (and other ``ValueError``) for bad input, a busy or
     unusable ``out``, a checkpoint this run cannot continue, a failing reward function
     or a non-finite iteration, and :class:`WorkerDiedError` when a Ray worker dies."""
-    from fusedrl.runtime.launch import make_trainer
-    from fusedrl.trainer import build_setup
+    from fusedrl.runtime.launch import is_single_device, probe_ray_address
 
     console = console or Console(stderr=True, soft_wrap=True)
     out = Path(out)
     check_out_path(out)
     probe_lock(out)  # fail fast, before the (slow) setup
     inspect_out_dir(out, resume, config)
+    if config.cluster.address and not is_single_device(config):
+        probe_ray_address(config.cluster.address)  # an unreachable --cluster: in seconds
+
+    from fusedrl.runtime.launch import make_trainer
+    from fusedrl.trainer import build_setup
     torch.manual_seed(config.trainer.seed)
     setup = build_setup(config)  # validates data, models, rewards before writing anything
     with RunLock(out) as lock:

@@ -457,7 +457,7 @@ def test_unreachable_cluster_from_the_cli(tmp_path):
     code, lines = cli("train", "--out", str(tmp_path / "o"), "--cluster", "127.0.0.1:1",
                       "--set", "cluster.devices=2", "--set", "placement.default=dp2tp1pp1@0-1",
                       *sum((["--set", s] for s in SMALL), []))
-    assert time.monotonic() - t0 < 60  # setup included; the probe itself takes < 1 s
+    assert time.monotonic() - t0 < 30  # probed before the setup; the probe takes < 1 s
     assert_one_line(code, lines, "config key cluster.address='127.0.0.1:1' (--cluster)")
     assert not (tmp_path / "o").exists()
 
