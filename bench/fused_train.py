@@ -1,19 +1,33 @@
 """Intra-stage fusion end to end (RLHFuse §5): wall time of the PPO training call with
 actor and critic in one fused pipeline schedule vs the actor's 1F1B then the critic's,
 on 2 workers with pp=2 for both models (critic stages reversed: its stage 0 on device 1),
-measured as a ratio in one run (docs/design.md "Measuring").
+measured as a ratio in one run (DESIGN.md "Measuring").
 
-    .venv/bin/python bench/fused_train.py [--reps 5] [--preset small] [--json OUT]
+    .venv/bin/python bench/fused_train.py [--reps 5] [--preset small] [--micro 8] [--json OUT]
 
-One trainer, one rollout: after a normal first iteration (generation, inference, and a
-fused training call that profiles the stages and solves the schedule), the same
-``train(batch, ...)`` call runs ``--reps`` times in each mode, alternated (fused,
-sequential, fused, ...; one warm-up pair not counted), so that background load on a
-shared machine hits both alike. The optimizer steps of every call change the weights
-but not the shapes, so every call does the same work. Reported: the sum of the
-measured times per mode, their ratio, the per-pair ratios, and the scheduler's
-predicted ratio (sequential 1F1B makespan / fused makespan from the profiled times).
-Each emulated device is one Ray worker with one torch thread.
+One trainer (``fusion.intrastage=true``), one rollout: after a normal first iteration
+(generation, inference, and a fused training call that profiles the stages and solves
+the schedule), the same update (``update.train(batch, targets, schedule)``) runs
+``--reps`` times with the fused stage and with a sequential 1F1B stage on the same
+workers, alternated (fused, sequential, sequential, fused, ...; one warm-up pair not
+counted), so that background load on a shared machine hits both alike. The optimizer
+steps of every call change the weights but not the shapes, so every call does the same
+work.
+
+Reported, per mode: the measured call times and their ratio; the scheduler's
+*predicted* ratio (fused makespan / sequential 1F1B makespan from the profiled stage
+times) beside it; and where the difference goes, from the per-device events of each
+call (:mod:`fusedrl.timeline`): the forward/backward span of the call, the seconds
+inside the tasks (``compute``), the seconds waiting for another stage's message
+(``wait``), and the rest of the call (optimizer steps, gradient reduction, loss
+bookkeeping, dispatch) that no pipeline schedule changes. ``predicted_pipeline_ms``
+is the schedule's makespan in profiled milliseconds: the span the executor would reach
+with no waits beyond the schedule's own and tasks as fast as profiled.
+
+With pp=2 the fused schedule can win at most ``(M + 1) * 2 / (2M)`` over sequential
+1F1B (each pipeline's one-stage bubble), so fewer micro-batches per model (``--micro``
+larger at a fixed ``--batch``) show more of fusion; ``--micro 8`` (4 per model) is the
+default.
 """
 
 from __future__ import annotations
@@ -33,7 +47,7 @@ import time
 
 def make_trainer(args):
     from fusedrl.config import load_config
-    from fusedrl.runtime.launch import make_trainer as make
+    from fusedrl.runtime.launch import make_trainer as build
 
     cfg = load_config(None, [
         f"model.preset={args.preset}", "data.max_prompt_len=8",
@@ -41,54 +55,85 @@ def make_trainer(args):
         f"ppo.mini_batch_size={args.batch}", f"ppo.micro_batch_size={args.micro}",
         "ppo.ppo_epochs=1", "cluster.devices=2", "placement.default=dp1tp1pp2@0-1",
         "placement.critic_train=dp1tp1pp2@1,0", "placement.critic_infer=dp1tp1pp2@1,0",
-        "fusion.intrastage=true", "trainer.iterations=1"])
-    return make(cfg)
+        "fusion.intrastage=true", "fusion.interstage=false", "trainer.iterations=1"])
+    return build(cfg)
+
+
+def breakdown(events, seconds: float) -> dict:
+    """Per device: span of the training events, seconds in them, the waits between them."""
+    out = {}
+    for d in sorted({e.device for e in events}):
+        mine = sorted((e for e in events if e.device == d and e.stage == "train"), key=lambda e: e.start)
+        if not mine:
+            continue
+        busy = sum(e.end - e.start for e in mine)
+        span = max(e.end for e in mine) - mine[0].start
+        out[str(d)] = {"span_s": span, "compute_s": busy, "wait_s": span - busy,
+                       "outside_pipeline_s": seconds - span, "events": len(mine)}
+    return out
 
 
 def measure(args) -> dict:
     from fusedrl.runtime.stages import RayUpdate
 
     t = make_trainer(args)
-    update = t.stages.update  # the fused one (fusion.intrastage=true)
-    sequential = RayUpdate(t.stages.cluster, t.config, fused=False)
+    fused = t.stages.update
     captured = []
-    train = update.train
+    train = fused.train
 
     def capture(*a):
         captured.append(a)
         return train(*a)
 
-    update.train = capture
+    fused.train = capture
     try:
         first = t.step()  # generation, inference, fused train (profile + solve)
-        update.train = train
+        fused.train = train
+        sequential = RayUpdate(t.stages.cluster, t.config, fused=False)
+        modes = {"fused": fused, "sequential": sequential}
         times = {"fused": [], "sequential": []}
+        parts = {"fused": [], "sequential": []}
+        t.stages.take_events()
         for rep in range(args.reps + 1):
             for mode in ("fused", "sequential") if rep % 2 == 0 else ("sequential", "fused"):
                 t0 = time.perf_counter()
-                (update if mode == "fused" else sequential).train(*captured[0])
+                modes[mode].train(*captured[0])
                 dt = time.perf_counter() - t0
+                events = t.stages.take_events()
                 if rep > 0:
                     times[mode].append(dt)
-        fused = update.fused
-        shape = next(iter(fused.results))
-        res = fused.results[shape]
-        predicted = res["baseline"]["sequential_1f1b"]["makespan"] / res["makespan"]
+                    parts[mode].append(breakdown(events, dt))
+        ft = fused.fused
+        shape = next(iter(ft.results))
+        res = ft.results[shape]
+        seq_ms = res["baseline"]["sequential_1f1b"]["makespan"]
         out = {
             "microbatches_per_model": list(shape),
-            "profile_ms": {k: [[1e3 * f, 1e3 * b] for f, b, _ in v]
-                           for k, v in fused.profile.items()},
-            "solve_seconds": fused.solve_seconds,
-            "predicted_speedup": predicted,
+            "profile_ms": {k: [{"fwd": 1e3 * f, "bwd": 1e3 * b, "mem_mib": m / 2 ** 20} for f, b, m in v]
+                           for k, v in ft.profile.items()},
+            "solve_seconds": ft.solve_seconds,
+            "predicted_pipeline_ms": {"fused": res["makespan"], "sequential": seq_ms},
+            "predicted_ratio_fused_over_sequential": res["makespan"] / seq_ms,
+            "predicted_peak_memory_mib": {"fused": res["peak_memory"],
+                                          "sequential": res["baseline"]["sequential_1f1b"]["peak_memory"]},
             "lower_bound_ratio": res["makespan"] / res["lower_bound"],
             "first_iteration_train_s": first["timing_s/train"],
             "fused_s": times["fused"], "sequential_s": times["sequential"],
+            "per_call": parts,
         }
     finally:
         t.close()
     out["ratio_fused_over_sequential"] = sum(times["fused"]) / sum(times["sequential"])
     out["pair_ratios"] = [f / s for f, s in zip(times["fused"], times["sequential"])]
     out["median_pair_ratio"] = statistics.median(out["pair_ratios"])
+    # Means over calls and devices: where the measured time goes.
+    for mode in ("fused", "sequential"):
+        rows = [dev for call in parts[mode] for dev in call.values()]
+        if rows:
+            out[f"{mode}_mean"] = {k: statistics.mean(r[k] for r in rows)
+                                   for k in ("span_s", "compute_s", "wait_s", "outside_pipeline_s")}
+    if "fused_mean" in out and "sequential_mean" in out:
+        out["span_ratio_fused_over_sequential"] = out["fused_mean"]["span_s"] / out["sequential_mean"]["span_s"]
     return out
 
 
@@ -97,21 +142,29 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--preset", default="small")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--micro", type=int, default=4)
+    p.add_argument("--micro", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--json", default="")
     args = p.parse_args()
     t0 = time.time()
+    load0 = os.getloadavg()[0]
     with local_ray():
         res = measure(args)
-    result = {"cores": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
+    result = {"cores": os.cpu_count(), "load_average_1m": [load0, os.getloadavg()[0]],
               "preset": args.preset, "batch": args.batch, "micro_batch": args.micro,
               "new_tokens": args.new_tokens, **res, "wall_s": time.time() - t0}
-    print(f"train call: fused {sum(res['fused_s']):.2f} s, sequential "
-          f"{sum(res['sequential_s']):.2f} s over {args.reps} reps each; ratio fused/sequential "
-          f"= {res['ratio_fused_over_sequential']:.3f} (median pair "
-          f"{res['median_pair_ratio']:.3f}; scheduler predicts "
-          f"{1 / res['predicted_speedup']:.3f})", file=sys.stderr)
+    fm, sm = res.get("fused_mean", {}), res.get("sequential_mean", {})
+    print(f"train call: fused {sum(res['fused_s']):.2f} s, sequential {sum(res['sequential_s']):.2f} s "
+          f"over {args.reps} reps each; measured ratio fused/sequential = "
+          f"{res['ratio_fused_over_sequential']:.3f} (median pair {res['median_pair_ratio']:.3f}); "
+          f"predicted {res['predicted_ratio_fused_over_sequential']:.3f}; load {load0:.1f}", file=sys.stderr)
+    if fm and sm:
+        print(f"per device and call (mean s): fused span {fm['span_s']:.3f} = compute {fm['compute_s']:.3f} "
+              f"+ wait {fm['wait_s']:.3f}, outside {fm['outside_pipeline_s']:.3f}; sequential span "
+              f"{sm['span_s']:.3f} = compute {sm['compute_s']:.3f} + wait {sm['wait_s']:.3f}, outside "
+              f"{sm['outside_pipeline_s']:.3f}; predicted pipeline ms fused "
+              f"{res['predicted_pipeline_ms']['fused']:.0f}, sequential "
+              f"{res['predicted_pipeline_ms']['sequential']:.0f}", file=sys.stderr)
     emit(result, args.json)
 
 

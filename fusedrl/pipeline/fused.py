@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
 from fusedrl.devices import timer
 from fusedrl.pipeline.fused_plan import Task
@@ -76,33 +77,113 @@ class FusedPipeline:
     before_last_backward: Callable[[], None] | None = None
 
 
+class _Inbox:
+    """The node's receives, posted ahead of need (``irecv``) and waited for when a task
+    needs its input.
+
+    A blocking ``recv`` at the start of a task puts the transfer (and, on gloo, the
+    round trip that tells the sender where to write) on the critical path. The task
+    list fixes, per channel (pipeline, direction), which messages arrive and in which
+    order, so up to ``depth`` receives per channel are posted in that order, each as
+    soon as the one ``depth`` before it is consumed: the transfer overlaps the tasks
+    before it. Posting order per channel is the consumption order, so NCCL (which
+    matches a group's operations in posting order) pairs them with the sender's
+    ``isend`` s as before; on gloo the tags pair them too. Nothing here blocks but
+    :meth:`take`, and it waits only for a message an earlier task sends, so the
+    no-deadlock argument of the module doc holds unchanged.
+    """
+
+    def __init__(self, device: torch.device, depth: int = 2):
+        self.device, self.depth = device, depth
+        self.queued: dict[tuple[int, bool], list] = {}  # channel -> messages not yet posted
+        self.posted: dict[tuple[int, bool], list] = {}  # channel -> posted (key, work, tensor)
+
+    def expect(self, channel: tuple[int, bool], key: int, shape, dtype, src: int, group, tag: int):
+        self.queued.setdefault(channel, []).append((key, tuple(shape), dtype, src, group, tag))
+
+    def start(self) -> None:
+        for channel, msgs in self.queued.items():
+            msgs.reverse()  # pop() from the end = the next message in order
+            self.posted[channel] = []
+            for _ in range(self.depth):
+                self._post(channel)
+
+    def _post(self, channel) -> None:
+        msgs = self.queued[channel]
+        if msgs:
+            key, shape, dtype, src, group, tag = msgs.pop()
+            t = torch.empty(shape, dtype=dtype, device=self.device)
+            self.posted[channel].append((key, dist.irecv(t, src, group=group, tag=tag), t))
+
+    def take(self, channel, key: int) -> torch.Tensor:
+        posted = self.posted[channel]
+        got, work, t = posted.pop(0)
+        if got != key:  # check_node_tasks-valid lists never get here
+            raise ValueError(f"channel {channel}: expected message {key}, the schedule consumes {got}")
+        work.wait()
+        self._post(channel)
+        return t
+
+
 def train_fused(runs: Sequence[FusedPipeline], tasks: Sequence[Task],
-                on_task: Callable[[Task, float, float], None] | None = None) -> None:
+                on_task: Callable[[Task, float, float], None] | None = None,
+                prefetch: int = 2) -> dict[str, float]:
     """Run this node's ``tasks`` (forward/backward of pipeline ``runs[t.pipeline]``'s
     micro-batch ``t.microbatch`` through this worker's stage ``t.stage``) in order,
     accumulating each model's gradients. ``on_task(task, start, end)`` (wall-clock
-    seconds) after each task: the device timeline's events."""
+    seconds) after each task, ``start`` once its input has arrived: the device
+    timeline's events, whose gaps are the waits for other stages. ``prefetch``:
+    receives posted ahead per channel (:class:`_Inbox`; 0: a blocking ``recv`` at the
+    start of each task, as 1F1B does).
+
+    Returns ``{"wait_s", "compute_s", "tasks"}``: seconds blocked on receives and in
+    the tasks themselves (forward/backward and posting sends)."""
     if not runs:
         raise ValueError("train_fused needs at least one pipeline")
-    link = P2P(next(runs[0].model.parameters()).device)
+    if prefetch < 0:
+        raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+    device = next(runs[0].model.parameters()).device
+    link = P2P(device)
     n = len(runs)
     inputs: dict[tuple[int, int], torch.Tensor] = {}
     outputs: dict[tuple[int, int], torch.Tensor] = {}
     last_backward = {}
-    for k, t in enumerate(tasks):
-        if t.kind == "B":
-            last_backward[t.pipeline] = k
     info = []
     for run in runs:
         info.append((run.model.config.hidden_size, next(run.model.parameters()).dtype))
-
+    inbox = _Inbox(device, prefetch) if prefetch else None
     for k, t in enumerate(tasks):
-        t_start = time.time()
         run = runs[t.pipeline]
         g = run.groups
         if g.coord.pp != t.stage:
             raise ValueError(f"task {t} is for stage {t.stage}, this worker holds stage "
                              f"{g.coord.pp} of pipeline {t.pipeline}")
+        if t.kind not in ("F", "B"):
+            raise ValueError(f"task kind must be 'F' or 'B', got {t.kind!r}")
+        if t.kind == "B":
+            last_backward[t.pipeline] = k
+        ids = run.micro_ids[t.microbatch]
+        shape = (ids.shape[0], ids.shape[1], info[t.pipeline][0])
+        grad = t.kind == "B"
+        if inbox is not None and not (g.is_first if not grad else g.is_last):
+            peer = g.next if grad else g.prev
+            inbox.expect((t.pipeline, grad), t.microbatch, shape, info[t.pipeline][1], peer,
+                         g.link(peer, t.pipeline, grad=grad),
+                         message_tag(t.pipeline, t.microbatch, grad, n))
+    if inbox is not None:
+        inbox.start()
+
+    def receive(t: Task, grad: bool, shape, dtype, peer, g) -> torch.Tensor:
+        if inbox is not None:
+            return inbox.take((t.pipeline, grad), t.microbatch)
+        return link.recv(shape, dtype, peer, g.link(peer, t.pipeline, grad=grad),
+                         message_tag(t.pipeline, t.microbatch, grad, n))
+
+    wait = compute = 0.0
+    for k, t in enumerate(tasks):
+        t_wait = time.time()
+        run = runs[t.pipeline]
+        g = run.groups
         key = (t.pipeline, t.microbatch)
         hidden, dtype = info[t.pipeline]
         if t.kind == "F":
@@ -110,10 +191,9 @@ def train_fused(runs: Sequence[FusedPipeline], tasks: Sequence[Task],
             if g.is_first:
                 x = ids
             else:
-                x = link.recv((ids.shape[0], ids.shape[1], hidden), dtype, g.prev,
-                              g.link(g.prev, t.pipeline, grad=False),
-                              message_tag(t.pipeline, t.microbatch, False, n))
+                x = receive(t, False, (ids.shape[0], ids.shape[1], hidden), dtype, g.prev, g)
                 x.requires_grad_(True)
+            t_start = time.time()
             out = run.model(x)
             if g.is_last:
                 out = run.loss_fn(out, t.microbatch)
@@ -121,27 +201,29 @@ def train_fused(runs: Sequence[FusedPipeline], tasks: Sequence[Task],
                 link.send(out, g.next, g.link(g.next, t.pipeline, grad=False),
                           message_tag(t.pipeline, t.microbatch, False, n))
             inputs[key], outputs[key] = x, out
-        elif t.kind == "B":
+        else:
             if k == last_backward[t.pipeline] and run.before_last_backward is not None:
                 run.before_last_backward()
             x, out = inputs.pop(key), outputs.pop(key)
             if g.is_last:
+                t_start = time.time()
                 out.backward()
             else:
-                grad = link.recv(out.shape, out.dtype, g.next,
-                                 g.link(g.next, t.pipeline, grad=True),
-                                 message_tag(t.pipeline, t.microbatch, True, n))
-                out.backward(grad)
+                dy = receive(t, True, out.shape, out.dtype, g.next, g)
+                t_start = time.time()
+                out.backward(dy)
             if not g.is_first:
                 link.send(x.grad, g.prev, g.link(g.prev, t.pipeline, grad=True),
                           message_tag(t.pipeline, t.microbatch, True, n))
-        else:
-            raise ValueError(f"task kind must be 'F' or 'B', got {t.kind!r}")
+        t_end = time.time()
+        wait += t_start - t_wait
+        compute += t_end - t_start
         if on_task is not None:
-            on_task(t, t_start, time.time())
+            on_task(t, t_start, t_end)
     if inputs:
         raise ValueError(f"micro-batches forwarded but never backwarded: {sorted(inputs)}")
     link.flush()
+    return {"wait_s": wait, "compute_s": compute, "tasks": float(len(tasks))}
 
 
 def profile_stage(model: torch.nn.Module, groups, ids: torch.Tensor,
