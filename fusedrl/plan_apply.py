@@ -57,12 +57,6 @@ annealing still walks through it, but never picks it)."""
 # --------------------------------------------------------------------- plan -> config
 
 
-def _infer_calls(config: Config) -> tuple[str, ...]:
-    """Calls the runtime's inter-stage fusion streams to (reward only with a model)."""
-    return ("actor_train", "ref", "critic_infer") + (
-        ("reward",) if config.reward.type == "model" else ())
-
-
 def train_micro_batch_size(plan: ExecutionPlan, mini_batch_size: int) -> int:
     """``ppo.micro_batch_size`` the plan's training micro-batch counts imply."""
     sizes = {c: plan.micro_batch_size(c, mini_batch_size) for c in ("actor_train",
@@ -94,16 +88,12 @@ def runtime_problem(plan: ExecutionPlan, config: Config) -> str | None:
 
     f = plan.fusion
     if f.inter_stage:
-        if config.generation.backend != "native":
+        # inference placements are free: freed devices receive one-device copies
+        gen = plan.placement("actor_gen")
+        if gen.layout.tp != 1 or gen.layout.pp != 1 or gen.layout.dp < 2:
             return (f"plan field fusion.inter_stage=true (config key fusion.interstage): "
-                    f"needs the native generation backend, got "
-                    f"generation.backend={config.generation.backend!r}")
-        for call in ("actor_gen",) + _infer_calls(config):
-            lt = plan.placement(call).layout
-            if lt.tp != 1 or lt.pp != 1:
-                return (f"plan field fusion.inter_stage=true (config key fusion.interstage):"
-                        f" calls.{call}.placement is {plan.placement(call)}; the runtime's "
-                        f"step-level generation and per-device inference need tp=1 and pp=1")
+                    f"calls.actor_gen.placement is {gen}; the runtime's step-level generation "
+                    f"needs >= 2 one-device instances (dp >= 2, tp=1, pp=1)")
     if f.intra_stage == "fused":
         actor, critic = plan.placement("actor_train"), plan.placement("critic_train")
         if actor.layout.pp < 2:

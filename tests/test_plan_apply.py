@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _plan(fusion: Fusion = Fusion(), actor_train: str = "dp1tp1pp1@0",
-          critic_train: str = "dp1tp1pp1@1", train_mb: tuple[int, int] = (1, 1)) -> ExecutionPlan:
-    gen = "dp2tp1pp1@0-1"
+          critic_train: str = "dp1tp1pp1@1", train_mb: tuple[int, int] = (1, 1),
+          gen: str = "dp2tp1pp1@0-1") -> ExecutionPlan:
     return ExecutionPlan.make(2, {
         "actor_gen": gen, "ref": gen, "reward": gen, "critic_infer": gen,
         "actor_train": _cp(actor_train, train_mb[0]),
@@ -67,8 +67,8 @@ def test_plan_file_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("plan, field", [
-    # inter-stage fusion with a pipelined actor_train (it computes the old log-probs)
-    (_plan(Fusion(True, "rlhfuse", "sequential"), "dp1tp1pp2@0-1", "dp1tp1pp2@0-1"),
+    # inter-stage fusion with a tensor-parallel generation instance
+    (_plan(Fusion(True, "rlhfuse", "sequential"), gen="dp1tp2pp1@0-1"),
      "fusion.inter_stage"),
     # fused training without a pipeline
     (_plan(Fusion(False, "rlhfuse", "fused"), "dp2tp1pp1@0-1", "dp2tp1pp1@0-1"),
@@ -86,9 +86,18 @@ def test_plans_the_runtime_cannot_run_name_the_field(plan, field):
 
 
 def test_user_cannot_turn_on_interstage_where_the_plan_cannot_take_it():
-    plan = _plan(Fusion(False, "rlhfuse", "sequential"), "dp1tp1pp2@0-1", "dp1tp1pp2@0-1")
-    with pytest.raises(ConfigError, match="config key fusion.interstage=true"):
+    plan = _plan(Fusion(False, "rlhfuse", "sequential"), gen="dp1tp2pp1@0-1")
+    with pytest.raises(ConfigError, match="fusion.interstage=true"):
         config_with_plan(plan, DEFAULT_CONFIG, ["fusion.interstage=true"])
+
+
+def test_all_three_ideas_together_are_runnable():
+    """Inter-stage fusion with pipelined training and the fused schedule: the freed
+    devices receive one-device inference copies, so no fusion excludes the other."""
+    plan = _plan(Fusion(True, "rlhfuse", "fused"), "dp1tp1pp2@0-1", "dp1tp1pp2@1,0")
+    assert runtime_problem(plan, load_config(DEFAULT_CONFIG)) is None
+    cfg = config_with_plan(plan, DEFAULT_CONFIG, [])
+    assert cfg.fusion.interstage is True and cfg.fusion.intrastage is True
 
 
 def test_micro_batch_size_must_divide():
@@ -106,7 +115,7 @@ def test_runnable_cost_prices_out_what_the_runtime_cannot_run():
     cfg = load_config(DEFAULT_CONFIG)
     cost = RunnableCost(Ev(), cfg)
     ok = _plan(Fusion(True, "rlhfuse", "sequential"))
-    bad = _plan(Fusion(True, "rlhfuse", "sequential"), "dp1tp1pp2@0-1", "dp1tp1pp2@0-1")
+    bad = _plan(Fusion(True, "rlhfuse", "sequential"), gen="dp1tp2pp1@0-1")
     assert cost(ok).time_s == 1.0 and cost(bad).time_s > 100.0
 
 
