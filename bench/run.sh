@@ -43,7 +43,14 @@ scenario_cmd() {
   local name=$1
   case "$name" in
     e2e)
-      "$PY" bench/e2e.py --iterations "$(q 2 5)" --out "$OUT/e2e.json" ;;
+      # Variants alternated round-robin; --quick: a smaller batch and tail, 2 measured
+      # rounds, and the prediction from the calibrated kernels alone.
+      if [ "$QUICK" = 1 ]; then
+        "$PY" bench/e2e.py --iterations 2 --batch 16 --mini-batch 16 --lengths lognormal:8,128 \
+          --max-new-tokens 256 --overheads none --out "$OUT/e2e.json"
+      else
+        "$PY" bench/e2e.py --iterations 5 --out "$OUT/e2e.json"
+      fi ;;
     gen)
       "$PY" bench/gen_bench.py --models "$(q tiny tiny,smollm2)" --rounds "$(q 1 3)" \
         --out "$OUT/gen.json" ;;
@@ -74,7 +81,7 @@ scenario_cmd() {
       for m in 13b 33b 65b; do
         "$FUSEDRL" simulate --config "configs/rlhfuse-$m.yaml" --json > "$OUT/sim-$m.json" || return
       done
-      "$PY" -c 'import json, sys; out, files = sys.argv[1], sys.argv[2:]; json.dump({f.split("sim-")[1][:-5]: {"speedups": json.load(open(f))["speedups"], "rlhfuse_reported": json.load(open(f))["rlhfuse_reported"]} for f in files}, open(out, "w"), indent=2)' \
+      "$PY" -c 'import json, sys; out, files = sys.argv[1], sys.argv[2:]; json.dump({f.split("sim-")[1][:-5]: {"simulated_speedups": json.load(open(f))["speedups"], "rlhfuse_reported": json.load(open(f))["rlhfuse_reported"]} for f in files}, open(out, "w"), indent=2)' \
         "$OUT/sim.json" "$OUT"/sim-13b.json "$OUT"/sim-33b.json "$OUT"/sim-65b.json ;;
     peer)
       "$PY" bench/peer_trl.py --iterations "$(q 1 3)" --rounds "$(q 1 2)" --out "$OUT/peer.json" ;;
