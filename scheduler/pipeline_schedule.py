@@ -203,8 +203,15 @@ def solve(problem: FusedProblem | dict, time_limit: float = 10.0, seed: int = 0,
     greedy = min([t for t in paper if t.peak_memory <= cfg.memory_cap] or paper,
                  key=lambda t: (t.makespan, t.peak_memory))
     # The search starts from the best start (or sequential 1F1B) within the cap.
-    first = fifo_relabel(table, min(fits, key=lambda t: (t.makespan, t.peak_memory)).schedule)
+    best = min(fits, key=lambda t: (t.makespan, t.peak_memory))
+    first = fifo_relabel(table, best.schedule)
+    # The Pareto front of the other starts below its peak seeds the memory phase.
+    front, lowest = [], best.peak_memory
+    for t in sorted(fits, key=lambda t: (t.makespan, t.peak_memory)):
+        if t.peak_memory < lowest:
+            lowest = t.peak_memory
+            front.append((fifo_relabel(table, t.schedule).order, t.makespan, t.peak_memory))
     remaining = max(0.0, cfg.time_limit - (time.time() - t0))
-    outcomes = search(problem, table, first, lb.value, floor, replace(cfg, time_limit=remaining))
+    outcomes = search(problem, table, first, lb.value, floor, replace(cfg, time_limit=remaining), front)
     timing = time_schedule(table, Schedule(outcomes[0].order, first.node_ptr))
     return ScheduleResult(problem, table, timing, lb, greedy, seq, sbs, outcomes, time.time() - t0)

@@ -114,6 +114,7 @@ class _Job:
     seed: int
     deadline: float  # time.time() value
     config: SearchConfig
+    low_memory_starts: tuple = ()  # (order, makespan, peak) of starts with less memory than ``order``
 
 
 def _tolerance(table: TaskTable) -> float:
@@ -208,8 +209,13 @@ def _capped_start(job: _Job, order: np.ndarray, cap: float) -> np.ndarray | None
             continue
         key = (_makespan(tb, ptr, s.order), _peak(tb, ptr, s.order))
         if best_key is None or key < best_key:
-            best, best_key = s.order, key
-    return None if best is None else fifo_relabel(tb, Schedule(best, ptr.copy())).order
+            best, best_key = fifo_relabel(tb, Schedule(s.order, ptr.copy())).order, key
+    # The starts solve() built (with in-flight caps per stage: less memory, a little
+    # longer) are often the closest to the makespan within a cap.
+    for order, mk, peak in job.low_memory_starts:
+        if peak <= cap and (best_key is None or (mk, peak) < best_key):
+            best, best_key = order, (mk, peak)
+    return None if best is None else best.copy()
 
 
 def _phase_memory_caps(job: _Job, best_order: np.ndarray, out: SearchOutcome, target: float,
@@ -325,13 +331,18 @@ def default_workers(num_tasks: int) -> int:
 
 
 def search(problem: FusedProblem, table: TaskTable, start: Schedule, lower_bound: float, memory_floor: float,
-           config: SearchConfig = SearchConfig()) -> list[SearchOutcome]:
-    """Runs ``config.workers`` searches from ``start``; returns them best first."""
+           config: SearchConfig = SearchConfig(),
+           low_memory_starts: list[tuple[np.ndarray, float, float]] = ()) -> list[SearchOutcome]:
+    """Runs ``config.workers`` searches from ``start``; returns them best first.
+
+    ``low_memory_starts``: ``(order, makespan, peak)`` of other starts (FIFO orders on
+    ``start.node_ptr``), the Pareto front below ``start``'s peak: the memory probes
+    anneal from the shortest of them within their cap."""
     workers = config.workers or default_workers(table.num_tasks)
     deadline = time.time() + config.time_limit
     seeds = np.random.SeedSequence(config.seed).generate_state(workers).tolist()
     jobs = [_Job(problem, table, start.node_ptr, start.order, lower_bound, memory_floor, int(s) % (2**31 - 1),
-                 deadline, config) for s in seeds]
+                 deadline, config, tuple(low_memory_starts)) for s in seeds]
     outcomes: list[SearchOutcome | None] = [None] * workers
     pool, futures = None, []
     if workers > 1:
