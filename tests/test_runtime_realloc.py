@@ -13,7 +13,7 @@ from fusedrl.config import load_config
 from fusedrl.layout import Placement
 from fusedrl.realloc import plan_realloc
 from fusedrl.run import train
-from fusedrl.runtime.reshard import free_storage, restore_storage, sync_pairs
+from fusedrl.realloc.weight_sync import free_storage, restore_storage, sync_pairs
 from fusedrl.trainer import build_setup
 
 # tests/test_runtime.py's SMALL run (a learning rate that moves the weights, so that a

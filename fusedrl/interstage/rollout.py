@@ -86,7 +86,7 @@ def serve_copies(config, placements: dict[str, str], roles) -> dict[str, tuple[s
     log-probs where the native engine generates with that copy."""
     from fusedrl.layout import Placement
     from fusedrl.roles import ROLES, Role
-    from fusedrl.runtime.reshard import sync_pairs
+    from fusedrl.realloc.weight_sync import sync_pairs
 
     _, step = sync_pairs(placements, roles)
     has_own_copy = {dst for _, dst in step}

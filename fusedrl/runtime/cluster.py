@@ -26,7 +26,7 @@ import ray
 from fusedrl.config import PLACEMENT_ROLES, ConfigError
 from fusedrl.layout import Placement
 from fusedrl.runtime.launch import check_gpus, ensure_ray, worker_options
-from fusedrl.runtime.reshard import sync_pairs
+from fusedrl.realloc.weight_sync import sync_pairs
 from fusedrl.runtime.worker import RemoteWorker, RunSpec
 
 

@@ -7,7 +7,7 @@ initialised on every worker exactly as the single-device trainer does (the full 
 from the seed, then cut), so every layout starts from the same weights.
 
 Weights move between the placements of two calls through the reallocation engine
-(:mod:`fusedrl.runtime.reshard`), never through a full copy on one device; only a
+(:mod:`fusedrl.realloc.weight_sync`), never through a full copy on one device; only a
 checkpoint is gathered whole (:func:`gather_full`, on the writing rank, on the model's
 device; ``save_hf_checkpoint`` writes CPU copies). Shards are read to the CPU and copied
 into the parameters on their device (:func:`load_into`); a from-scratch model is built

@@ -169,7 +169,7 @@ class Worker(InterStageWorker):
         from fusedrl.models.build import TORCH_DTYPES
         from fusedrl.runtime.groups import (GroupRegistry, pipeline_channels, placement_groups,
                                             rank_lists)
-        from fusedrl.runtime.reshard import WeightSync, sync_pairs
+        from fusedrl.realloc.weight_sync import WeightSync, sync_pairs
 
         # The user's plug-ins (registries are per process): before anything is built by
         # a registered name (generation backend, policy, reward, advantage estimator).
@@ -224,7 +224,7 @@ class Worker(InterStageWorker):
             else:
                 model.requires_grad_(False)
             self.shards[role] = shard
-        from fusedrl.runtime.reshard import free_storage
+        from fusedrl.realloc.weight_sync import free_storage
 
         for key, (role, src, dev) in spec.serve.items():
             if dev != self.device or src == "actor_gen":
@@ -360,7 +360,7 @@ class Worker(InterStageWorker):
         the first call; then drop that copy's storage, which only stages weights for
         the backend (:meth:`sync_weights` re-allocates it). Seconds taken; 0 for the
         native engine, which generates with the copy itself."""
-        from fusedrl.runtime.reshard import free_storage
+        from fusedrl.realloc.weight_sync import free_storage
 
         shard = self.shards.get(role)
         if shard is None or self.spec.config.generation.backend == "native":
@@ -456,13 +456,13 @@ class Worker(InterStageWorker):
 
     def sync_weights(self, pairs: list[tuple[str, str]]) -> dict:
         """Reshard each ``(src, dst)`` pair's weights into ``dst`` through the reallocation
-        engine (:mod:`fusedrl.runtime.reshard`), re-allocating a dropped copy first.
+        engine (:mod:`fusedrl.realloc.weight_sync`), re-allocating a dropped copy first.
 
         Called on every device of any pair's placements with the same list; this device
         takes part in the pairs it belongs to, in list order. Returns this device's
         ``{"bytes_received", "bytes_sent", "bytes_allocated", "seconds"}``.
         """
-        from fusedrl.runtime.reshard import restore_storage
+        from fusedrl.realloc.weight_sync import restore_storage
 
         out = {"bytes_received": 0, "bytes_sent": 0, "bytes_allocated": 0, "seconds": 0.0}
         t0 = time.time()
@@ -484,7 +484,7 @@ class Worker(InterStageWorker):
         """Drop this device's inference-only copy of ``role`` (parameter storage and the
         generation engine with its KV cache) until the next :meth:`sync_weights`; returns
         the parameter bytes freed."""
-        from fusedrl.runtime.reshard import free_storage
+        from fusedrl.realloc.weight_sync import free_storage
 
         shard = self._inference_copy(role)
         if shard is None:
