@@ -166,14 +166,50 @@ def lower_bound(problem: FusedProblem, memory_cap: float = math.inf) -> LowerBou
                       average_work=avg, node_subsets=subset_lb, memory=mem_lb, memory_cap=memory_cap)
 
 
+def _forced_outstanding(problem: FusedProblem, makespan: float) -> float:
+    """Memory some node must hold at some moment in every schedule ending by ``makespan``.
+
+    Micro-batches of one (pipeline, stage) may be taken first-in-first-out (relabelling
+    never delays a task nor changes a node's memory, :func:`~.pipeline_problem.fifo_relabel`).
+    Then the forward of micro-batch ``m`` starts by ``makespan - tail_F - (M - m) f``
+    (the forwards of ``m..M-1`` follow it on the node, each ``f`` long), and its backward
+    starts no earlier than ``head_B + m b``. Between the two, ``m`` holds its memory on
+    the node: at such a moment every such micro-batch is outstanding at the last task
+    that started, so the node's running sum there is at least their total.
+    """
+    best = 0.0
+    for n in range(problem.nodes):
+        events: list[tuple[float, float]] = []
+        for spec in problem.pipelines:
+            M = spec.microbatches
+            f_all, b_all = sum(spec.fwd), sum(spec.bwd)
+            for s, node in enumerate(spec.stage_nodes):
+                if node != n or spec.mem[s] <= 0:
+                    continue
+                f, b = spec.fwd[s], spec.bwd[s]
+                tail_f = f_all - sum(spec.fwd[:s + 1]) + b_all
+                head_b = f_all + b_all - sum(spec.bwd[:s + 1])
+                for m in range(M):
+                    latest_f = makespan - tail_f - (M - m) * f
+                    earliest_b = head_b + m * b
+                    if latest_f < earliest_b:
+                        events += [(latest_f, spec.mem[s]), (earliest_b, -spec.mem[s])]
+        level = 0.0
+        for _, delta in sorted(events, key=lambda e: (e[0], e[1])):  # releases first at ties
+            level += delta
+            best = max(best, level)
+    return best
+
+
 def memory_lower_bound(problem: FusedProblem, makespan: float) -> float:
     """No schedule that ends by ``makespan`` has a lower peak memory.
 
     The memory bound of the module doc inverted: the node bound under a cap ``C``
     only falls as ``C`` grows, so the least ``C`` (found by bisection) at which it is
     within ``makespan`` on every node bounds the peak of every schedule that short;
-    and no schedule holds less than one micro-batch's stages on a node
-    (``memory_floor``).
+    no schedule holds less than one micro-batch's stages on a node
+    (``memory_floor``); and none less than the micro-batches forced to be outstanding
+    at once (:func:`_forced_outstanding`).
     """
     floor = 0.0
     per_node = [0.0] * problem.nodes
@@ -183,7 +219,7 @@ def memory_lower_bound(problem: FusedProblem, makespan: float) -> float:
             held[n] += m
         per_node = [max(a, b) for a, b in zip(per_node, held)]
     floor = max(per_node)
-    best = floor
+    best = max(floor, _forced_outstanding(problem, makespan))
     tol = 1e-9 * max(1.0, makespan)
     for cls in _task_classes(problem):
         if not cls:

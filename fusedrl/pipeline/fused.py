@@ -227,11 +227,13 @@ def train_fused(runs: Sequence[FusedPipeline], tasks: Sequence[Task],
 
 
 def profile_stage(model: torch.nn.Module, groups, ids: torch.Tensor,
-                  repeats: int = 4) -> tuple[float, float, float]:
+                  repeats: int = 8) -> tuple[float, float, float]:
     """Time one micro-batch through this stage: ``(fwd_s, bwd_s, activation_bytes)``.
 
     Runs ``1 + repeats`` forward/backward passes on ``ids`` (one warm-up; the fastest
-    of the rest, the least disturbed by other processes on a shared machine) with this
+    of the rest, the least disturbed by other processes on a shared machine: with 4, a
+    loaded 2-core machine gave one stage 4-10x its time and a schedule built for the
+    wrong bottleneck, bench/fused_train.py) with this
     stage alone: a later stage gets random hidden states of the
     right shape, an intermediate stage random output gradients, the last stage a
     log-softmax loss over its output (the cost of the PPO losses' log-probs). Memory
