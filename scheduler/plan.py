@@ -41,16 +41,19 @@ from typing import Any, Iterator, Mapping
 import yaml
 
 from fusedrl.layout import Placement
+from fusedrl.roles import ROLES, Role
 
-CALLS = ("actor_gen", "ref", "reward", "critic_infer", "actor_train", "critic_train")
-"""The model function calls of a PPO iteration; the keys of ``placement.*`` in the config."""
-GEN_CALLS = ("actor_gen",)
-INFER_CALLS = ("ref", "reward", "critic_infer")
-TRAIN_CALLS = ("actor_train", "critic_train")
-MODEL_OF = {"actor_gen": "actor", "actor_train": "actor", "ref": "ref", "reward": "reward",
-            "critic_infer": "critic", "critic_train": "critic"}
+CALLS = tuple(str(r) for r in (Role.ACTOR_GEN, Role.REF, Role.REWARD, Role.CRITIC_INFER,
+                                Role.ACTOR_TRAIN, Role.CRITIC_TRAIN))
+"""The model function calls a plan places (:mod:`fusedrl.roles`; the plan computes the
+old log-probs with ``actor_train``, i.e. ``placement.actor_infer`` left unset)."""
+GEN_CALLS = tuple(c for c in CALLS if ROLES[Role(c)].call == "generate")
+INFER_CALLS = tuple(c for c in CALLS if ROLES[Role(c)].call in ("logp", "values", "score"))
+TRAIN_CALLS = tuple(c for c in CALLS if ROLES[Role(c)].trainable)
+MODEL_OF = {c: ROLES[Role(c)].model for c in CALLS}
 """Whose weights each call runs (ref has the actor's shape, reward the critic's)."""
-REALLOC_EDGES = (("actor", "actor_train", "actor_gen"), ("critic", "critic_train", "critic_infer"))
+REALLOC_EDGES = tuple((ROLES[Role(d)].model, str(ROLES[Role(d)].source), d) for d in CALLS
+                      if ROLES[Role(d)].refresh == "step")
 """(model, source call, destination call): trained weights copied to the call that
 uses them next (ReaLHF's realloc hook) when the two placements differ."""
 INTRA_MODES = ("fused", "sequential")
