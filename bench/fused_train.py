@@ -1,7 +1,7 @@
 """Intra-stage fusion end to end (RLHFuse §5): wall time of the PPO training call with
 actor and critic in one fused pipeline schedule vs the actor's 1F1B then the critic's,
 on 2 workers with pp=2 for both models (critic stages reversed: its stage 0 on device 1),
-measured as a ratio in one run (DESIGN.md "Measuring").
+measured as a ratio in one run (docs/design.md "Measuring").
 
     .venv/bin/python bench/fused_train.py [--reps 5] [--preset small] [--micro 8] [--json OUT]
 
