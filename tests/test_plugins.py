@@ -41,6 +41,7 @@ def train(tmp_path, plugins, overrides):
 # ------------------------------------------------------------------ loading
 
 
+@pytest.mark.slow  # a fresh interpreter loading six configs (~10-25 s)
 def test_names_are_unknown_without_the_plugins():
     """In a fresh process (registries are per process): each example's name is refused
     by the config check, one line naming the key, until the plug-in is given."""
