@@ -77,7 +77,8 @@ def gpu_resolution(tmp_path_factory) -> dict[str, dict]:
     """``name -> metadata`` of what pip would install for ``fusedrl[gpu,vllm]`` on Linux
     x86-64 with this Python version."""
     try:
-        probe = _pip("index", "versions", "vllm", timeout=60)
+        probe = _pip("index", "versions", "vllm", "--timeout", "15", "--retries", "1",
+                     timeout=60)
     except subprocess.TimeoutExpired:
         pytest.skip("package registry not reachable (pip index versions vllm timed out)")
     if probe.returncode != 0:
