@@ -94,7 +94,7 @@ def build_workload(preset: str, directory: Path, seed: int = 0, vocab_size: int 
     from fusedrl.models import PRESETS, ModelConfig
     from fusedrl.models.build import build_model
     from fusedrl.models.checkpoint import config_to_hf, save_hf_checkpoint
-    from fusedrl.models.tokenizer import CharTokenizer
+    from fusedrl.models.tokenizer import CharTokenizer, HFTokenizer
 
     task = TASKS["repeat"]
     chars = CharTokenizer(task.alphabet)
@@ -118,8 +118,10 @@ def build_workload(preset: str, directory: Path, seed: int = 0, vocab_size: int 
     value["score.weight"] = torch.randn(value["score.weight"].shape, generator=gen) * 0.02
 
     actor_dir, value_dir = directory / "actor", directory / "value"
-    save_hf_checkpoint(actor_dir, config, actor, head="lm", tokenizer=tok)
-    save_hf_checkpoint(value_dir, config, value, head="value", tokenizer=tok)
+    # fusedrl's wrapper: the special-token ids it writes come from its tokenizer interface
+    # (a transformers 5 tokenizer answers ``eos_token_ids`` with one int).
+    save_hf_checkpoint(actor_dir, config, actor, head="lm", tokenizer=HFTokenizer(tok))
+    save_hf_checkpoint(value_dir, config, value, head="value", tokenizer=HFTokenizer(tok))
     hf = config_to_hf(config, "value")
     hf.update(architectures=["LlamaForSequenceClassification"], num_labels=1,
               pad_token_id=chars.PAD, bos_token_id=chars.BOS, eos_token_id=chars.EOS)

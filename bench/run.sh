@@ -84,7 +84,9 @@ scenario_cmd() {
       "$PY" -c 'import json, sys; out, files = sys.argv[1], sys.argv[2:]; json.dump({f.split("sim-")[1][:-5]: {"simulated_speedups": json.load(open(f))["speedups"], "rlhfuse_reported": json.load(open(f))["rlhfuse_reported"]} for f in files}, open(out, "w"), indent=2)' \
         "$OUT/sim.json" "$OUT"/sim-13b.json "$OUT"/sim-33b.json "$OUT"/sim-65b.json ;;
     peer)
-      "$PY" bench/peer_trl.py --iterations "$(q 1 3)" --rounds "$(q 1 2)" --out "$OUT/peer.json" ;;
+      # The natural workload (responses end at EOS): TRL's defaults vs fusedrl's `all`.
+      "$PY" bench/peer_trl.py --workload natural --iterations "$(q 1 2)" \
+        --batch "$(q 16 32)" --response-length "$(q 128 192)" --out "$OUT/peer.json" ;;
     vllm_sync)
       if [ -x .venv-vllm/bin/python ]; then
         VLLM_CPU_OMP_THREADS_BIND=nobind VLLM_ENABLE_V1_MULTIPROCESSING=0 \
