@@ -327,12 +327,27 @@ class TrainerSection:
     keep_checkpoints: int = 0
     """Keep only the newest N checkpoints (older ones are deleted after each save; the
     one a run resumed from is never deleted by that run); 0 keeps all."""
+    logger: list[str] = field(default_factory=lambda: ["console", "jsonl"])
+    """Metric sinks, as verl's ``trainer.logger``: ``console`` (one line per iteration on
+    stdout), ``jsonl`` (``OUT/metrics.jsonl``; always written, resume reads it),
+    ``tensorboard`` (``OUT/tensorboard``), ``wandb`` (offline unless ``WANDB_MODE`` says
+    otherwise)."""
+    project_name: str = "fusedrl"
+    """W&B project."""
+    experiment_name: str = ""
+    """W&B run name; empty: the output directory's name."""
+    timeline_every: int = 0
+    """Every N iterations write the iteration's per-device events as a timeline picture
+    ``OUT/timeline/iter_N.png`` (one row per device, one colour per model call) and
+    ``OUT/timeline/iter_N.jsonl``; 0: never."""
 
     def __post_init__(self) -> None:
         _require(self.iterations >= 1, "trainer.iterations", self.iterations, "must be >= 1")
         _require(self.save_every >= 0, "trainer.save_every", self.save_every, "must be >= 0")
         _require(self.keep_checkpoints >= 0, "trainer.keep_checkpoints", self.keep_checkpoints,
                  "must be >= 0 (0 keeps all)")
+        _require(self.timeline_every >= 0, "trainer.timeline_every", self.timeline_every,
+                 "must be >= 0")
 
 
 @dataclass

@@ -448,10 +448,13 @@ def train(config: Config, out: Path, resume: bool = False, console: Console | No
 
 def _loop(config: Config, trainer, out: Path, run: RunState, console: Console,
           show_progress: bool) -> list[dict]:
+    from fusedrl.tracking import Tracker
+
     writer = MetricsWriter(out / "metrics.jsonl")
     if run.ckpt is not None:
         trainer.load_checkpoint(run.ckpt)
         console.print(f"resumed from {run.ckpt} at iteration {trainer.iteration}")
+    tracker = None
 
     total = config.trainer.iterations
     history = []
@@ -470,21 +473,37 @@ def _loop(config: Config, trainer, out: Path, run: RunState, console: Console,
                 writer.rewrite(run.lines)
                 write_atomic(out / "config.yaml", config_to_yaml(config))
                 committed = True
-            writer.write(metrics)
+                t = config.trainer
+                # jsonl always: --resume reads metrics.jsonl
+                tracker = Tracker(set(t.logger) | {"jsonl"}, out, project=t.project_name,
+                                  experiment=t.experiment_name or None,
+                                  config=config.to_dict(), total_steps=total,
+                                  resume_step=metrics["iteration"] if run.ckpt else None)
+            tracker.log(metrics, metrics["iteration"])
             history.append(metrics)
-            progress.console.print(format_log_line(metrics, total))
+            every = config.trainer.timeline_every
+            if every and trainer.iteration % every == 0:
+                write_timeline(trainer, out / "timeline" / f"iter_{trainer.iteration}")
             progress.update(task, completed=trainer.iteration)
             every = config.trainer.save_every
             if (every and trainer.iteration % every == 0) or trainer.iteration == total:
                 trainer.save_checkpoint(out)
                 prune_checkpoints(out, config.trainer.keep_checkpoints, protect=run.ckpt)
+    if tracker is not None:
+        tracker.close()
     return history
 
 
-def format_log_line(m: dict, total: int) -> str:
-    timing = " ".join(f"{k.split('/')[1]} {v:.2f}s" for k, v in m.items()
-                      if k.startswith("timing_s/") and k != "timing_s/step")
-    return (f"iter {m['iteration']}/{total} | score {m['critic/score/mean']:.3f} | "
-            f"kl {m['actor/reward_kl_penalty']:.4f} | pg {m.get('actor/pg_loss', 0):.4f} | "
-            f"vf {m.get('critic/vf_loss', 0):.4f} | len {m['response_length/mean']:.1f} | "
-            f"{m['perf/throughput']:.0f} tok/s | {timing} | step {m['timing_s/step']:.2f}s")
+def write_timeline(trainer, stem: Path) -> None:
+    """The last iteration's per-device events as ``stem.png`` (measured timeline) and
+    ``stem.jsonl`` (one event per line, seconds from the iteration's start)."""
+    from fusedrl.timeline import plot_timeline, to_rows
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    start = trainer.last_window[0]
+    rows = to_rows(trainer.last_events, start)
+    write_atomic(stem.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    if trainer.last_events:
+        plot_timeline(trainer.last_events, stem.with_suffix(".png"), origin=start,
+                      title=f"iteration {trainer.iteration}: model calls per device "
+                            f"(measured)")

@@ -156,7 +156,7 @@ def plot_timeline(events: list[DeviceEvent], path, title: str = "", origin: floa
         raise ValueError("no events to plot")
     origin = min(e.start for e in events) if origin is None else origin
     devices = sorted({e.device for e in events})
-    fig, ax = plt.subplots(figsize=(11, 0.6 * len(devices) + 1.4))
+    fig, ax = plt.subplots(figsize=(12, 0.6 * len(devices) + 1.2))
     seen: dict[str, str] = {}
     for e in events:
         colour = COLOURS.get(e.call, COLOURS.get(e.call.split(":")[0], "#999999"))
@@ -169,8 +169,8 @@ def plot_timeline(events: list[DeviceEvent], path, title: str = "", origin: floa
     ax.set_xlabel("seconds (measured)")
     ax.set_title(title or "model calls per device (measured)")
     ax.legend(handles=[Patch(color=c, label=k) for k, c in seen.items()],
-              loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=min(6, len(seen)),
-              fontsize=8, frameon=False)
+              loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False,
+              ncol=1 + len(seen) // (4 * len(devices) + 4))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

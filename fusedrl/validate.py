@@ -13,6 +13,12 @@ from fusedrl.config import Config, ConfigError
 
 
 def check_config(config: Config) -> None:
+    from fusedrl.tracking import check_loggers
+
+    try:
+        check_loggers(config.trainer.logger)
+    except ValueError as e:
+        raise ConfigError(f"config key trainer.logger={config.trainer.logger!r}: {e}") from None
     f = config.fusion
     from fusedrl.scheduler.interstage import available_policies
 
