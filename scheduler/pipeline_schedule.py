@@ -193,9 +193,11 @@ def solve(problem: FusedProblem | dict, time_limit: float = 10.0, seed: int = 0,
         cfg = replace(cfg, workers=int(workers))
     lb = lower_bound(problem, cfg.memory_cap)
     seq = time_schedule(table, one_f_one_b(problem, table))
-    # Constructive starts take at most a share of the time (a few seconds on 4k tasks).
+    # Constructive starts take at most a share of the time (a few seconds on 4k tasks);
+    # with no time at all, every start is built (the best start is the answer).
+    deadline = t0 + cfg.start_share * cfg.time_limit if cfg.time_limit > 0 else None
     starts = {name: time_schedule(table, s) for name, s in start_candidates(
-        problem, table, lb.value, cfg.memory_cap, deadline=t0 + cfg.start_share * cfg.time_limit)}
+        problem, table, lb.value, cfg.memory_cap, deadline=deadline)}
     fits = [t for t in list(starts.values()) + [seq] if t.peak_memory <= cfg.memory_cap]
     if not fits:
         raise ValueError(f"memory_cap: no start schedule fits under {cfg.memory_cap}")

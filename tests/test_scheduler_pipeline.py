@@ -579,3 +579,12 @@ def test_peak_moves_keep_times_and_memory_exact():
     pb[best] = np.arange(T)
     assert ke.evaluate(best, pb, ptr, table.dur, table.node, table.dep, table.succ, s2, e2) <= mk + 1e-9
     assert ke.node_peaks(best, ptr, table.memd, pref2, peaks2) == pytest.approx(state[4])
+
+
+def test_no_time_gives_the_best_start():
+    """``time_limit=0`` (the plan evaluator's default) builds every start and returns the
+    shortest, as before the starts got a share of the time."""
+    prob = FusedProblem.from_dict(published_instance())
+    table = TaskTable.build(prob)
+    best = min(time_schedule(table, s).makespan for _, s in start_candidates(prob, table, lower_bound(prob).value))
+    assert solve(prob, time_limit=0, workers=1).makespan == best
