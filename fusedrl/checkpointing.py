@@ -156,7 +156,9 @@ def check_resumable(path: Path, config) -> dict:
                                   f"placements it was saved with")
         if not (path / "optim").is_dir():
             raise CheckpointError(f"{path}: optimizer shards optim/ missing")
-    for part in ("actor", "critic"):
+    from fusedrl.validate import uses_critic
+
+    for part in ("actor", "critic") if uses_critic(config) else ("actor",):
         if not (path / part).is_dir():
             raise CheckpointError(f"{path}: {part}/ weights missing")
     return state

@@ -43,6 +43,10 @@ class ModelSection:
     """Critic initialisation; empty uses the actor's (a zero value head is added)."""
     dtype: str = "float32"
     """Parameter dtype: float32 or bfloat16."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of
+    keeping them (actor and critic training): less activation memory for about one
+    more forward per micro-batch."""
 
     def __post_init__(self) -> None:
         from fusedrl.models.config import PRESETS
@@ -166,7 +170,7 @@ class PPOSection:
     ppo_epochs: int = 1
     """Passes over the rollout batch per iteration."""
     mini_batch_size: int = 32
-    """Samples per optimizer step."""
+    """Samples per optimizer step (must divide ``rollout_batch_size x actor.rollout_n``)."""
     micro_batch_size: int = 16
     """Samples per forward/backward (gradient accumulation inside a mini-batch)."""
     actor_lr: float = 1e-6
@@ -203,9 +207,6 @@ class PPOSection:
         for key in ("rollout_batch_size", "ppo_epochs", "mini_batch_size", "micro_batch_size"):
             v = getattr(self, key)
             _require(v >= 1, f"ppo.{key}", v, "must be >= 1")
-        _require(self.rollout_batch_size % self.mini_batch_size == 0, "ppo.mini_batch_size",
-                 self.mini_batch_size,
-                 f"must divide ppo.rollout_batch_size={self.rollout_batch_size}")
         _require(self.mini_batch_size % self.micro_batch_size == 0, "ppo.micro_batch_size",
                  self.micro_batch_size, f"must divide ppo.mini_batch_size={self.mini_batch_size}")
         for key in ("actor_lr", "critic_lr"):

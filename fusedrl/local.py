@@ -42,13 +42,20 @@ class LocalModels:
         self.actor = build_model(mc, "lm", s.actor_state, seed=seed, dtype=dtype, device=dev)
         self.ref = build_model(mc, "lm", s.actor_state, seed=seed, dtype=dtype,
                                device=dev).eval().requires_grad_(False)
-        self.critic = build_model(mc, "value", s.critic_state or s.actor_state, seed=seed + 1,
-                                  dtype=dtype, device=dev)
+        from fusedrl.validate import uses_critic
+
+        self.critic = None  # critic-free estimators (GRPO, RLOO...): none built
+        if uses_critic(c):
+            self.critic = build_model(mc, "value", s.critic_state or s.actor_state,
+                                      seed=seed + 1, dtype=dtype, device=dev)
         self.reward_model = None
         if c.reward.type == "model":
             rm_config, rm_state = load_checkpoint(resolve_model_path(c.reward.model_path))
             self.reward_model = build_model(rm_config, "value", rm_state, dtype=dtype,
                                             device=dev).eval().requires_grad_(False)
+        for model in (self.actor, self.critic):
+            if model is not None:
+                model.gradient_checkpointing = c.model.gradient_checkpointing
         tok = s.tokenizer
         # The native engine generates with the actor module itself (weights in place);
         # other backends (vLLM) hold their own copy, refreshed after every update.
@@ -67,14 +74,15 @@ class LocalRollout:
     def run(self, requests, params) -> RolloutOutput:
         m, c = self.m, self.config
         m.actor.eval()
-        m.critic.eval()
         with m.events.record("gen"):
             samples = m.engine.generate(requests, params)
         batch = RolloutBatch.from_samples(samples, self.setup.tokenizer.pad_token_id)
         batch = batch.to(m.device)
         width, temp = batch.response_mask.shape[1], c.generation.temperature
-        calls = [("logp:actor_infer", m.actor, "logp"), ("logp:ref", m.ref, "logp"),
-                 ("values", m.critic, "values")]
+        calls = [("logp:actor_infer", m.actor, "logp"), ("logp:ref", m.ref, "logp")]
+        if m.critic is not None:
+            m.critic.eval()
+            calls.append(("values", m.critic, "values"))
         if m.reward_model is not None:
             calls.append(("score", m.reward_model, "score"))
         outs: dict[str, list] = {name: [] for name, _, _ in calls}
@@ -85,7 +93,7 @@ class LocalRollout:
                     outs[name].append(infer_head(kind, model(mb.input_ids), mb,
                                                  model.tp_group, width, temp))
         cat = {k: torch.cat(v) for k, v in outs.items()}
-        return RolloutOutput(batch, cat["logp:actor_infer"], cat["logp:ref"], cat["values"],
+        return RolloutOutput(batch, cat["logp:actor_infer"], cat["logp:ref"], cat.get("values"),
                              cat.get("score"))
 
     def close(self) -> None:
@@ -121,18 +129,22 @@ class LocalUpdate:
     def __init__(self, config, models: LocalModels):
         c = config.ppo
         self.config, self.m = config, models
-        self.actor_opt = torch.optim.AdamW(models.actor.parameters(), lr=c.actor_lr,
-                                           weight_decay=c.weight_decay)
-        self.critic_opt = torch.optim.AdamW(models.critic.parameters(), lr=c.critic_lr,
-                                            weight_decay=c.weight_decay)
+        self.optimizers = {"actor": torch.optim.AdamW(models.actor.parameters(), lr=c.actor_lr,
+                                                      weight_decay=c.weight_decay)}
+        if models.critic is not None:
+            self.optimizers["critic"] = torch.optim.AdamW(
+                models.critic.parameters(), lr=c.critic_lr, weight_decay=c.weight_decay)
+
+    def _modules(self) -> dict:
+        return {"actor": self.m.actor, "critic": self.m.critic}
 
     def train(self, batch, targets, schedule) -> dict:
         m = self.m
-        m.actor.train()
-        m.critic.train()
         schedule = [[idx.to(m.device) for idx in micros] for micros in schedule]
-        models = {"actor": _LocalTrainable(m.actor, self.actor_opt),
-                  "critic": _LocalTrainable(m.critic, self.critic_opt)}
+        models = {}
+        for name, opt in self.optimizers.items():
+            self._modules()[name].train()
+            models[name] = _LocalTrainable(self._modules()[name], opt)
 
         def forward_backward(_m, micros, loss):
             for k, idx in enumerate(micros):
@@ -141,24 +153,25 @@ class LocalUpdate:
                     with m.events.record(f"train:{name}"):
                         loss(name, tm.model(mb.input_ids), mb, idx, k).backward()
 
-        out = run_update(schedule, models, forward_backward, targets, self.config.ppo,
+        out = run_update(schedule, models, forward_backward, targets, self.config,
                          self.config.generation.temperature)
         return merge_update_stats({k: [v] for k, v in out.items()})
 
     def save(self, directory: Path, tokenizer) -> dict:
-        mc = self.m.actor.config
-        save_hf_checkpoint(directory / "actor", mc, self.m.actor.hf_state_dict(), "lm", tokenizer)
-        save_hf_checkpoint(directory / "critic", mc, self.m.critic.hf_state_dict(), "value")
-        return {"actor_opt": self.actor_opt.state_dict(),
-                "critic_opt": self.critic_opt.state_dict()}
+        """``actor/`` (and ``critic/``) as Hugging Face directories; the optimizer states
+        go into the trainer state."""
+        for name in self.optimizers:
+            module = self._modules()[name]
+            save_hf_checkpoint(directory / name, module.config, module.hf_state_dict(),
+                               "lm" if name == "actor" else "value",
+                               tokenizer if name == "actor" else None)
+        return {f"{name}_opt": opt.state_dict() for name, opt in self.optimizers.items()}
 
     def load(self, directory: Path, state: dict) -> None:
-        _, actor = load_safetensors_dir(directory / "actor")
-        _, critic = load_safetensors_dir(directory / "critic")
-        load_full_state(self.m.actor, actor)
-        load_full_state(self.m.critic, critic)
-        self.actor_opt.load_state_dict(state["actor_opt"])
-        self.critic_opt.load_state_dict(state["critic_opt"])
+        for name, opt in self.optimizers.items():
+            _, weights = load_safetensors_dir(directory / name)
+            load_full_state(self._modules()[name], weights)
+            opt.load_state_dict(state[f"{name}_opt"])
 
     def close(self) -> None:
         """Nothing to stop: the models live in this process."""

@@ -156,6 +156,12 @@ class Trainer:
         self.device = stages.device
         self.kl_ctl = (ppo.AdaptiveKLController(c.ppo.kl_coef, c.ppo.target_kl, c.ppo.kl_horizon)
                        if c.ppo.adaptive_kl else ppo.FixedKLController(c.ppo.kl_coef))
+        # Imported here, after the generation backend started: vLLM 0.32's triton kernel
+        # dispatcher scans every loaded module at start-up and fails on llvmlite's
+        # (numba's) function wrappers (the gae estimator imports numba).
+        from fusedrl.algorithms.advantages import get_adv_estimator
+
+        self.estimator = get_adv_estimator(c.algorithm.adv_estimator)
         self.iteration = 0  # iterations completed
         self.last_events: list[DeviceEvent] = []
         self.last_window = (0.0, 0.0)
@@ -183,16 +189,20 @@ class Trainer:
                               ignore_eos=bool(g.forced_lengths))
 
     def requests(self, iteration: int, prompts: list[int]) -> list[Request]:
-        """The iteration's samples on dataset rows ``prompts``; ids are global so every
-        sample has its own stream."""
-        g, b = self.config.generation, self.config.ppo.rollout_batch_size
+        """The iteration's samples on dataset rows ``prompts``: ``actor.rollout_n`` per
+        prompt (a group, consecutive); ids are global so every sample has its own
+        stream."""
+        g = self.config.generation
+        n = self.config.actor.rollout_n
+        rows = [i for i in prompts for _ in range(n)]
+        b = len(rows)
         forced = [None] * b
         if g.forced_lengths:
             forced = forced_lengths(g.forced_lengths, b,
                                     seed=self.config.trainer.seed * 1_000_003 + iteration,
                                     max_len=g.max_new_tokens)
-        return [Request(iteration * b + j, list(self.setup.prompt_ids[i]), max_new_tokens=n)
-                for j, (i, n) in enumerate(zip(prompts, forced))]
+        return [Request(iteration * b + j, list(self.setup.prompt_ids[i]), max_new_tokens=m)
+                for j, (i, m) in enumerate(zip(rows, forced))]
 
     # ------------------------------------------------------------- iteration
 
@@ -210,33 +220,37 @@ class Trainer:
         wall["rollout"] = time.time() - t0
         batch = out.batch if out.batch.input_ids.device == self.device else \
             out.batch.to(self.device)
+        n = c.actor.rollout_n
         scores = out.scores if out.scores is not None else \
-            self.rule_scores(batch, [s.prompts[i] for i in idx])
-        old_logp, ref_logp, values = (x.to(self.device) for x in
-                                      (out.old_logp, out.ref_logp, out.values))
+            self.rule_scores(batch, [s.prompts[i] for i in idx for _ in range(n)])
+        old_logp, ref_logp = out.old_logp.to(self.device), out.ref_logp.to(self.device)
+        values = out.values.to(self.device) if out.values is not None else None
         scores = scores.to(self.device)
 
-        # 2. advantages
+        # 2. advantages: the estimator (algorithm.adv_estimator) over token rewards; the
+        # KL to the reference is a reward penalty (PPO) unless it is a loss term (GRPO)
         t0 = time.time()
         mask = batch.response_mask
-        rewards = ppo.token_level_rewards(scores, old_logp, ref_logp, mask, self.kl_ctl.value,
+        kl_coef = 0.0 if c.actor.use_kl_loss else self.kl_ctl.value
+        rewards = ppo.token_level_rewards(scores, old_logp, ref_logp, mask, kl_coef,
                                           c.ppo.kl_estimator)
-        # Imported here, after the generation backend started: vLLM 0.32's triton kernel
-        # dispatcher scans every loaded module at start-up and fails on llvmlite's
-        # (numba's) function wrappers.
-        from fusedrl.kernels.gae import compute_gae
-
-        advantages, returns = compute_gae(rewards, values, mask, c.ppo.gamma, c.ppo.lam)
-        if c.ppo.whiten_advantages:
-            advantages = ppo.masked_whiten(advantages, mask)
+        index = torch.arange(len(idx), device=self.device).repeat_interleave(n)  # group ids
+        advantages, returns = self.estimator(
+            rewards, mask, index, values=values, gamma=c.ppo.gamma, lam=c.ppo.lam,
+            norm_adv_by_std_in_grpo=c.algorithm.norm_adv_by_std_in_grpo,
+            whiten=c.ppo.whiten_advantages)
         kl = ppo.masked_mean(ppo.kl_penalty(old_logp, ref_logp, c.ppo.kl_estimator), mask)
         wall["adv"] = time.time() - t0
 
         # 3. update, then the new weights to the calls that use them
         st.weight_sync.before_update()
         t0 = time.time()
-        targets = {"old_logp": old_logp, "values": values, "advantages": advantages,
-                   "returns": returns}
+        targets = {"old_logp": old_logp, "advantages": advantages, "returns": returns,
+                   "response_mask": mask}
+        if values is not None:
+            targets["values"] = values
+        if c.actor.use_kl_loss:
+            targets["ref_logp"] = ref_logp
         schedule = minibatch_schedule(len(batch), c.ppo, c.trainer.seed, it)
         train_stats = st.update.train(batch, targets, schedule)
         wall["train"] = time.time() - t0
@@ -263,7 +277,8 @@ class Trainer:
             "critic/score/mean": float(scores.mean()),
             "critic/score/max": float(scores.max()),
             "critic/score/min": float(scores.min()),
-            "critic/values/mean": float(ppo.masked_mean(values, mask)),
+            **({"critic/values/mean": float(ppo.masked_mean(values, mask))}
+               if values is not None else {}),
             "critic/advantages/mean": float(ppo.masked_mean(advantages, mask)),
             "critic/returns/mean": float(ppo.masked_mean(returns, mask)),
             "actor/reward_kl_penalty": float(kl),

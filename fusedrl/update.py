@@ -38,34 +38,49 @@ def minibatch_schedule(n: int, ppo_cfg, seed: int, iteration: int) -> list[list[
 
 
 def actor_loss(out: torch.Tensor, mb: RolloutBatch, idx: torch.Tensor, targets: dict,
-               tp_group, ppo_cfg, temperature: float):
-    """PPO clipped policy loss (Schulman et al. 2017, eq. 7) minus the entropy bonus, of
-    one micro-batch (rows ``idx`` of the iteration's batch), and its stats."""
+               tp_group, config, temperature: float):
+    """Clipped policy loss (Schulman et al. 2017, eq. 7; DAPO's clip-higher with
+    ``actor.clip_ratio_low/high``) aggregated by ``actor.loss_agg_mode``, plus the KL
+    loss term (GRPO, ``actor.use_kl_loss``), minus the entropy bonus, of one micro-batch
+    (rows ``idx`` of the iteration's batch), and its stats."""
+    p, a = config.ppo, config.actor
     r = mb.response_mask.shape[1]
     logp = response_logprobs_from(out, mb, tp_group, temperature)
     pg, stats = ppo.policy_loss(logp, targets["old_logp"][idx, :r],
                                 targets["advantages"][idx, :r], mb.response_mask,
-                                ppo_cfg.clip_ratio)
+                                p.clip_ratio, clip_ratio_low=a.clip_ratio_low,
+                                clip_ratio_high=a.clip_ratio_high,
+                                loss_agg_mode=a.loss_agg_mode)
     loss = pg
-    if ppo_cfg.entropy_coef:
+    if a.use_kl_loss:
+        kl, kl_stats = ppo.kl_loss(logp, targets["ref_logp"][idx, :r], mb.response_mask,
+                                   a.kl_loss_type, a.loss_agg_mode)
+        loss = loss + a.kl_loss_coef * kl
+        stats.update(kl_stats)
+    if p.entropy_coef:
         logits = gather_logits(out, tp_group)
         pidx = mb.predictor_index()
         picked = logits.gather(1, pidx[..., None].expand(-1, -1, logits.shape[-1]))
-        ent = ppo.masked_mean(ppo.entropy_from_logits(picked.float() / temperature),
-                              mb.response_mask)
-        loss = loss - ppo_cfg.entropy_coef * ent
+        ent = ppo.agg_loss(ppo.entropy_from_logits(picked.float() / temperature),
+                           mb.response_mask, a.loss_agg_mode)
+        loss = loss - p.entropy_coef * ent
         stats["entropy"] = float(ent)
     return loss, {f"actor/{k}": v for k, v in stats.items()}
 
 
 def critic_loss(out: torch.Tensor, mb: RolloutBatch, idx: torch.Tensor, targets: dict,
-                tp_group, ppo_cfg, temperature: float):
+                tp_group, config, temperature: float):
     """Clipped value loss of one micro-batch, and its stats."""
     r = mb.response_mask.shape[1]
     v = response_values_from(out, mb)
     vf, stats = ppo.value_loss(v, targets["values"][idx, :r], targets["returns"][idx, :r],
-                               mb.response_mask, ppo_cfg.value_clip)
+                               mb.response_mask, config.ppo.value_clip)
     return vf, {"critic/vf_loss": stats["vf_loss"], "critic/vf_clipfrac": stats["clipfrac"]}
+
+
+AGG_MODE = {"actor": lambda config: config.actor.loss_agg_mode,
+            "critic": lambda config: "token-mean"}
+"""How each model's loss aggregates tokens (the critic's: every token once)."""
 
 
 LOSSES = {"actor": actor_loss, "critic": critic_loss}
@@ -73,8 +88,8 @@ LOSSES = {"actor": actor_loss, "critic": critic_loss}
 
 MicroLoss = Callable[[str, torch.Tensor, RolloutBatch, torch.Tensor, int], torch.Tensor]
 """``loss(model_name, output, micro_batch, rows, k) -> scalar to differentiate`` (already
-divided by the mini-batch's micro-batch count); ``k`` is the micro-batch's index in
-its mini-batch."""
+weighted by the micro-batch's share of the mini-batch, so that the accumulated gradient
+is the whole mini-batch's); ``k`` is the micro-batch's index in its mini-batch."""
 
 
 class Trainable(Protocol):
@@ -98,26 +113,35 @@ class Trainable(Protocol):
 
 def run_update(schedule: list[list[torch.Tensor]], models: dict[str, Trainable],
                forward_backward: Callable[[int, list[torch.Tensor], MicroLoss], None],
-               targets: dict, ppo_cfg, temperature: float) -> dict[str, dict]:
+               targets: dict, config, temperature: float) -> dict[str, dict]:
     """PPO epochs of ``models`` (``actor``/``critic``) over ``schedule``; returns per
     model ``{"micro": [(mini, k, stats)], "grad_norm": [...]}`` of the micro-batches
-    this process computed a loss for."""
+    this process computed a loss for.
+
+    Gradient accumulation: micro-batch ``k``'s loss is weighted by its share of the
+    mini-batch's tokens (or responses, per the loss aggregation mode;
+    :func:`fusedrl.algorithms.ppo.micro_batch_weights`), from the whole mini-batch's
+    masks (``targets["response_mask"]``), so every process and layout weighs alike and
+    the accumulated loss is the mini-batch's."""
     out = {name: {"micro": [], "grad_norm": []} for name in models}
+    mask = targets["response_mask"]
     for m, micros in enumerate(schedule):
         for tm in models.values():
             tm.zero_grad()
-        n_micro = len(micros)  # global count: every micro loss is divided by it
+        weights = {name: ppo.micro_batch_weights([mask[idx] for idx in micros],
+                                                 AGG_MODE[name](config))
+                   for name in models}
 
-        def loss(name, output, mb, idx, k, m=m, n_micro=n_micro):
+        def loss(name, output, mb, idx, k, m=m, weights=weights):
             value, stats = LOSSES[name](output, mb, idx, targets, models[name].tp_group,
-                                        ppo_cfg, temperature)
+                                        config, temperature)
             out[name]["micro"].append((m, k, stats))
-            return value / n_micro
+            return value * weights[name][k]
 
         forward_backward(m, micros, loss)
         for name, tm in models.items():
             tm.reduce_grads()
-            out[name]["grad_norm"].append(tm.clip_grad_norm(ppo_cfg.grad_clip))
+            out[name]["grad_norm"].append(tm.clip_grad_norm(config.ppo.grad_clip))
             tm.step()
     return out
 

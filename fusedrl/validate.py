@@ -19,6 +19,7 @@ def check_config(config: Config) -> None:
         check_loggers(config.trainer.logger)
     except ValueError as e:
         raise ConfigError(f"config key trainer.logger={config.trainer.logger!r}: {e}") from None
+    check_algorithm(config)  # first: uses_critic below needs a known estimator
     f = config.fusion
     from fusedrl.scheduler.interstage import available_policies
 
@@ -26,9 +27,28 @@ def check_config(config: Config) -> None:
         raise ConfigError(f"config key fusion.interstage_policy={f.interstage_policy!r}: known "
                           f"policies: {', '.join(available_policies())}")
     if f.intrastage:
-        check_intrastage(config)
+        if uses_critic(config):  # critic-free: nothing to fuse with (make_trainer says so)
+            check_intrastage(config)
     check_interstage(config)
-    check_algorithm(config)
+    check_batch(config)
+
+
+def uses_critic(config: Config) -> bool:
+    """Whether the run has a critic: its advantage estimator reads values (``gae``)."""
+    from fusedrl.algorithms import get_adv_estimator
+
+    return bool(getattr(get_adv_estimator(config.algorithm.adv_estimator), "needs_critic",
+                        False))
+
+
+def check_batch(config: Config) -> None:
+    """Mini-batches count samples: ``ppo.rollout_batch_size`` prompts x
+    ``actor.rollout_n`` samples each must split into whole mini-batches."""
+    p, n = config.ppo, config.actor.rollout_n
+    if (p.rollout_batch_size * n) % p.mini_batch_size:
+        raise ConfigError(f"config key ppo.mini_batch_size={p.mini_batch_size}: must divide the "
+                          f"samples per iteration, ppo.rollout_batch_size x actor.rollout_n = "
+                          f"{p.rollout_batch_size} x {n}")
 
 
 def check_algorithm(config: Config) -> None:

@@ -93,7 +93,7 @@ def serve_copies(config, placements: dict[str, str], roles) -> dict[str, tuple[s
     gen = Placement.parse(placements[GEN_ROLE])
     out = {}
     for dev in gen.devices:
-        for role in (r for r, _ in inference_calls("reward" in roles)):
+        for role in (r for r, _ in inference_calls(roles)):
             p = Placement.parse(placements[role])
             if p.layout.tp == 1 and p.layout.pp == 1 and dev in p.devices:
                 continue  # its own replica on this device serves it
@@ -136,7 +136,7 @@ class InterStageRollout:
         self.config, self.setup = c, setup
         self.gen_placement = cluster.placements[GEN_ROLE]
         self.instances = list(self.gen_placement.devices)  # dp rank i -> its one device
-        self.calls = inference_calls(cluster.spec.reward_config is not None)
+        self.calls = inference_calls(cluster.spec.roles)
         gen_devices = set(self.instances)
         # A call is served on every generation device (its own replica or a copy the
         # device receives when freed) and on devices apart from generation that hold a
@@ -198,7 +198,7 @@ class InterStageRollout:
                     else:
                         out[call][row_of[smp.sample_id], :value.shape[0]] = value
         return RolloutOutput(batch, out["actor_infer", "logp"], out["ref", "logp"],
-                             out["critic_infer", "values"], out.get(("reward", "score")),
+                             out.get(("critic_infer", "values")), out.get(("reward", "score")),
                              metrics=dict(result.metrics))
 
     def close(self) -> None:

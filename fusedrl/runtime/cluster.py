@@ -94,7 +94,11 @@ class RayCluster:
             reward_config = model_config_of(reward_path)
         self.placements = check_placements(c, s.model_config, reward_config)
         check_backend(c, self.placements["actor_gen"])
-        roles = [r for r in PLACEMENT_ROLES if r != "reward" or reward_config is not None]
+        from fusedrl.validate import uses_critic
+
+        self.has_critic = uses_critic(c)  # critic-free: no critic built, placed or synced
+        roles = [r for r in PLACEMENT_ROLES if (r != "reward" or reward_config is not None)
+                 and (self.has_critic or r not in ("critic_train", "critic_infer"))]
         placements = {r: str(self.placements[r]) for r in roles}
         copies = {}
         if serve:

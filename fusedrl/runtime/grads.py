@@ -11,8 +11,9 @@ all ready is all-reduced asynchronously while backward goes on. Buckets are laun
 strictly in bucket order (a ready bucket waits for its predecessors), so every dp rank
 issues the same collectives in the same order, including a rank that had no
 micro-batch and launches everything in :meth:`GradReducer.finish`. Gradients are
-*summed*: the trainer divides every micro-batch loss by the global number of
-micro-batches, so the sum equals the single-device gradient.
+*summed*: the update weights every micro-batch loss by its share of the whole
+mini-batch (:func:`fusedrl.update.run_update`), so the sum equals the single-device
+gradient.
 
 Lifecycle per mini-batch::
 

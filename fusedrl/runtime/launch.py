@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -191,8 +192,10 @@ def stage_names(config) -> dict[str, str]:
 
     if is_single_device(config):
         return {"rollout": "local", "update": "local", "weight_sync": "local"}
+    from fusedrl.validate import uses_critic
+
     return {"rollout": "interstage" if interstage_enabled(config) else "ray",
-            "update": "fused" if config.fusion.intrastage else "1f1b",
+            "update": "fused" if config.fusion.intrastage and uses_critic(config) else "1f1b",
             "weight_sync": "realloc"}
 
 
@@ -204,8 +207,14 @@ def make_trainer(config, setup=None, stages: dict[str, str] | None = None):
     from fusedrl.stages import StageContext, build_stage
     from fusedrl.trainer import Stages, Trainer, build_setup
 
+    from fusedrl.validate import uses_critic
+
     setup = setup or build_setup(config)
     names = {**stage_names(config), **(stages or {})}
+    if config.fusion.intrastage and not uses_critic(config):
+        print(f"fusion.intrastage: off, algorithm.adv_estimator="
+              f"{config.algorithm.adv_estimator!r} trains no critic to fuse the actor with",
+              file=sys.stderr)
     if is_single_device(config):
         from fusedrl.local import LocalModels
 

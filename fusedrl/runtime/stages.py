@@ -29,12 +29,15 @@ from fusedrl.rollout import RolloutBatch
 from fusedrl.stages import RolloutOutput, StageContext, register_stage
 from fusedrl.update import merge_update_stats
 
-INFERENCE_CALLS = (("actor_infer", "logp"), ("ref", "logp"), ("critic_infer", "values"))
-"""The inference calls of an iteration (``reward``/``score`` joins with a reward model)."""
+INFERENCE_CALLS = (("actor_infer", "logp"), ("ref", "logp"), ("critic_infer", "values"),
+                   ("reward", "score"))
+"""The inference calls of an iteration, ``(role, kind)``."""
 
 
-def inference_calls(has_reward_model: bool) -> tuple[tuple[str, str], ...]:
-    return INFERENCE_CALLS + ((("reward", "score"),) if has_reward_model else ())
+def inference_calls(roles) -> tuple[tuple[str, str], ...]:
+    """The inference calls of a run with ``roles`` (no critic: no values; no reward
+    model: no scores)."""
+    return tuple(call for call in INFERENCE_CALLS if call[0] in roles)
 
 
 def ordered(outs) -> list:
@@ -48,14 +51,14 @@ class RayRollout:
 
     def __init__(self, cluster, config, setup):
         self.cluster, self.config, self.setup = cluster, config, setup
-        self.calls = inference_calls(cluster.spec.reward_config is not None)
+        self.calls = inference_calls(cluster.spec.roles)
 
     def run(self, requests, params) -> RolloutOutput:
         batch = RolloutBatch.from_samples(self.generate(requests, params),
                                           self.setup.tokenizer.pad_token_id)
         res = self.infer(batch)
         return RolloutOutput(batch, res["actor_infer", "logp"], res["ref", "logp"],
-                             res["critic_infer", "values"], res.get(("reward", "score")))
+                             res.get(("critic_infer", "values")), res.get(("reward", "score")))
 
     def generate(self, requests, params) -> list:
         """Samples of ``requests`` (in their order), request ``j`` on replica ``j % dp``."""
@@ -87,12 +90,17 @@ class RayUpdate:
 
     def __init__(self, cluster, config, fused: bool):
         self.cluster, self.config = cluster, config
-        self.name = "fused" if fused else "1f1b"
+        self.name = "fused" if fused and cluster.has_critic else "1f1b"
         self.fused = None
-        if fused:
+        if fused and cluster.has_critic:
             from fusedrl.intrastage import FusedTraining
 
             self.fused = FusedTraining(cluster)
+
+    def trained(self) -> list[tuple[str, str]]:
+        """``(model, training role)`` of the trained models (no critic: the actor)."""
+        return [(n, r) for n, r in (("actor", "actor_train"), ("critic", "critic_train"))
+                if r in self.cluster.spec.roles]
 
     def train(self, batch, targets, schedule) -> dict:
         cl = self.cluster
@@ -102,7 +110,7 @@ class RayUpdate:
             results, extra = self.fused.train(bref, tref, schedule)
         else:
             futures = {name: cl.submit(role, "train", [name], bref, tref, schedule)
-                       for name, role in (("actor", "actor_train"), ("critic", "critic_train"))}
+                       for name, role in self.trained()}
             results = {name: [o[name] if o else None for o in ray.get(f)]
                        for name, f in futures.items()}
         return {**merge_update_stats(results), **extra}
@@ -114,7 +122,7 @@ class RayUpdate:
         ``optim/``."""
         cl = self.cluster
         (directory / "optim").mkdir()
-        for role, name in (("actor_train", "actor"), ("critic_train", "critic")):
+        for name, role in self.trained():
             cl.run(role, "save_model", role, str(directory / name))
             ray.get([cl.workers[d].save_optimizer.remote(
                 role, str(directory / "optim" / f"{role}_device{d}.pt"))
@@ -127,7 +135,7 @@ class RayUpdate:
         """Each worker reads its shard of the weights and its optimizer shard (the run
         must use the placements it was saved with: checked by the caller)."""
         cl = self.cluster
-        for role, name in (("actor_train", "actor"), ("critic_train", "critic")):
+        for name, role in self.trained():
             cl.run(role, "load_model", role, str(directory / name))
             ray.get([cl.workers[d].load_optimizer.remote(
                 role, str(directory / "optim" / f"{role}_device{d}.pt"))

@@ -220,6 +220,7 @@ class Worker(InterStageWorker):
                 lr = c.ppo.actor_lr if role == "actor_train" else c.ppo.critic_lr
                 shard.optimizer = torch.optim.AdamW(model.parameters(), lr=lr,
                                                     weight_decay=c.ppo.weight_decay)
+                model.gradient_checkpointing = c.model.gradient_checkpointing
                 shard.reducer = GradReducer(model, groups)
             else:
                 model.requires_grad_(False)
@@ -436,7 +437,7 @@ class Worker(InterStageWorker):
                     train_1f1b(shard.model, g, [mb.input_ids for mb in mbs], loss_fn,
                                shard.reducer.arm if g.dp_group is not None else None)
 
-        out = run_update(schedule, models, forward_backward, targets, c.ppo,
+        out = run_update(schedule, models, forward_backward, targets, c,
                          c.generation.temperature)
         return {name: out[name] if self._reporting(shard) else None
                 for name, shard in shards.items()}
