@@ -63,8 +63,12 @@ def _table(result) -> None:
     cap = "none" if math.isinf(lb.memory_cap) else f"{lb.memory_cap:g}"
     plain = max(lb.node_subsets, lb.critical_path, lb.average_work)
     console.print(f"lower bound {lb.value:g} (memory cap {cap}; without a cap {plain:g}); "
+                  f"no schedule this short holds less than {result.memory_lower_bound:g}; "
                   f"1F1B side by side peak memory {result.side_by_side_peak:g}; "
                   f"searched {result.seconds:.1f} s")
+    reason = lb.gap_reason()
+    if reason:
+        console.print(reason)
 
 
 def schedule(
