@@ -8,9 +8,8 @@ GRPO's mean), on every response token. Critic-free.
 An estimator maps the batch's token rewards ``[B, T]``, the response mask ``[B, T]`` and
 ``index`` (the prompt id of each sample; ``actor.rollout_n`` samples share one) to
 ``(advantages, returns)``, both ``[B, T]``; keyword options it does not use (``values``,
-``gamma``, ``lam``, ...) land in ``**_``. ``needs_critic=False``: a run with it needs no
-critic. (The config check resolves the name through the registry; ``fusedrl.trainer``
-still computes GAE until the iteration calls the registry's estimator.)
+``gamma``, ``lam``, ...) land in ``**_``. ``needs_critic=False``: the run builds, places
+and checkpoints no critic.
 """
 
 import torch

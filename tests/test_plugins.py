@@ -163,6 +163,10 @@ def test_example_advantage_estimator_trains_without_a_critic(tmp_path, ray_sessi
                                                  "actor.rollout_n=2"])
     assert code == 0, output
     assert len(metrics) == 2
+    for m in metrics:  # the iteration used it: no critic, returns are the advantages
+        assert "critic/vf_loss" not in m and "critic/values/mean" not in m
+        assert m["critic/returns/mean"] == pytest.approx(m["critic/advantages/mean"])
+    assert not (tmp_path / "run" / "checkpoints" / "iter_2" / "critic").exists()
     # What the example computes: score minus its group's median, on every response token.
     import torch
 
