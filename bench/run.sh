@@ -86,7 +86,7 @@ scenario_cmd() {
     peer)
       # The natural workload (responses end at EOS): TRL's defaults vs fusedrl's `all`.
       "$PY" bench/peer_trl.py --workload natural --iterations "$(q 1 2)" \
-        --batch "$(q 16 32)" --response-length "$(q 128 192)" --out "$OUT/peer.json" ;;
+        --batch "$(q 8 16)" --response-length "$(q 128 192)" --out "$OUT/peer.json" ;;
     vllm_sync)
       if [ -x .venv-vllm/bin/python ]; then
         VLLM_CPU_OMP_THREADS_BIND=nobind VLLM_ENABLE_V1_MULTIPROCESSING=0 \
