@@ -76,6 +76,11 @@ class DataSection:
     """Number of prompts a built-in task generates."""
     max_prompt_len: int = 128
     """Prompts longer than this many tokens are an error."""
+    val_path: str = ""
+    """Validation prompts (.jsonl or .parquet, the same keys as ``path``); empty: a
+    built-in task's held-out split of ``val_size`` prompts (drawn with another seed)."""
+    val_size: int = 64
+    """Held-out prompts of a built-in task for validation (``trainer.val_every``)."""
 
     def __post_init__(self) -> None:
         from fusedrl.data.builtin import TASKS
@@ -87,6 +92,7 @@ class DataSection:
         _require(self.num_prompts >= 1, "data.num_prompts", self.num_prompts, "must be >= 1")
         _require(self.max_prompt_len >= 1, "data.max_prompt_len", self.max_prompt_len,
                  "must be >= 1")
+        _require(self.val_size >= 1, "data.val_size", self.val_size, "must be >= 1")
 
 
 @dataclass
@@ -337,6 +343,17 @@ class TrainerSection:
     """W&B project."""
     experiment_name: str = ""
     """W&B run name; empty: the output directory's name."""
+    val_every: int = 0
+    """Validate every N iterations (``val/score/mean`` on the validation prompts,
+    ``data.val_path`` or the task's held-out split, generated on the generation
+    placement); 0: never."""
+    val_before_train: bool = False
+    """Validate the initial policy before the first iteration (logged as iteration 0)."""
+    val_greedy: bool = True
+    """Validation decodes greedily; false samples as training does."""
+    log_samples: int = 0
+    """Write the first N prompt/response/reward triples of each iteration to
+    ``OUT/samples.jsonl``."""
     timeline_every: int = 0
     """Every N iterations write the iteration's per-device events as a timeline picture
     ``OUT/timeline/iter_N.png`` (one row per device, one colour per model call) and
@@ -347,8 +364,9 @@ class TrainerSection:
         _require(self.save_every >= 0, "trainer.save_every", self.save_every, "must be >= 0")
         _require(self.keep_checkpoints >= 0, "trainer.keep_checkpoints", self.keep_checkpoints,
                  "must be >= 0 (0 keeps all)")
-        _require(self.timeline_every >= 0, "trainer.timeline_every", self.timeline_every,
-                 "must be >= 0")
+        for key in ("timeline_every", "val_every", "log_samples"):
+            _require(getattr(self, key) >= 0, f"trainer.{key}", getattr(self, key),
+                     "must be >= 0")
 
 
 @dataclass

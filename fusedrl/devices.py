@@ -155,3 +155,16 @@ def to_host(obj):
 __all__ = ["auto_accelerator", "resolve", "device_of", "synchronize", "timer",
            "collective_backend", "backend_for", "cuda_local_index", "worker_device", "to_device",
            "to_host"]
+
+
+def peak_memory_metrics(device: torch.device) -> dict[str, float]:
+    """verl's memory metrics of this process: ``perf/max_memory_allocated_gb`` (the CUDA
+    caching allocator's peak) on a GPU, ``perf/cpu_memory_used_gb`` (peak resident set
+    size of the process) always."""
+    import resource
+
+    out = {"perf/cpu_memory_used_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+           * 1024 / 1e9}  # Linux reports KiB
+    if torch.device(device).type == "cuda":
+        out["perf/max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return out

@@ -71,11 +71,15 @@ class LocalRollout:
         self.config, self.setup, self.m = config, setup, models
 
     @torch.no_grad()
+    def generate(self, requests, params) -> list:
+        self.m.actor.eval()
+        with self.m.events.record("gen"):
+            return self.m.engine.generate(requests, params)
+
+    @torch.no_grad()
     def run(self, requests, params) -> RolloutOutput:
         m, c = self.m, self.config
-        m.actor.eval()
-        with m.events.record("gen"):
-            samples = m.engine.generate(requests, params)
+        samples = self.generate(requests, params)
         batch = RolloutBatch.from_samples(samples, self.setup.tokenizer.pad_token_id)
         batch = batch.to(m.device)
         width, temp = batch.response_mask.shape[1], c.generation.temperature

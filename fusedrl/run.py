@@ -455,6 +455,10 @@ def _loop(config: Config, trainer, out: Path, run: RunState, console: Console,
         trainer.load_checkpoint(run.ckpt)
         console.print(f"resumed from {run.ckpt} at iteration {trainer.iteration}")
     tracker = None
+    t = config.trainer
+    pending = []  # logged once the run directory is committed (after iteration 1's checks)
+    if t.val_before_train and trainer.iteration == 0:
+        pending.append({"iteration": 0, **trainer.validate()})
 
     total = config.trainer.iterations
     history = []
@@ -468,19 +472,27 @@ def _loop(config: Config, trainer, out: Path, run: RunState, console: Console,
                 metrics = trainer.step()
             except RewardError as e:  # name the iteration too; nothing of it was written
                 raise RewardError(f"iteration {trainer.iteration + 1}: {e}") from None
+            if t.val_every and (trainer.iteration % t.val_every == 0 or
+                                trainer.iteration == total):
+                metrics.update(trainer.validate())
             check_finite(metrics)
             if not committed:
                 writer.rewrite(run.lines)
                 write_atomic(out / "config.yaml", config_to_yaml(config))
                 committed = True
-                t = config.trainer
                 # jsonl always: --resume reads metrics.jsonl
                 tracker = Tracker(set(t.logger) | {"jsonl"}, out, project=t.project_name,
                                   experiment=t.experiment_name or None,
                                   config=config.to_dict(), total_steps=total,
                                   resume_step=metrics["iteration"] if run.ckpt else None)
+                for row in pending:
+                    tracker.log(row, row["iteration"])
             tracker.log(metrics, metrics["iteration"])
             history.append(metrics)
+            if t.log_samples:
+                with open(out / "samples.jsonl", "a") as f:
+                    for row in trainer.last_samples:
+                        f.write(json.dumps({"iteration": trainer.iteration, **row}) + "\n")
             every = config.trainer.timeline_every
             if every and trainer.iteration % every == 0:
                 write_timeline(trainer, out / "timeline" / f"iter_{trainer.iteration}")

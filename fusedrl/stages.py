@@ -66,12 +66,16 @@ class Rollout(Protocol):
     """Generation and inference of one iteration.
 
     Lifecycle: built once per run (after the models hold their initial weights);
-    :meth:`run` once per iteration; :meth:`close` once at the end.
+    :meth:`run` once per iteration (:meth:`generate` for validation, between
+    iterations); :meth:`close` once at the end.
     """
 
     def run(self, requests: list[Request], params: SamplingParams) -> RolloutOutput:
         """Generate ``requests`` and compute the inference results of every sample;
         the batch's rows follow ``requests``."""
+
+    def generate(self, requests: list[Request], params: SamplingParams) -> list:
+        """Samples of ``requests`` (in their order) without inference (validation)."""
 
     def close(self) -> None: ...
 

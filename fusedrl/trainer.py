@@ -28,7 +28,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -59,6 +59,8 @@ class Setup:
     actor_state: dict | None = None
     critic_state: dict | None = None
     extra: dict = field(default_factory=dict)
+    val_prompts: list[PromptRecord] = field(default_factory=list)
+    val_prompt_ids: list[list[int]] = field(default_factory=list)
 
 
 def _task(config: Config):
@@ -94,13 +96,15 @@ def build_setup(config: Config) -> Setup:
         prompts = task.build(config.data.num_prompts, config.trainer.seed)
     else:
         prompts = load_prompts(config.data.path, config.data.prompt_key, config.data.label_key)
-    prompt_ids = []
-    for i, rec in enumerate(prompts):
-        ids = tokenizer.render_prompt(rec.prompt, config.data.chat_template)
-        if len(ids) > config.data.max_prompt_len:
-            raise ValueError(f"prompt {i} has {len(ids)} tokens, more than config key "
-                             f"data.max_prompt_len={config.data.max_prompt_len}")
-        prompt_ids.append(ids)
+    prompt_ids = _render(prompts, tokenizer, config, "prompt")
+    val_prompts: list[PromptRecord] = []
+    if config.data.val_path:
+        val_prompts = load_prompts(config.data.val_path, config.data.prompt_key,
+                                   config.data.label_key)
+    elif task is not None and (config.trainer.val_every or config.trainer.val_before_train):
+        # a held-out split: the task's generator with another seed
+        val_prompts = task.build(config.data.val_size, config.trainer.seed + 7_777_777)
+    val_prompt_ids = _render(val_prompts, tokenizer, config, "validation prompt")
     need = config.data.max_prompt_len + config.generation.max_new_tokens
     if need > model_config.max_position_embeddings:
         raise ValueError(f"data.max_prompt_len + generation.max_new_tokens = {need} exceeds the "
@@ -116,7 +120,18 @@ def build_setup(config: Config) -> Setup:
             raise ValueError("config key reward.function is empty and data.task='file' has no "
                              "built-in reward: give reward.function or reward.type=model")
     return Setup(tokenizer, model_config, prompts, prompt_ids, reward_fn, actor_state,
-                 critic_state)
+                 critic_state, val_prompts=val_prompts, val_prompt_ids=val_prompt_ids)
+
+
+def _render(records: list[PromptRecord], tokenizer, config: Config, what: str) -> list:
+    out = []
+    for i, rec in enumerate(records):
+        ids = tokenizer.render_prompt(rec.prompt, config.data.chat_template)
+        if len(ids) > config.data.max_prompt_len:
+            raise ValueError(f"{what} {i} has {len(ids)} tokens, more than config key "
+                             f"data.max_prompt_len={config.data.max_prompt_len}")
+        out.append(ids)
+    return out
 
 
 @dataclass
@@ -139,6 +154,8 @@ class Stages:
     """The single-device models (:class:`fusedrl.local.LocalModels`), or None."""
     cluster: object = None
     """The Ray workers (:class:`fusedrl.runtime.cluster.RayCluster`), or None."""
+    peak_memory: Callable[[], dict] = dict
+    """Peak memory metrics of the processes that hold the models."""
 
 
 class Trainer:
@@ -165,6 +182,8 @@ class Trainer:
         self.iteration = 0  # iterations completed
         self.last_events: list[DeviceEvent] = []
         self.last_window = (0.0, 0.0)
+        self.last_samples: list[dict] = []  # trainer.log_samples of the last step
+        self.last_val_samples: list[dict] = []
 
     # ------------------------------------------------------------------ data
 
@@ -226,6 +245,10 @@ class Trainer:
         old_logp, ref_logp = out.old_logp.to(self.device), out.ref_logp.to(self.device)
         values = out.values.to(self.device) if out.values is not None else None
         scores = scores.to(self.device)
+        if c.trainer.log_samples:
+            self.last_samples = self.sample_rows(
+                batch, [s.prompts[i] for i in idx for _ in range(n)], scores,
+                c.trainer.log_samples)
 
         # 2. advantages: the estimator (algorithm.adv_estimator) over token rewards; the
         # KL to the reference is a reward penalty (PPO) unless it is a loss term (GRPO)
@@ -269,9 +292,21 @@ class Trainer:
         gen_inf = stage_overlap(events, "gen", "inference")
         if gen_inf is not None:
             timing["gen_inference_overlap"] = gen_inf
+        # verl's per-call timings: the seconds the busiest device spent in each call
+        for name, calls in CALL_TIMINGS.items():
+            busy = call_seconds(events, calls)
+            if busy is not None:
+                timing[name] = busy
 
         self.iteration += 1
-        rlen = batch.response_lens.float()
+        rlen, plen = batch.response_lens.float(), batch.prompt_lens.float()
+        extra = {"actor/lr": c.ppo.actor_lr,
+                 "prompt_length/mean": float(plen.mean()),
+                 "prompt_length/max": float(plen.max()),
+                 "prompt_length/min": float(plen.min())}
+        if values is not None:
+            extra["critic/lr"] = c.ppo.critic_lr
+            extra["critic/vf_explained_var"] = explained_variance(values, returns, mask)
         metrics = {
             "iteration": self.iteration,
             "critic/score/mean": float(scores.mean()),
@@ -289,6 +324,7 @@ class Trainer:
                 (batch.response_lens >= c.generation.max_new_tokens).float().mean()),
             "rollout/logprob_diff_max": float(
                 ((batch.gen_logprobs - old_logp).abs() * mask).max()),
+            **extra,
             **train_stats,
             **out.metrics,
             **sync_metrics,
@@ -296,8 +332,48 @@ class Trainer:
             "perf/total_num_tokens": batch.num_tokens(),
             "perf/throughput": batch.num_tokens() / timing["step"],
             "perf/device_utilization": device_utilization(events, st.devices, t_step, t_end),
+            **st.peak_memory(),
         }
         return metrics
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """``val/score/mean`` (and max, min, response length) of the current policy on the
+        validation prompts, generated on the generation placement (greedy unless
+        ``trainer.val_greedy`` is false). Sample streams of validation never meet
+        training's (ids from 2^40 up)."""
+        s, c = self.setup, self.config
+        if not s.val_prompts:
+            return {}
+        params = self.sampling_params()
+        if c.trainer.val_greedy:
+            params = replace(params, temperature=0.0, top_k=0, top_p=1.0)
+        requests = [Request((1 << 40) + self.iteration * len(s.val_prompts) + j, list(ids))
+                    for j, ids in enumerate(s.val_prompt_ids)]
+        samples = self.stages.rollout.generate(requests, params)
+        batch = RolloutBatch.from_samples(samples, s.tokenizer.pad_token_id)
+        if c.reward.type == "model":
+            scores = self.stages.rollout.run(requests, params).scores
+        else:
+            scores = self.rule_scores(batch, s.val_prompts)
+        self.last_val_samples = self.sample_rows(batch, s.val_prompts, scores)
+        self.stages.take_events()  # not part of the next iteration's timeline
+        return {"val/score/mean": float(scores.mean()), "val/score/max": float(scores.max()),
+                "val/score/min": float(scores.min()),
+                "val/response_length/mean": float(batch.response_lens.float().mean())}
+
+    def sample_rows(self, batch: RolloutBatch, records: list[PromptRecord], scores,
+                    limit: int | None = None) -> list[dict]:
+        """``{"prompt", "response", "score"}`` of the first ``limit`` rows, decoded."""
+        tok = self.setup.tokenizer
+        responses, mask = batch.response_ids().cpu(), batch.response_mask.cpu()
+        out = []
+        for b in range(min(len(records), limit if limit is not None else len(records))):
+            ids = [t for t in responses[b][mask[b] > 0].tolist() if t not in tok.eos_token_ids]
+            prompt = records[b].prompt
+            out.append({"prompt": prompt if isinstance(prompt, str) else prompt[-1]["content"],
+                        "response": tok.decode(ids), "score": float(scores[b])})
+        return out
 
     def rule_scores(self, batch: RolloutBatch, records: list[PromptRecord]) -> torch.Tensor:
         """Rule rewards: ``reward_fn(prompt, response, label)`` per sample, checked
@@ -345,3 +421,27 @@ class Trainer:
         """Stop the stages and the runtime (workers, Ray if this run started it)."""
         self.stages.close()
 
+
+CALL_TIMINGS = {"old_log_prob": ("logp:actor_infer",), "ref": ("logp:ref",),
+                "values": ("values",), "reward": ("score",),
+                "update_actor": ("train:actor", "F:actor", "B:actor"),
+                "update_critic": ("train:critic", "F:critic", "B:critic")}
+"""verl's ``timing_s/<name>`` and the timeline's calls it spans."""
+
+
+def call_seconds(events: list[DeviceEvent], calls: tuple[str, ...]) -> float | None:
+    """Seconds the busiest device spent in ``calls`` (their events summed per device;
+    None: no such event). Calls interleave (per micro-batch on one device, with other
+    calls under fusion), so a first-to-last span would overstate them."""
+    per_device: dict[int, float] = {}
+    for e in events:
+        if e.call in calls:
+            per_device[e.device] = per_device.get(e.device, 0.0) + (e.end - e.start)
+    return max(per_device.values()) if per_device else None
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """``1 - Var[R - V] / Var[R]`` over response tokens (verl's
+    ``critic/vf_explained_var``): 1 is a perfect critic, 0 a constant one."""
+    var_r = ppo.masked_var(returns, mask)
+    return float(1.0 - ppo.masked_var(returns - values, mask) / (var_r + 1e-8))

@@ -201,6 +201,12 @@ class InterStageRollout:
                              out.get(("critic_infer", "values")), out.get(("reward", "score")),
                              metrics=dict(result.metrics))
 
+    def generate(self, requests, params) -> list:
+        """Samples without inference (validation): the unfused replicas' generation."""
+        from fusedrl.runtime.stages import RayRollout
+
+        return RayRollout(self.cluster, self.config, self.setup).generate(requests, params)
+
     def close(self) -> None:
         """The workers stop with the cluster."""
 

@@ -183,6 +183,14 @@ class RayCluster:
         sync (``Worker.release_weights``)."""
         ray.get([f for k in keys for f in self.submit(k, "release_weights", k)])
 
+    def peak_memory(self) -> dict[str, float]:
+        """The largest peak over the workers, per memory metric."""
+        out: dict[str, float] = {}
+        for m in ray.get([w.peak_memory.remote() for w in self.workers]):
+            for k, v in m.items():
+                out[k] = max(out.get(k, 0.0), v)
+        return out
+
     def take_events(self) -> list:
         return [e for evs in ray.get([w.take_events.remote() for w in self.workers])
                 for e in evs]

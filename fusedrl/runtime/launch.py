@@ -204,6 +204,7 @@ def make_trainer(config, setup=None, stages: dict[str, str] | None = None):
     one device with trivial placements, else the Ray runtime's (every call on its own
     placement). Both honour ``cluster.accelerator``. ``stages`` overrides registry names
     (a user's own rollout, update or weight sync)."""
+    from fusedrl.devices import peak_memory_metrics
     from fusedrl.stages import StageContext, build_stage
     from fusedrl.trainer import Stages, Trainer, build_setup
 
@@ -224,7 +225,8 @@ def make_trainer(config, setup=None, stages: dict[str, str] | None = None):
         return Trainer(config, setup, Stages(
             built["rollout"], built["update"], built["weight_sync"],
             take_events=models.events.take, devices=[0], runtime="single",
-            device=models.device, close=built["rollout"].close, models=models))
+            device=models.device, close=built["rollout"].close, models=models,
+            peak_memory=lambda: peak_memory_metrics(models.device)))
 
     import fusedrl.interstage  # noqa: F401 - registers the stages
     import fusedrl.runtime.stages  # noqa: F401
@@ -240,4 +242,5 @@ def make_trainer(config, setup=None, stages: dict[str, str] | None = None):
     return Trainer(config, setup, Stages(
         built["rollout"], built["update"], built["weight_sync"],
         take_events=cluster.take_events, devices=list(cluster.devices), runtime="ray",
-        placements=dict(cluster.spec.placements), close=cluster.close, cluster=cluster))
+        placements=dict(cluster.spec.placements), close=cluster.close, cluster=cluster,
+        peak_memory=cluster.peak_memory))

@@ -449,6 +449,12 @@ class Worker(InterStageWorker):
 
         return worker_profile(self, batch, idx)
 
+    def peak_memory(self) -> dict[str, float]:
+        """This worker's peak memory (:func:`fusedrl.devices.peak_memory_metrics`)."""
+        from fusedrl.devices import peak_memory_metrics
+
+        return peak_memory_metrics(self.torch_device)
+
     def take_events(self) -> list:
         """This device's model-call events since the last call (:mod:`fusedrl.timeline`)."""
         return self.events.take()

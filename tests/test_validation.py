@@ -1,0 +1,42 @@
+"""Validation, logged samples and the iteration's extra metrics (verl's names)."""
+
+import json
+
+import pytest
+
+from fusedrl.config import ConfigError, load_config
+from fusedrl.run import train
+
+SMALL = ["ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.micro_batch_size=8",
+         "generation.max_new_tokens=6", "data.num_prompts=64", "trainer.iterations=2",
+         "ppo.actor_lr=0.003", "ppo.critic_lr=0.003"]
+
+
+def test_validation_samples_and_metrics(tmp_path):
+    cfg = load_config(None, SMALL + ["trainer.val_every=2", "trainer.val_before_train=true",
+                                     "data.val_size=8", "trainer.log_samples=3"])
+    hist = train(cfg, tmp_path, show_progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in lines] == [0, 1, 2]
+    assert set(lines[0]) == {"iteration", "val/score/mean", "val/score/max", "val/score/min",
+                             "val/response_length/mean"}
+    assert "val/score/mean" not in lines[1] and 0 <= lines[2]["val/score/mean"] <= 1
+    assert hist[-1]["val/score/mean"] == lines[2]["val/score/mean"]
+    for m in hist:  # verl's per-call timings, from the per-device events
+        for key in ("timing_s/old_log_prob", "timing_s/ref", "timing_s/values",
+                    "timing_s/update_actor", "timing_s/update_critic", "actor/lr",
+                    "critic/lr", "prompt_length/mean", "critic/vf_explained_var",
+                    "perf/cpu_memory_used_gb", "perf/device_utilization"):
+            assert key in m, key
+        assert 0 < m["timing_s/update_actor"] <= m["timing_s/train"]
+        assert 0 < m["perf/device_utilization"] <= 1
+    samples = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [s["iteration"] for s in samples] == [1, 1, 1, 2, 2, 2]
+    assert all(set(s) == {"iteration", "prompt", "response", "score"} for s in samples)
+
+
+def test_validation_keys_are_checked():
+    with pytest.raises(ConfigError, match="trainer.val_every=-1"):
+        load_config(None, ["trainer.val_every=-1"])
+    with pytest.raises(ConfigError, match="data.val_size=0"):
+        load_config(None, ["data.val_size=0"])
