@@ -1,0 +1,106 @@
+"""Learning curves: train each config for a wall-clock budget and record the validation
+score (``val/score/mean`` on held-out prompts) against training time and iterations.
+
+    python bench/learning.py --config configs/smollm2-arith.yaml \
+        --config configs/smollm2-arith-grpo.yaml --minutes 30 --val-every 5 \
+        [--set KEY=VALUE ...] [--out bench/results/learning]
+
+Writes ``OUT.json`` (one curve per config: iteration, training seconds, val score,
+train score) and ``OUT.png`` (validation score against wall time and against
+iterations, one line per algorithm). Training time excludes validation. The configs
+run one after the other (a learning curve is not a speed ratio: each run has the
+machine alone); the load average at the start and end of each run is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+
+def curve(config_path: str, overrides: list[str], minutes: float, val_every: int) -> dict:
+    from fusedrl.config import load_config
+    from fusedrl.runtime.launch import make_trainer
+
+    cfg = load_config(config_path, overrides + ["trainer.iterations=100000",
+                                                f"trainer.val_every={val_every}"])
+    label = f"{cfg.algorithm.adv_estimator} ({Path(config_path).stem})"
+    load = [os.getloadavg()[0]]
+    t = make_trainer(cfg)
+    points = []
+    try:
+        v = t.validate()
+        points.append({"iteration": 0, "train_s": 0.0, **v})
+        print(f"{label}: iteration 0 val {v['val/score/mean']:.3f}", flush=True)
+        spent, budget = 0.0, minutes * 60
+        while spent < budget:
+            t0 = time.perf_counter()
+            m = t.step()
+            spent += time.perf_counter() - t0
+            if t.iteration % val_every == 0 or spent >= budget:
+                v = t.validate()
+                points.append({"iteration": t.iteration, "train_s": spent,
+                               "train_score": m["critic/score/mean"], **v})
+                print(f"{label}: iteration {t.iteration} ({spent / 60:.1f} min) val "
+                      f"{v['val/score/mean']:.3f} train {m['critic/score/mean']:.3f}",
+                      flush=True)
+    finally:
+        t.close()
+    load.append(os.getloadavg()[0])
+    return {"label": label, "config": config_path, "overrides": overrides, "points": points,
+            "load_avg_start_end": load}
+
+
+def plot(curves: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for c in curves:
+        xs = [p["train_s"] / 60 for p in c["points"]]
+        its = [p["iteration"] for p in c["points"]]
+        ys = [p["val/score/mean"] for p in c["points"]]
+        a.plot(xs, ys, marker="o", label=c["label"])
+        b.plot(its, ys, marker="o", label=c["label"])
+    a.set_xlabel("training time (minutes, measured)")
+    b.set_xlabel("iteration")
+    a.set_ylabel("val/score/mean (held-out prompts)")
+    a.legend()
+    fig.suptitle("validation score (measured)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", action="append", required=True)
+    ap.add_argument("--minutes", type=float, default=30.0)
+    ap.add_argument("--val-every", type=int, default=5)
+    ap.add_argument("--set", action="append", default=[], dest="overrides")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--out", type=Path,
+                    default=Path(__file__).parent / "results" / "learning")
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    curves = [curve(c, args.overrides, args.minutes, args.val_every) for c in args.config]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"curves": curves}, indent=1))
+    plot(curves, args.out.with_suffix(".png"))
+    for c in curves:
+        p = c["points"]
+        print(f"{c['label']}: val {p[0]['val/score/mean']:.3f} -> {p[-1]['val/score/mean']:.3f}"
+              f" in {p[-1]['train_s'] / 60:.1f} min ({p[-1]['iteration']} iterations)")
+
+
+if __name__ == "__main__":
+    main()
