@@ -42,7 +42,9 @@ Reported per variant (``rows``), all *measured* unless the key says otherwise:
 median stage times ``timing_s/{gen,inference,train,realloc,step}``,
 ``device_utilization`` (median of the runtime's ``perf/device_utilization``: device-
 seconds inside model calls over device-seconds of the iteration, from per-device event
-timestamps; null when the runtime does not report it), ``speedup_vs_baseline``; and the
+timestamps; null when the runtime does not report it), ``speedup_vs_baseline``
+(samples/s over the baseline's) and ``speedup_vs_baseline_paired_median`` (median over
+rounds of the baseline's step time over the variant's in the same round); and the
 simulator's *prediction* for the variant on the same workload (:mod:`fusedrl.sim`,
 calibrated on this CPU, with the runtime overheads of :func:`~fusedrl.sim.overheads.
 profile_runtime`, on the variant's own layouts): ``predicted_step_s``,
@@ -343,6 +345,11 @@ def main() -> None:
             if "error" in row:
                 continue
             row["speedup_vs_baseline"] = row["samples_per_s"] / base["samples_per_s"]
+            # Paired per round (the two ran back to back): cancels the load's drift
+            # between rounds.
+            pairs = [b_ / v for b_, v in zip(base["step_s"], row["step_s"])]
+            row["speedup_vs_baseline_per_round"] = pairs
+            row["speedup_vs_baseline_paired_median"] = statistics.median(pairs)
             if "predicted_samples_per_s" in row and "predicted_samples_per_s" in base:
                 row["predicted_speedup_vs_baseline"] = (row["predicted_samples_per_s"]
                                                         / base["predicted_samples_per_s"])
@@ -365,15 +372,21 @@ def main() -> None:
     if gen_share is not None:
         log(f"baseline: generation is {gen_share:.0%} of the iteration (median)")
     log("wall " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))
-    log(f"{'variant':>11} {'samples/s':>9} {'x base':>6} {'gen':>6} {'infer':>6} {'train':>6} "
-        f"{'realloc':>7} {'step':>6} {'util':>5} | {'pred step':>9} {'pred/meas':>9}")
-    fmt = lambda v, w, p=2: f"{v:{w}.{p}f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"  # noqa: E731
+    log(f"{'variant':>11} {'samples/s':>9} {'x base':>6} {'paired':>6} {'gen':>6} "
+        f"{'infer':>6} {'train':>6} {'realloc':>7} {'step':>6} {'util':>5} | "
+        f"{'pred step':>9} {'pred/meas':>9}   (measured | predicted)")
+
+    def fmt(v, w: int) -> str:
+        return f"{v:{w}.2f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"
+
     for row in rows.values():
         if "error" in row:
             log(f"{row['variant']:>11} FAILED: {row['error']}")
             continue
         log(f"{row['variant']:>11} {fmt(row['samples_per_s'], 9)} "
-            f"{fmt(row.get('speedup_vs_baseline'), 6)} {fmt(row['timing_s/gen'], 6)} "
+            f"{fmt(row.get('speedup_vs_baseline'), 6)} "
+            f"{fmt(row.get('speedup_vs_baseline_paired_median'), 6)} "
+            f"{fmt(row['timing_s/gen'], 6)} "
             f"{fmt(row['timing_s/inference'], 6)} {fmt(row['timing_s/train'], 6)} "
             f"{fmt(row['timing_s/realloc'], 7)} {fmt(row['timing_s/step'], 6)} "
             f"{fmt(row['device_utilization'], 5)} | {fmt(row.get('predicted_step_s'), 9)} "
