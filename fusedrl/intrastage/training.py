@@ -1,7 +1,7 @@
 """Fused actor/critic training on shared workers (RLHFuse §5 intra-stage fusion).
 
-With ``placement.train_schedule: fused`` the controller does not run the actor's and
-then the critic's 1F1B; every worker of the (common) training placement runs both
+With ``fusion.intrastage: true`` the controller does not run the actor's and then the
+critic's 1F1B; every worker of the (common) training placement runs both
 models' micro-batches in one fused schedule:
 
 1. **Profile** (first training call of the run): each worker times a few forward and
@@ -13,13 +13,14 @@ models' micro-batches in one fused schedule:
    per stage the slowest replica / tp rank counts, per node the least free memory.
 2. **Solve** (once per micro-batch counts, cached): the problem of
    :func:`fusedrl.pipeline.fused_plan.build_problem` goes to the scheduler library
-   (:func:`fusedrl.scheduler.pipeline_schedule.solve`, a few seconds at most, stopping
-   at the lower bound; memory capped at the two 1F1B schedules side by side, or lower
-   where the measured free memory is shorter: RLHFuse §5's cap,
-   :func:`fusedrl.pipeline.fused_plan.solver_memory_cap`).
+   (:func:`fusedrl.scheduler.pipeline_schedule.solve`, a few seconds at most): the
+   shortest makespan first, then the lowest peak activation memory at that makespan
+   (RLHFuse §5's two phases), under the cap the measured free memory sets
+   (:func:`fusedrl.pipeline.fused_plan.solver_memory_cap`).
 3. **Execute** per mini-batch: each worker runs its node's task list
    (:func:`fusedrl.pipeline.fused.train_fused`), then reduces, clips and steps each
-   model exactly as the sequential path (:meth:`Worker.train`) does. The two models
+   model in the shared update loop (:func:`fusedrl.update.run_update`), as the
+   sequential path does. The two models
    are independent, so the weights after the step are those of training them one
    after the other (up to float summation order, which FIFO schedules keep).
 
