@@ -325,7 +325,7 @@ def summarize(times: list[list[float]], batch: int) -> dict:
 
 
 # Per workload: (batch, micro-batch, response length, PPO epochs, vocab, iterations, rounds)
-DEFAULTS = {"natural": (16, 4, 192, 1, 32, 2, 1), "fixed": (64, 16, 64, 2, 0, 3, 2)}
+DEFAULTS = {"natural": (16, 4, 192, 1, 32, 2, 2), "fixed": (64, 16, 64, 2, 0, 3, 2)}
 
 
 def main() -> None:
