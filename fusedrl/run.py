@@ -375,6 +375,14 @@ def describe_dead_worker(trainer, err) -> str:
         or {}
     actor_id = getattr(err, "actor_id", None)
     device = None
+    cluster = getattr(stages, "cluster", None)
+    if actor_id is not None and hasattr(cluster, "device_of_actor"):
+        device = cluster.device_of_actor(actor_id)
+        if device is not None:
+            served = ", ".join(cluster.roles_on(device))
+            return (f"Ray worker on device {device}" + (f" serving {served}" if served else "")
+                    + f" died: {_ray_cause(getattr(err, 'error_msg', err))} (exit 3; "
+                    f"continue with --resume)")
     for d, w in enumerate(workers):
         handle_id = getattr(w, "_actor_id", None)
         if actor_id is not None and handle_id is not None and handle_id.hex() == actor_id:

@@ -26,7 +26,8 @@ from fusedrl.run import (LOCK_NAME, NonFiniteError, RunLock, WorkerDiedError, de
 
 SMALL = ["ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.micro_batch_size=4",
          "generation.max_new_tokens=6", "data.num_prompts=64", "ppo.ppo_epochs=1"]
-TIMED = ("timing_s/", "perf/throughput", "perf/device_utilization")
+TIMED = ("timing_s/", "perf/throughput", "perf/device_utilization", "perf/cpu_memory_used_gb",
+         "perf/max_memory_allocated_gb")  # measured, not a function of the seed
 
 
 def small(*extra):

@@ -183,6 +183,17 @@ class RayCluster:
         sync (``Worker.release_weights``)."""
         ray.get([f for k in keys for f in self.submit(k, "release_weights", k)])
 
+    def device_of_actor(self, actor_id: str) -> int | None:
+        """The device whose worker is the Ray actor ``actor_id`` (hex), or None."""
+        for d, w in enumerate(self.workers):
+            if w._actor_id.hex() == actor_id:
+                return d
+        return None
+
+    def roles_on(self, device: int) -> list[str]:
+        """The roles (and one-device copies) placed on ``device``."""
+        return [r for r in (*self.spec.roles, *self.spec.serve) if device in self.devices_of(r)]
+
     def peak_memory(self) -> dict[str, float]:
         """The largest peak over the workers, per memory metric."""
         out: dict[str, float] = {}
