@@ -179,6 +179,16 @@ class PPOSection:
     """Samples per optimizer step (must divide ``rollout_batch_size x actor.rollout_n``)."""
     micro_batch_size: int = 16
     """Samples per forward/backward (gradient accumulation inside a mini-batch)."""
+    micro_batch_tokens: int = 0
+    """Token budget of a training micro-batch (0: off, ``micro_batch_size`` samples):
+    the mini-batch's samples sorted by length and packed into micro-batches of at most
+    this many padded tokens (rows x longest row), verl's ``ppo_max_token_len_per_gpu``.
+    The loss is unchanged: each micro-batch is weighted by its share of the
+    mini-batch's tokens or samples (``actor.loss_agg_mode``)."""
+    infer_micro_batch_tokens: int = 0
+    """Token budget of an inference micro-batch (old/reference log-probs, values,
+    scores), as ``micro_batch_tokens`` over the whole batch (0: off,
+    ``micro_batch_size`` samples)."""
     actor_lr: float = 1e-6
     """AdamW learning rate of the actor."""
     critic_lr: float = 1e-5
@@ -213,6 +223,9 @@ class PPOSection:
         for key in ("rollout_batch_size", "ppo_epochs", "mini_batch_size", "micro_batch_size"):
             v = getattr(self, key)
             _require(v >= 1, f"ppo.{key}", v, "must be >= 1")
+        for key in ("micro_batch_tokens", "infer_micro_batch_tokens"):
+            _require(getattr(self, key) >= 0, f"ppo.{key}", getattr(self, key),
+                     "must be >= 0 (0: off)")
         _require(self.mini_batch_size % self.micro_batch_size == 0, "ppo.micro_batch_size",
                  self.micro_batch_size, f"must divide ppo.mini_batch_size={self.mini_batch_size}")
         for key in ("actor_lr", "critic_lr"):

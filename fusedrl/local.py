@@ -22,12 +22,13 @@ from fusedrl.models.hub import resolve_model_path
 from fusedrl.rollout import RolloutBatch, infer_head
 from fusedrl.stages import RolloutOutput, StageContext, register_stage
 from fusedrl.timeline import EventLog
-from fusedrl.update import merge_update_stats, run_update
+from fusedrl.update import inference_micro_batches, merge_update_stats, run_update, unpermute
 
 
-def micro_indices(n: int, size: int) -> list[torch.Tensor]:
-    """Consecutive micro-batches of ``size`` rows over ``n`` rows (inference calls)."""
-    return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
+def micro_indices(batch: RolloutBatch, ppo_cfg) -> list[torch.Tensor]:
+    """The inference calls' micro-batches over ``batch`` (CPU row indices;
+    :func:`fusedrl.update.inference_micro_batches`)."""
+    return inference_micro_batches(batch, ppo_cfg)
 
 
 class LocalModels:
@@ -90,13 +91,14 @@ class LocalRollout:
         if m.reward_model is not None:
             calls.append(("score", m.reward_model, "score"))
         outs: dict[str, list] = {name: [] for name, _, _ in calls}
-        for idx in micro_indices(len(batch), c.ppo.micro_batch_size):
+        micros = micro_indices(batch, c.ppo)
+        for idx in micros:
             mb = batch.select(idx.to(m.device))
             for name, model, kind in calls:
                 with m.events.record(name):
                     outs[name].append(infer_head(kind, model(mb.input_ids), mb,
                                                  model.tp_group, width, temp))
-        cat = {k: torch.cat(v) for k, v in outs.items()}
+        cat = {k: unpermute(v, micros) for k, v in outs.items()}
         return RolloutOutput(batch, cat["logp:actor_infer"], cat["logp:ref"], cat.get("values"),
                              cat.get("score"))
 

@@ -44,7 +44,7 @@ from fusedrl.models.tokenizer import CharTokenizer, load_hf_tokenizer
 from fusedrl.rollout import RolloutBatch
 from fusedrl.stages import Rollout, RolloutOutput, Update, WeightSync
 from fusedrl.timeline import DeviceEvent, device_utilization, stage_overlap, stage_spans
-from fusedrl.update import minibatch_schedule
+from fusedrl.update import inference_micro_batches, minibatch_schedule, pad_ratio, seq_lengths
 
 
 @dataclass
@@ -274,7 +274,8 @@ class Trainer:
             targets["values"] = values
         if c.actor.use_kl_loss:
             targets["ref_logp"] = ref_logp
-        schedule = minibatch_schedule(len(batch), c.ppo, c.trainer.seed, it)
+        lengths = seq_lengths(batch).cpu()
+        schedule = minibatch_schedule(len(batch), c.ppo, c.trainer.seed, it, lengths)
         train_stats = st.update.train(batch, targets, schedule)
         wall["train"] = time.time() - t0
         t0 = time.time()
@@ -332,6 +333,9 @@ class Trainer:
             "perf/total_num_tokens": batch.num_tokens(),
             "perf/throughput": batch.num_tokens() / timing["step"],
             "perf/device_utilization": device_utilization(events, st.devices, t_step, t_end),
+            # padded / real tokens of the micro-batches the calls ran (1.0: no padding)
+            "perf/pad_ratio/inference": pad_ratio(inference_micro_batches(batch, c.ppo), lengths),
+            "perf/pad_ratio/train": pad_ratio([i for mb in schedule for i in mb], lengths),
             **st.peak_memory(),
         }
         return metrics

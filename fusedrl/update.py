@@ -21,20 +21,109 @@ from fusedrl.models.llama import gather_logits
 from fusedrl.rollout import RolloutBatch, response_logprobs_from, response_values_from
 
 
-def minibatch_schedule(n: int, ppo_cfg, seed: int, iteration: int) -> list[list[torch.Tensor]]:
+def micro_batches(rows: torch.Tensor, lengths: torch.Tensor, size: int,
+                  tokens: int = 0) -> list[torch.Tensor]:
+    """Split ``rows`` (indices into a batch whose sequence lengths are ``lengths``) into
+    micro-batches: ``tokens == 0``, consecutive runs of ``size`` rows in their order;
+    ``tokens > 0``, a token budget (verl's ``ppo_max_token_len_per_gpu``): rows sorted by
+    length, longest first (a stable sort, so equal lengths keep their order), each
+    micro-batch filled while its padded tokens -- rows x its longest row, what a
+    right-padded forward computes -- stay within ``tokens``. Grouping by length is what
+    removes the padding of a long-tailed batch; a row longer than the budget goes alone."""
+    if tokens <= 0:
+        return [rows[k:k + size] for k in range(0, len(rows), size)]
+    lens = lengths[rows].tolist()
+    order = sorted(range(len(rows)), key=lambda i: -lens[i])
+    out, cur, longest = [], [], 0
+    for i in order:
+        if cur and (len(cur) + 1) * max(longest, lens[i]) > tokens:
+            out.append(rows[torch.tensor(cur, dtype=torch.long, device=rows.device)])
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, lens[i])
+    if cur:
+        out.append(rows[torch.tensor(cur, dtype=torch.long, device=rows.device)])
+    return out
+
+
+def padded_tokens(micros: list[torch.Tensor], lengths: torch.Tensor) -> list[int]:
+    """Tokens each micro-batch computes right-padded: rows x its longest row."""
+    return [len(idx) * int(lengths[idx].max()) if len(idx) else 0 for idx in micros]
+
+
+def pad_ratio(micros: list[torch.Tensor], lengths: torch.Tensor) -> float:
+    """Padded tokens / real tokens over ``micros`` (1.0: no padding)."""
+    real = sum(int(lengths[idx].sum()) for idx in micros)
+    return sum(padded_tokens(micros, lengths)) / real if real else 1.0
+
+
+def assign_dp(costs: list[int], dp: int) -> list[int]:
+    """The dp rank of each micro-batch, balancing the ranks' summed ``costs`` (padded
+    tokens): greedy longest-first (LPT), the costliest micro-batch to the least-loaded
+    rank (ties: the lower rank), as RLHFuse balances mini-batches by length (Zhong et
+    al. 2024, sec. 4). A pure function of ``costs``, so every rank computes the same
+    assignment; equal costs give micro-batch ``k`` to rank ``k % dp``."""
+    if dp < 1:
+        raise ValueError(f"assign_dp: dp={dp} must be >= 1")
+    owner, load = [0] * len(costs), [0] * dp
+    for k in sorted(range(len(costs)), key=lambda k: (-costs[k], k)):
+        d = min(range(dp), key=lambda r: (load[r], r))
+        owner[k], load[d] = d, load[d] + costs[k]
+    return owner
+
+
+def dp_micro_batches(micros: list[torch.Tensor], lengths: torch.Tensor,
+                     dp: int) -> list[list[tuple[int, torch.Tensor]]]:
+    """Per dp rank, its micro-batches ``(k, rows)`` in schedule order, assigned by
+    :func:`assign_dp` on their padded tokens."""
+    lengths = lengths.cpu()
+    owner = assign_dp(padded_tokens([idx.cpu() for idx in micros], lengths), dp)
+    ranks: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(dp)]
+    for k, idx in enumerate(micros):
+        ranks[owner[k]].append((k, idx))
+    return ranks
+
+
+def seq_lengths(batch: RolloutBatch) -> torch.Tensor:
+    """[B] tokens of each row (prompt + response): what a forward over it computes."""
+    return batch.prompt_lens + batch.response_lens
+
+
+def inference_micro_batches(batch: RolloutBatch, ppo_cfg) -> list[torch.Tensor]:
+    """The inference calls' micro-batches over ``batch`` (CPU row indices):
+    ``ppo.micro_batch_size`` consecutive rows, or rows grouped by length within
+    ``ppo.infer_micro_batch_tokens`` padded tokens (:func:`micro_batches`)."""
+    return micro_batches(torch.arange(len(batch)), seq_lengths(batch).cpu(),
+                         ppo_cfg.micro_batch_size, ppo_cfg.infer_micro_batch_tokens)
+
+
+def minibatch_schedule(n: int, ppo_cfg, seed: int, iteration: int,
+                       lengths: torch.Tensor | None = None) -> list[list[torch.Tensor]]:
     """Per mini-batch (``ppo_epochs`` passes over a shuffle of ``n`` samples), its
-    micro-batches' row indices. Drawn on a CPU generator seeded by ``(seed,
-    iteration)``: the same shuffle on every device and every runtime, and a resumed run
-    repeats it."""
+    micro-batches' row indices (:func:`micro_batches`: ``ppo.micro_batch_size`` rows, or
+    ``ppo.micro_batch_tokens`` padded tokens of rows grouped by ``lengths``). Drawn on
+    a CPU generator seeded by ``(seed, iteration)``: the same shuffle on every device
+    and every runtime, and a resumed run repeats it."""
+    tokens = ppo_cfg.micro_batch_tokens
+    if tokens and lengths is None:
+        raise ValueError("minibatch_schedule: ppo.micro_batch_tokens needs the batch's lengths")
+    lengths = lengths.cpu() if lengths is not None else torch.zeros(n, dtype=torch.long)
     gen = torch.Generator().manual_seed(seed * 7919 + iteration)
     out = []
     for _ in range(ppo_cfg.ppo_epochs):
         perm = torch.randperm(n, generator=gen)
         for start in range(0, n, ppo_cfg.mini_batch_size):
             mini = perm[start:start + ppo_cfg.mini_batch_size]
-            out.append([mini[k:k + ppo_cfg.micro_batch_size]
-                        for k in range(0, len(mini), ppo_cfg.micro_batch_size)])
+            out.append(micro_batches(mini, lengths, ppo_cfg.micro_batch_size, tokens))
     return out
+
+
+def unpermute(parts: list[torch.Tensor], micros: list[torch.Tensor]) -> torch.Tensor:
+    """Per-row results of micro-batches ``micros`` (together a permutation of the
+    batch's rows), concatenated back into row order."""
+    order = torch.cat([idx.cpu() for idx in micros])
+    cat = torch.cat(parts)
+    return cat[torch.argsort(order).to(cat.device)]
 
 
 def actor_loss(out: torch.Tensor, mb: RolloutBatch, idx: torch.Tensor, targets: dict,

@@ -135,17 +135,23 @@ class FusedTraining:
         self.results[counts] = result
         self.plans[counts] = node_tasks(result, len(self.smap))
 
-    def counts(self, micros: list) -> list[tuple[int, int]]:
-        """Micro-batch counts (actor, critic) of each dp replica of one mini-batch."""
-        dp = self.actor.layout.dp
-        return [(n, n) for n in (len(range(d, len(micros), dp)) for d in range(dp))]
+    def counts(self, micros: list, lengths) -> list[tuple[int, int]]:
+        """Micro-batch counts (actor, critic) of each dp replica of one mini-batch (the
+        workers' balanced assignment, :func:`fusedrl.update.dp_micro_batches`)."""
+        from fusedrl.update import dp_micro_batches
+
+        return [(len(r), len(r)) for r in dp_micro_batches(micros, lengths,
+                                                            self.actor.layout.dp)]
 
     def train(self, bref, data, schedule: list[list]) -> tuple[dict, dict]:
         """Run one PPO update of both models; ``({name: [per-worker result]}, stats)``
         with the predicted makespans of the fused and the sequential 1F1B schedules."""
         if self.profile is None:
             self._profile(bref, schedule[0][0])
-        shapes = sorted({c for micros in schedule for c in self.counts(micros)})
+        from fusedrl.update import seq_lengths
+
+        lengths = seq_lengths(ray.get(bref))
+        shapes = sorted({c for micros in schedule for c in self.counts(micros, lengths)})
         for c in shapes:
             if c not in self.plans and min(c) > 0:
                 self._solve(c)

@@ -27,7 +27,7 @@ import torch
 from fusedrl.local import micro_indices
 from fusedrl.rollout import RolloutBatch
 from fusedrl.stages import RolloutOutput, StageContext, register_stage
-from fusedrl.update import merge_update_stats
+from fusedrl.update import merge_update_stats, unpermute
 
 INFERENCE_CALLS = (("actor_infer", "logp"), ("ref", "logp"), ("critic_infer", "values"),
                    ("reward", "score"))
@@ -73,12 +73,12 @@ class RayRollout:
         """``{(role, kind): result}`` of every inference call on ``batch``, the calls
         submitted together (concurrent where their devices differ)."""
         cl = self.cluster
-        micros = micro_indices(len(batch), self.config.ppo.micro_batch_size)
+        micros = micro_indices(batch, self.config.ppo)
         ref = ray.put(batch)
         temp = self.config.generation.temperature
         futures = {(role, kind): cl.submit(role, "infer", role, kind, ref, micros, temp)
                    for role, kind in self.calls}
-        return {call: torch.cat(ordered(ray.get(f))) for call, f in futures.items()}
+        return {call: unpermute(ordered(ray.get(f)), micros) for call, f in futures.items()}
 
     def close(self) -> None:
         """The workers stop with the cluster."""

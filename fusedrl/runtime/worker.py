@@ -309,10 +309,13 @@ class Worker(InterStageWorker):
         """The rank that returns a replica's results: last stage, tp rank 0."""
         return shard.groups.is_last and shard.groups.coord.tp == 0
 
-    def _mine(self, shard: Shard, micros: list) -> list[tuple[int, torch.Tensor]]:
-        """Micro-batch ``k`` goes to dp rank ``k % dp``."""
+    def _mine(self, shard: Shard, micros: list, batch) -> list[tuple[int, torch.Tensor]]:
+        """This dp rank's micro-batches ``(k, rows)``: the ranks' padded tokens balanced
+        (:func:`fusedrl.update.dp_micro_batches`, the same on every rank)."""
+        from fusedrl.update import dp_micro_batches, seq_lengths
+
         dp, d = shard.groups.placement.layout.dp, shard.groups.coord.dp
-        return [(k, idx) for k, idx in enumerate(micros) if k % dp == d]
+        return dp_micro_batches(micros, seq_lengths(batch), dp)[d]
 
     def generation_backend(self, role: str):
         """The generation backend (``generation.backend``) of this device's stage-0 rank of
@@ -385,7 +388,7 @@ class Worker(InterStageWorker):
         # indices too, as the single-device trainer does (no host-to-device copy per use)
         batch, micros = to_device((batch, micros), self.torch_device)
         shard = self.shards[role]
-        mine = self._mine(shard, micros)
+        mine = self._mine(shard, micros, batch)
         mbs = [batch.select(idx) for _, idx in mine]
         width = batch.response_mask.shape[1]
         tp_group = shard.model.tp_group
@@ -421,7 +424,7 @@ class Worker(InterStageWorker):
         def forward_backward(m, micros, loss):
             work = {}
             for name, shard in shards.items():
-                mine = self._mine(shard, micros)
+                mine = self._mine(shard, micros, batch)
                 mbs = [batch.select(idx) for _, idx in mine]
                 work[name] = (mine, mbs, lambda out, i, name=name, mine=mine, mbs=mbs:
                               loss(name, out, mbs[i], mine[i][1], mine[i][0]))
