@@ -620,3 +620,55 @@ def test_next_start_cleans_up_the_local_ray_of_a_sigkilled_driver(tmp_path, monk
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status()
                    != psutil.STATUS_ZOMBIE for pid in killed)
     assert not record.exists() and live.exists()  # the live driver (this test) untouched
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_sigkill_of_a_ray_run_then_resume_matches_the_uninterrupted_run(tmp_path):
+    """A 2-device Ray run (generation dp2 with inter-stage fusion, training pp2) whose
+    driver is SIGKILLed once its first checkpoint exists, then resumed with --resume in
+    a new process: the same metrics (timings aside) and final weights as a run that was
+    never killed; nothing of the killed run is left behind."""
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    args = sum((["--set", s] for s in SMALL + [
+        "trainer.iterations=3", "trainer.save_every=1", "cluster.devices=2",
+        "placement.default=dp1tp1pp2@0-1", "placement.actor_gen=dp2tp1pp1@0-1"]), [])
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+
+    def start(out, *extra):
+        return subprocess.Popen([sys.executable, "-m", "fusedrl", "train", *args, "--out",
+                                 str(out), *extra], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env=env)
+
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    p = start(ref)
+    assert p.wait(timeout=900) == 0, p.stderr.read()[-2000:]
+    p = start(out)
+    deadline = time.monotonic() + 900
+    while latest_checkpoint(out) is None and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert p.poll() is None, "the run ended before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    p = start(out, "--resume")
+    assert p.wait(timeout=900) == 0, p.stderr.read()[-2000:]
+    got, want = read_metrics(out), read_metrics(ref)
+    assert [m["iteration"] for m in got] == [1, 2, 3]
+    for a, b in zip(untimed(want), untimed(got)):
+        assert a.keys() == b.keys()
+        for k in a:
+            if k.startswith("interstage/"):  # when the tail migrates follows measured times
+                continue
+            # inference micro-batches follow finish order: equal up to float reassociation
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+    for part in ("actor", "critic"):
+        a = load_file(ref / f"checkpoints/iter_3/{part}/model.safetensors")
+        b = load_file(out / f"checkpoints/iter_3/{part}/model.safetensors")
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=f"{part} {k}")
+    assert not (out / LOCK_NAME).exists()
