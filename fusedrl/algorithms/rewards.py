@@ -128,6 +128,7 @@ def load_reward_fn(spec: str) -> RewardFn:
     file is missing or fails to import, the function does not exist, or the attribute
     is not callable.
     """
+    what = "reward function"
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(
             "reward function must be 'module:function' or one of "
