@@ -121,3 +121,34 @@ def test_vllm_migration_keeps_the_sampled_tokens(ray_session):
                                        rtol=1e-4, atol=1e-5)
     finally:
         t.close()
+
+
+@needs_vllm
+def test_resume_on_ray_workers_generates_from_the_restored_weights(tmp_path):
+    """vLLM engines on two Ray workers keep their own copy of the actor: after --resume
+    the reallocation engine refills them from the restored training shards, so the
+    resumed iteration equals the uninterrupted one (each run in its own process)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    args = sum((["--set", s] for s in BASE + [
+        "cluster.devices=2", "placement.default=dp1tp1pp1@0",
+        "placement.actor_gen=dp2tp1pp1@0-1", "fusion.interstage=false",
+        "trainer.save_every=1"]), [])
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+
+    def run(out, iterations, *extra):
+        proc = subprocess.run([sys.executable, "-m", "fusedrl.cli", "train", *args, "--set",
+                               f"trainer.iterations={iterations}", "--out", str(out), *extra],
+                              capture_output=True, text=True, timeout=900, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    full = run(tmp_path / "full", 2)
+    run(tmp_path / "cut", 1)
+    a, b = full[1], run(tmp_path / "cut", 2, "--resume")[1]
+    for key in ("response_length/mean", "critic/score/mean", "actor/pg_loss", "actor/ppo_kl"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert b["rollout/logprob_diff_max"] < LOGPROB_TOL
