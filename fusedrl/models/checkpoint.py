@@ -308,9 +308,10 @@ def special_token_ids(tokenizer) -> dict:
     """``bos_token_id``/``eos_token_id``/``pad_token_id`` of a fusedrl tokenizer, as
     Hugging Face configs name them. ``eos_token_id`` lists every id the engine stops at
     (a chat model's end-of-turn as well as its eos), so ``generate()`` stops there too."""
-    if not hasattr(tokenizer, "eos_token_ids"):  # a transformers tokenizer itself
-        from fusedrl.models.tokenizer import HFTokenizer
+    from fusedrl.models.tokenizer import CharTokenizer, HFTokenizer
 
+    # a transformers tokenizer itself (transformers 5 answers eos_token_ids with an int)
+    if not isinstance(tokenizer, (CharTokenizer, HFTokenizer)):
         tokenizer = HFTokenizer(tokenizer)
     eos = sorted(int(t) for t in tokenizer.eos_token_ids)
     ids = {"eos_token_id": eos[0] if len(eos) == 1 else eos,

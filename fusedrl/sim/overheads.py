@@ -192,7 +192,8 @@ def profile_runtime(preset: str, *, devices: int = 2, micro_batch_size: int = 8,
             b = sub(n)
             R = b.response_mask.shape[1]
             data = {"old_logp": torch.zeros(n, R), "values": torch.zeros(n, R),
-                    "advantages": torch.randn(n, R), "returns": torch.randn(n, R)}
+                    "advantages": torch.randn(n, R), "returns": torch.randn(n, R),
+                    "response_mask": b.response_mask}
             trainer.config.ppo.mini_batch_size = u * mb * devices
             schedule = minibatch_schedule(n, trainer.config.ppo, seed, 0)
             update.train(b, data, schedule)
