@@ -25,12 +25,6 @@ from fusedrl.timeline import EventLog
 from fusedrl.update import inference_micro_batches, merge_update_stats, run_update, unpermute
 
 
-def micro_indices(batch: RolloutBatch, ppo_cfg) -> list[torch.Tensor]:
-    """The inference calls' micro-batches over ``batch`` (CPU row indices;
-    :func:`fusedrl.update.inference_micro_batches`)."""
-    return inference_micro_batches(batch, ppo_cfg)
-
-
 class LocalModels:
     """Actor, critic, reference, optional reward model and the generation backend of a
     single-device run, built from the setup's weights on ``device_of(config)``."""
@@ -91,7 +85,7 @@ class LocalRollout:
         if m.reward_model is not None:
             calls.append(("score", m.reward_model, "score"))
         outs: dict[str, list] = {name: [] for name, _, _ in calls}
-        micros = micro_indices(batch, c.ppo)
+        micros = inference_micro_batches(batch, c.ppo)
         for idx in micros:
             mb = batch.select(idx.to(m.device))
             for name, model, kind in calls:

@@ -366,32 +366,33 @@ class Trainer:
                 "val/score/min": float(scores.min()),
                 "val/response_length/mean": float(batch.response_lens.float().mean())}
 
-    def sample_rows(self, batch: RolloutBatch, records: list[PromptRecord], scores,
-                    limit: int | None = None) -> list[dict]:
-        """``{"prompt", "response", "score"}`` of the first ``limit`` rows, decoded."""
+    def decoded(self, batch: RolloutBatch, records: list[PromptRecord],
+                limit: int | None = None) -> list[tuple[str, str]]:
+        """``(prompt text, response text)`` of the first ``limit`` rows, the response
+        without its stop tokens. Token ids are read in Python: one copy to the host, not
+        one per row."""
         tok = self.setup.tokenizer
         responses, mask = batch.response_ids().cpu(), batch.response_mask.cpu()
         out = []
         for b in range(min(len(records), limit if limit is not None else len(records))):
             ids = [t for t in responses[b][mask[b] > 0].tolist() if t not in tok.eos_token_ids]
             prompt = records[b].prompt
-            out.append({"prompt": prompt if isinstance(prompt, str) else prompt[-1]["content"],
-                        "response": tok.decode(ids), "score": float(scores[b])})
+            out.append((prompt if isinstance(prompt, str) else prompt[-1]["content"],
+                        tok.decode(ids)))
         return out
+
+    def sample_rows(self, batch: RolloutBatch, records: list[PromptRecord], scores,
+                    limit: int | None = None) -> list[dict]:
+        """``{"prompt", "response", "score"}`` of the first ``limit`` rows, decoded."""
+        return [{"prompt": prompt, "response": response, "score": float(scores[b])}
+                for b, (prompt, response) in enumerate(self.decoded(batch, records, limit))]
 
     def rule_scores(self, batch: RolloutBatch, records: list[PromptRecord]) -> torch.Tensor:
         """Rule rewards: ``reward_fn(prompt, response, label)`` per sample, checked
         (:func:`fusedrl.algorithms.rewards.call_reward`)."""
-        tok = self.setup.tokenizer
-        out = []
-        # Rule rewards read token ids in Python: one copy to the host, not one per row.
-        responses, mask = batch.response_ids().cpu(), batch.response_mask.cpu()
-        for b, rec in enumerate(records):
-            ids = responses[b][mask[b] > 0].tolist()
-            ids = [t for t in ids if t not in tok.eos_token_ids]
-            prompt = rec.prompt if isinstance(rec.prompt, str) else rec.prompt[-1]["content"]
-            out.append(call_reward(self.setup.reward_fn, b, prompt, tok.decode(ids),
-                                   rec.label))
+        out = [call_reward(self.setup.reward_fn, b, prompt, response, rec.label)
+               for b, ((prompt, response), rec) in enumerate(
+                   zip(self.decoded(batch, records), records))]
         return torch.tensor(out, device=self.device)
 
     # ------------------------------------------------------------- state

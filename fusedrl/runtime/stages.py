@@ -24,10 +24,9 @@ from pathlib import Path
 import ray
 import torch
 
-from fusedrl.local import micro_indices
 from fusedrl.rollout import RolloutBatch
 from fusedrl.stages import RolloutOutput, StageContext, register_stage
-from fusedrl.update import merge_update_stats, unpermute
+from fusedrl.update import inference_micro_batches, merge_update_stats, unpermute
 
 INFERENCE_CALLS = (("actor_infer", "logp"), ("ref", "logp"), ("critic_infer", "values"),
                    ("reward", "score"))
@@ -73,7 +72,7 @@ class RayRollout:
         """``{(role, kind): result}`` of every inference call on ``batch``, the calls
         submitted together (concurrent where their devices differ)."""
         cl = self.cluster
-        micros = micro_indices(batch, self.config.ppo)
+        micros = inference_micro_batches(batch, self.config.ppo)
         ref = ray.put(batch)
         temp = self.config.generation.temperature
         futures = {(role, kind): cl.submit(role, "infer", role, kind, ref, micros, temp)
