@@ -317,6 +317,14 @@ class FusionSection:
     interstage_steps: int = 4
     """Engine steps a generation instance runs per controller round trip (fewer:
     finished samples reach inference sooner; more: less dispatch overhead)."""
+    migration: str = "auto"
+    """How a long-tail sample moves to its destination instance when inter-stage fusion
+    migrates it (RLHFuse §4): ``kv`` sends its KV cache over the worker group (the
+    native engine; bucketed, :mod:`fusedrl.interstage.kv_migration`), ``reprefill``
+    re-reads prompt + generated tokens on the destination, ``auto`` picks per sample
+    whichever the calibrated cost model (``GenCostModel.kv_transfer_s`` against
+    ``reprefill_s``, the simulator's) says is cheaper. Tokens and log-probs are those of
+    an unmigrated run either way; backends without KV export (vLLM) re-prefill."""
     intrastage: bool = False
     """Intra-stage fusion (RLHFuse §5, :mod:`fusedrl.intrastage`): actor and critic
     trained together in one fused pipeline schedule; each worker of the training
@@ -330,6 +338,8 @@ class FusionSection:
     def __post_init__(self) -> None:
         _require(self.interstage_steps >= 1, "fusion.interstage_steps",
                  self.interstage_steps, "must be >= 1")
+        _require(self.migration in ("auto", "kv", "reprefill"), "fusion.migration",
+                 self.migration, "must be one of auto, kv, reprefill")
 
 
 @dataclass
