@@ -3,7 +3,7 @@ searched plan against Xiao et al.'s three placement strategies, as ``fusedrl tra
 runs them, with the predicted times beside them.
 
 One run: the search of ``fusedrl train --plan auto`` (roofline calibrated on this
-CPU, restricted to plans the runtime executes, :mod:`fusedrl.plan_apply`) gives the
+CPU, restricted to plans the runtime executes, :mod:`fusedrl.cli.plan`) gives the
 searched plan and the tuned strategies (flattening, interleaving, separation); each
 is written to a plan file and trained with ``fusedrl train --plan FILE`` for
 ``--iterations`` iterations in a subprocess (its own local Ray instance); the real
@@ -67,9 +67,9 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-    from fusedrl.cli import DEFAULT_CONFIG
+    from fusedrl.cli.common import DEFAULT_CONFIG
     from fusedrl.config import load_config
-    from fusedrl.plan_apply import RUNTIME_RESTRICTIONS, auto_plan
+    from fusedrl.cli.plan import RUNTIME_RESTRICTIONS, auto_plan
     from fusedrl.scheduler.plan_search import STRATEGIES
 
     overrides = list(args.set if args.set is not None else DEFAULT_SET)

@@ -1,3 +1,3 @@
-from fusedrl.cli import main
+from fusedrl.cli.main import main
 
 main()

@@ -172,7 +172,7 @@ def test_checkpoint_files_are_group_readable_whatever_the_umask(tmp_path):
 
 
 def test_training_checkpoint_is_inference_ready(tmp_path):
-    from fusedrl.run import train
+    from fusedrl.cli.train import train
 
     cfg = load_config(None, ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=4",
                              "ppo.micro_batch_size=4", "generation.max_new_tokens=4",

@@ -6,7 +6,7 @@ from fusedrl.config import ConfigError, load_config
 
 
 def test_default_file_loads():
-    from fusedrl.cli import DEFAULT_CONFIG
+    from fusedrl.cli.common import DEFAULT_CONFIG
 
     cfg = load_config(DEFAULT_CONFIG)
     assert cfg.data.task == "repeat" and cfg.model.preset == "tiny"

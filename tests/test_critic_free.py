@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fusedrl.config import load_config
-from fusedrl.run import train
+from fusedrl.cli.train import train
 
 GRPO = ["algorithm.adv_estimator=grpo", "actor.rollout_n=4", "ppo.rollout_batch_size=4",
         "ppo.mini_batch_size=8", "ppo.micro_batch_size=4", "generation.max_new_tokens=6",

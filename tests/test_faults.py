@@ -18,10 +18,11 @@ from typer.testing import CliRunner
 
 from fusedrl.algorithms.rewards import RewardError
 from fusedrl.checkpointing import check_resumable, latest_checkpoint
-from fusedrl.cli import DEFAULT_CONFIG, app
+from fusedrl.cli.common import DEFAULT_CONFIG
+from fusedrl.cli.main import app
 from fusedrl.config import ConfigError, load_config
 from fusedrl.models.checkpoint import CheckpointError
-from fusedrl.run import (LOCK_NAME, NonFiniteError, RunLock, WorkerDiedError, describe_dead_worker,
+from fusedrl.cli.train import (LOCK_NAME, NonFiniteError, RunLock, WorkerDiedError, describe_dead_worker,
                          train)
 
 SMALL = ["ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.micro_batch_size=4",

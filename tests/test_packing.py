@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fusedrl.config import ConfigError, load_config
-from fusedrl.run import train
+from fusedrl.cli.train import train
 from fusedrl.update import (assign_dp, dp_micro_batches, micro_batches, minibatch_schedule,
                             pad_ratio, padded_tokens, unpermute)
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from fusedrl.cli import app
+from fusedrl.cli.main import app
 from fusedrl.config import load_config
 from fusedrl.layout import ParallelLayout, Placement
 from fusedrl.models.config import PRESETS

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fusedrl.cli import app
+from fusedrl.cli.main import app
 from fusedrl.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]

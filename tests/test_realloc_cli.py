@@ -9,7 +9,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from fusedrl.cli import app
+from fusedrl.cli.main import app
 
 
 def test_realloc_tiny_verified():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fusedrl.config import ConfigError, load_config
-from fusedrl.run import train
+from fusedrl.cli.train import train
 
 # tests/test_train.py's SMALL config with a learning rate that moves the weights, so
 # that a stale generation/inference copy would show in the second iteration.

@@ -273,7 +273,7 @@ def _equivalent(ref_hist, hist, rel=1e-3):
 @pytest.fixture(scope="module")
 def cuda_reference(tmp_path_factory):
     """The single-device trainer on GPU 0: the numbers every GPU layout must give."""
-    from fusedrl.run import train
+    from fusedrl.cli.train import train
 
     return train(load_config(None, SMALL + ["cluster.accelerator=cuda"]),
                  tmp_path_factory.mktemp("cuda_ref") / "run", show_progress=False)
@@ -295,7 +295,7 @@ CUDA_LAYOUTS = {
 @two_gpus
 @pytest.mark.parametrize("name", list(CUDA_LAYOUTS))
 def test_cuda_layout_matches_single_device(name, ray_session, cuda_reference, tmp_path):
-    from fusedrl.run import train
+    from fusedrl.cli.train import train
 
     cfg = load_config(None, SMALL + ["cluster.accelerator=cuda", "cluster.devices=2"]
                       + CUDA_LAYOUTS[name])
@@ -306,7 +306,7 @@ def test_cuda_layout_matches_single_device(name, ray_session, cuda_reference, tm
 def test_cuda_fused_training_matches_sequential(ray_session, tmp_path):
     """Actor and critic stages in opposite order on two GPUs (RLHFuse §5): the fused
     schedule's messages share NCCL links, one channel per pipeline and direction."""
-    from fusedrl.run import train
+    from fusedrl.cli.train import train
 
     base = SMALL[:-1] + ["trainer.iterations=1", "cluster.accelerator=cuda",
                          "cluster.devices=2", "placement.default=dp1tp1pp2@0-1",

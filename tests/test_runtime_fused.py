@@ -99,7 +99,7 @@ def _weights(out, name):
 def test_fused_training_matches_sequential(ray_session, tmp_path):
     """One PPO iteration (four optimizer steps per model) with the fused schedule gives
     the losses, gradient norms and weights of the actor-then-critic 1F1B path."""
-    from fusedrl.run import train
+    from fusedrl.cli.train import train
 
     hist = {}
     for mode in ("false", "true"):

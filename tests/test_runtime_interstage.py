@@ -78,7 +78,7 @@ def test_fused_rollout_matches_unfused_with_migration(ray_session):
 
 
 def test_training_with_and_without_fusion_is_the_same(ray_session, tmp_path):
-    from fusedrl.run import train
+    from fusedrl.cli.train import train
 
     base = SMALL + DP2 + ["generation.max_new_tokens=12"]
     off = train(load_config(None, base + ["fusion.interstage=false"]), tmp_path / "off",
@@ -109,7 +109,7 @@ def test_interstage_flag_validation(ray_session):
 def test_bench_interstage_rejects_bad_arguments_before_starting_workers():
     from typer.testing import CliRunner
 
-    from fusedrl.cli import app
+    from fusedrl.cli.main import app
 
     runner = CliRunner()
     for args, msg in ((["--devices", "1"], "at least 2 instances"),

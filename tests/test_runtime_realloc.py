@@ -12,7 +12,7 @@ import torch
 from fusedrl.config import load_config
 from fusedrl.layout import Placement
 from fusedrl.realloc import plan_realloc
-from fusedrl.run import train
+from fusedrl.cli.train import train
 from fusedrl.realloc.weight_sync import free_storage, restore_storage, sync_pairs
 from fusedrl.trainer import build_setup
 

@@ -8,7 +8,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from fusedrl.schedule_cli import schedule
+from fusedrl.cli.schedule import schedule
 from fusedrl.scheduler.pipeline_families import actor_critic_problem
 
 app = typer.Typer()

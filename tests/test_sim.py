@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fusedrl.cli import app
+from fusedrl.cli.main import app
 from fusedrl.layout import ParallelLayout, Placement
 from fusedrl.models.config import PRESETS
 from fusedrl.realloc import plan_realloc

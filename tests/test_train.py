@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from fusedrl.config import load_config
-from fusedrl.run import train
+from fusedrl.cli.train import train
 
 SMALL = ["ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.micro_batch_size=4",
          "generation.max_new_tokens=6", "data.num_prompts=64", "ppo.ppo_epochs=2"]
@@ -95,7 +95,7 @@ def test_existing_run_is_not_overwritten(tmp_path):
 
 def test_default_task_learns_quickly(tmp_path):
     """A short run of the default config: the reward rises (the full run is `make run`)."""
-    from fusedrl.cli import DEFAULT_CONFIG
+    from fusedrl.cli.common import DEFAULT_CONFIG
 
     cfg = load_config(DEFAULT_CONFIG, ["trainer.iterations=12"])
     hist = train(cfg, tmp_path / "d", show_progress=False)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fusedrl.config import ConfigError, load_config
-from fusedrl.run import train
+from fusedrl.cli.train import train
 
 SMALL = ["ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.micro_batch_size=8",
          "generation.max_new_tokens=6", "data.num_prompts=64", "trainer.iterations=2",

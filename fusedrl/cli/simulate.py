@@ -30,24 +30,7 @@ from typing import Optional
 
 import typer
 
-MODEL_ALIASES = {"7b": "llama-7b", "13b": "llama-13b", "33b": "llama-33b", "30b": "llama-33b",
-                 "65b": "llama-65b", "70b": "llama2-70b"}
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
-
-
-def _model(name: str, option: str):
-    from fusedrl.models.config import PRESETS
-
-    key = MODEL_ALIASES.get(name.lower(), name)
-    if key not in PRESETS:
-        _fail(f"{option} {name!r}: expected one of {', '.join(MODEL_ALIASES)} or a preset "
-              f"({', '.join(sorted(PRESETS))})")
-    return PRESETS[key]
-
+from fusedrl.cli.common import fail, first_line, model_preset
 
 SIMULATE_KEYS = ("system", "hardware", "prompt_len", "lengths", "pad_to",
                  "infer_micro_batch_size", "reference")
@@ -67,10 +50,10 @@ def split_simulate_section(path: Path) -> tuple[dict, list[str] | None]:
         return {}, None
     section = tree.pop("simulate") or {}
     if not isinstance(section, dict):
-        _fail(f"{path}: simulate must be a mapping, got {section!r}")
+        fail(f"{path}: simulate must be a mapping, got {section!r}")
     unknown = sorted(set(section) - set(SIMULATE_KEYS))
     if unknown:
-        _fail(f"{path}: unknown key simulate.{unknown[0]}; known: {', '.join(SIMULATE_KEYS)}")
+        fail(f"{path}: unknown key simulate.{unknown[0]}; known: {', '.join(SIMULATE_KEYS)}")
     overrides: list[str] = []
 
     def flatten(prefix: str, value) -> None:
@@ -88,10 +71,10 @@ def reference_check(stages: dict[str, float], reference: dict) -> dict:
     """Each stage's predicted and published fraction of generation time."""
     published = {k: float(v) for k, v in (reference.get("stages_s") or {}).items()}
     if "gen" not in published or published["gen"] <= 0:
-        _fail("simulate.reference.stages_s needs gen > 0")
+        fail("simulate.reference.stages_s needs gen > 0")
     missing = sorted(set(published) - set(stages))
     if missing:
-        _fail(f"simulate.reference.stages_s.{missing[0]}: the simulated system has no such "
+        fail(f"simulate.reference.stages_s.{missing[0]}: the simulated system has no such "
               f"stage (it has {', '.join(sorted(stages))})")
     tol = float(reference.get("tolerance", 0.25))
     rows = {}
@@ -172,30 +155,30 @@ def simulator_from_config(config: Path, *, cluster: int = 0, model: Optional[str
     try:
         cfg = load_config(config) if overrides is None else load_config(None, overrides)
     except (ValueError, FileNotFoundError) as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        fail(first_line(e))
     system_name = system or section.get("system", "rlhfuse")
     if system_name not in SYSTEMS:
-        _fail(f"simulate.system {system_name!r}: expected one of {', '.join(SYSTEMS)}")
+        fail(f"simulate.system {system_name!r}: expected one of {', '.join(SYSTEMS)}")
     hw_name = hardware or section.get("hardware", "H100-SXM")
     if hw_name not in HARDWARE:
-        _fail(f"simulate.hardware {hw_name!r}: expected one of {', '.join(HARDWARE)}")
+        fail(f"simulate.hardware {hw_name!r}: expected one of {', '.join(HARDWARE)}")
     profile, hw = SYSTEMS[system_name], HARDWARE[hw_name]
     for key in ("prompt_len", "pad_to", "infer_micro_batch_size"):
         v = section.get(key, 0)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            _fail(f"simulate.{key} {v!r}: expected an integer >= 0")
+            fail(f"simulate.{key} {v!r}: expected an integer >= 0")
     gpus = cluster or cfg.cluster.devices
     if gpus < 1:
-        _fail(f"--cluster {cluster}: expected a number of GPUs >= 1")
+        fail(f"--cluster {cluster}: expected a number of GPUs >= 1")
     if schedule_time < 0:
-        _fail(f"--schedule-time {schedule_time}: must be >= 0")
+        fail(f"--schedule-time {schedule_time}: must be >= 0")
     if model is not None:
-        actor = _model(model, "--model")
+        actor = model_preset(model, "--model")
     elif cfg.model.path:
-        _fail(f"{config}: model.path {cfg.model.path!r} has no simulator shape; pass --model")
+        fail(f"{config}: model.path {cfg.model.path!r} has no simulator shape; pass --model")
     else:
         actor = PRESETS[cfg.model.preset]
-    critic = _model(critic_model, "--critic-model") if critic_model else actor
+    critic = model_preset(critic_model, "--critic-model") if critic_model else actor
     try:
         workload = Workload.build(
             batch_size=cfg.ppo.rollout_batch_size,
@@ -214,7 +197,7 @@ def simulator_from_config(config: Path, *, cluster: int = 0, model: Optional[str
             old_log_prob_in_gen=profile.old_log_prob_in_gen,
             overheads=profile.overheads(actor, hw))
     except ValueError as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        fail(first_line(e))
     return sim, profile, section
 
 
@@ -249,13 +232,13 @@ def simulate(
     try:
         result = sim.run()
     except ValueError as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        fail(first_line(e))
     out = result.to_dict()
     out["system"] = profile.describe()
     check = None
     if section.get("reference"):
         if not isinstance(section["reference"], dict):
-            _fail(f"simulate.reference {section['reference']!r}: expected a mapping")
+            fail(f"simulate.reference {section['reference']!r}: expected a mapping")
         check = reference_check(result.variants[0].stages or {}, section["reference"])
         out["reference_check"] = check
     if json_out:

@@ -1,4 +1,5 @@
-"""The ``fusedrl train`` loop: progress bar, one log line per iteration, metrics.jsonl,
+"""``fusedrl train``: the command, and the training run it drives (:func:`train`, the
+Python API of a run): progress bar, one log line per iteration, metrics.jsonl,
 periodic atomic checkpoints and ``--resume``.
 
 Crash safety (a run is killed, pre-empted or OOM-killed and restarted, often by a
@@ -26,14 +27,16 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List, Optional
 
-import torch
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fusedrl.algorithms.rewards import RewardError
 from fusedrl.checkpointing import (check_resumable, clean_checkpoint_dir, latest_checkpoint,
                                    prune_checkpoints)
+from fusedrl.cli.common import DEFAULT_CONFIG, fail, first_line, quiet
 from fusedrl.config import Config, ConfigError, config_to_yaml
 
 LOCK_NAME = ".lock"
@@ -422,6 +425,8 @@ def train(config: Config, out: Path, resume: bool = False, console: Console | No
     if config.cluster.address and not is_single_device(config):
         probe_ray_address(config.cluster.address)  # an unreachable --cluster: in seconds
 
+    import torch
+
     from fusedrl.runtime.launch import make_trainer
     from fusedrl.trainer import build_setup
     torch.manual_seed(config.trainer.seed)
@@ -527,3 +532,61 @@ def write_timeline(trainer, stem: Path) -> None:
         plot_timeline(trainer.last_events, stem.with_suffix(".png"), origin=start,
                       title=f"iteration {trainer.iteration}: model calls per device "
                             f"(measured)")
+
+
+# ---------------------------------------------------------------------- command
+
+
+def train_command(
+    config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                          help="YAML config (default: the embedded default)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key: key=value."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)."),
+    cluster: Optional[str] = typer.Option(
+        None, "--cluster", help="Join this Ray cluster (the address `ray start --head` "
+                                "printed) instead of starting a local one; sets cluster.address."),
+    plan: Optional[str] = typer.Option(
+        None, "--plan", help="Execution plan: a PLAN.yaml (fusedrl plan --out) or 'auto' (search "
+                             "one for this config on cluster.devices CPU devices, write it to "
+                             "OUT/plan.yaml); applied before --set."),
+    plan_time_limit: float = typer.Option(10.0, "--plan-time-limit",
+                                          help="Seconds of each search chain of --plan auto."),
+    plugin: List[str] = typer.Option(
+        [], "--plugin", help="Import this module (a name, or a path to a .py file) in the "
+                             "driver and every worker before the config is checked, so what "
+                             "it registers can be named in the config; repeatable, adds to "
+                             "the config's plugins list."),
+) -> None:
+    """Train with PPO; writes OUT/metrics.jsonl and OUT/checkpoints/iter_N/.
+
+    Exit codes: 0 done, 2 bad input or a failed iteration (one line on stderr: a config
+    key, a file, a busy --out, a reward function, a non-finite loss), 3 a Ray worker
+    died (one line: its device, roles and Ray's cause)."""
+    quiet()
+    import torch
+
+    from fusedrl.config import load_config
+
+    if threads < 0:
+        fail(f"--threads {threads}: must be >= 0 (0: torch's default)")
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        overrides = list(set_) + ([f"cluster.address={cluster}"] if cluster else [])
+        cfg = load_config(config if config is not None else DEFAULT_CONFIG, overrides,
+                          plugins=plugin)
+        out_dir = out if out is not None else Path(cfg.trainer.out_dir)
+        if plan is not None:
+            from fusedrl.cli.plan import train_config_with_plan
+
+            overrides.append(f"plugins={json.dumps(cfg.plugins)}")  # --plugin's as well
+            cfg = train_config_with_plan(plan, config if config is not None else DEFAULT_CONFIG,
+                                         overrides, cfg, out_dir, time_limit=plan_time_limit)
+        train(cfg, out_dir, resume=resume)
+    except WorkerDiedError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(code=3)
+    except (ValueError, FileNotFoundError) as e:
+        fail(first_line(e))

@@ -31,13 +31,10 @@ from typing import List, Optional
 
 import typer
 
+from fusedrl.cli.common import fail, first_line
+
 bench = typer.Typer(add_completion=False, no_args_is_help=True,
                     help="Benchmarks on the real engine (fused vs unfused, side by side).")
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
 
 
 @bench.command("interstage")
@@ -62,11 +59,11 @@ def interstage(
     from fusedrl.generation.lengths import forced_lengths
 
     if devices < 2:
-        _fail(f"--devices={devices}: inter-stage fusion needs at least 2 instances")
+        fail(f"--devices={devices}: inter-stage fusion needs at least 2 instances")
     if batch < devices:
-        _fail(f"--batch={batch}: need at least one sample per device")
+        fail(f"--batch={batch}: need at least one sample per device")
     if repeats < 1:
-        _fail(f"--repeats={repeats}: must be >= 1")
+        fail(f"--repeats={repeats}: must be >= 1")
     try:
         lens = forced_lengths(lengths, batch, seed=seed)
         cfg = load_config(None, [
@@ -78,7 +75,7 @@ def interstage(
             f"ppo.micro_batch_size={micro_batch}", f"data.num_prompts={batch}",
             f"trainer.seed={seed}"] + list(set_ or []))
     except ValueError as e:
-        _fail(str(e).splitlines()[0])
+        fail(first_line(e))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     result = _run(cfg, lens, lengths, repeats, sweep)
     if as_json:

@@ -23,10 +23,7 @@ from typing import Optional
 
 import typer
 
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
+from fusedrl.cli.common import fail, first_line
 
 
 def _parse_cap(text: str) -> float | str | None:
@@ -40,7 +37,7 @@ def _parse_cap(text: str) -> float | str | None:
     except ValueError:
         value = math.nan
     if not (value > 0 and math.isfinite(value)):
-        _fail(f"--memory-cap: expected a positive number, '1f1b' or 'none', got {text!r}")
+        fail(f"--memory-cap: expected a positive number, '1f1b' or 'none', got {text!r}")
     return value
 
 
@@ -91,16 +88,16 @@ def schedule(
 
     cap = _parse_cap(memory_cap)
     if not (time_limit >= 0 and math.isfinite(time_limit)):
-        _fail(f"--time-limit: expected a non-negative number of seconds, got {time_limit}")
+        fail(f"--time-limit: expected a non-negative number of seconds, got {time_limit}")
     if workers is not None and workers < 1:
-        _fail(f"--workers: expected at least 1, got {workers}")
+        fail(f"--workers: expected at least 1, got {workers}")
     if plot is not None and plot.suffix.lower() not in (".png", ".svg", ".pdf", ".jpg", ".jpeg"):
-        _fail(f"--plot: expected a .png/.svg/.pdf/.jpg file name, got {str(plot)!r}")
+        fail(f"--plot: expected a .png/.svg/.pdf/.jpg file name, got {str(plot)!r}")
     try:
         prob = FusedProblem.from_json(problem)
         result = solve(prob, time_limit=time_limit, seed=seed, workers=workers, memory_cap=cap)
     except ValueError as exc:
-        _fail(str(exc).splitlines()[0])
+        fail(first_line(exc))
     out = result.to_dict()
     if plot is not None:
         from fusedrl.scheduler.pipeline_plot import plot_gantt
@@ -108,7 +105,7 @@ def schedule(
         try:
             plot_gantt(out, plot)
         except OSError as exc:
-            _fail(f"--plot: cannot write {str(plot)!r} ({exc.strerror})")
+            fail(f"--plot: cannot write {str(plot)!r} ({exc.strerror})")
     if json_out:
         typer.echo(json.dumps(out))
     else:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import typer
 
+from fusedrl.cli.common import fail, first_line
+
 
 def realloc(
     model: str = typer.Option("tiny", "--model", help="Preset name or checkpoint path "
@@ -41,7 +43,6 @@ def realloc(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Reshard MODEL from placement SRC to DST on local workers and report the bandwidth."""
-    from fusedrl.cli import fail  # imported here: fusedrl.cli imports this module
     from fusedrl.layout import Placement
     from fusedrl.models.config import PRESETS
     from fusedrl.realloc.plan import plan_realloc
@@ -65,7 +66,7 @@ def realloc(
         try:
             config = load_checkpoint(model)[0]
         except (CheckpointError, ValueError, OSError) as e:
-            fail(f"cannot load {model}: {str(e).splitlines()[0]}")
+            fail(f"cannot load {model}: {first_line(e)}")
     else:
         config = PRESETS[model]
     try:
@@ -92,7 +93,7 @@ def realloc(
     try:
         per_rank = launch(run_jobs, world, ([job],))
     except (RuntimeError, TimeoutError) as e:
-        typer.echo(f"error: realloc workers failed: {str(e).splitlines()[0]}", err=True)
+        typer.echo(f"error: realloc workers failed: {first_line(e)}", err=True)
         raise typer.Exit(code=1)
     r = per_rank[0][0]
     out = {k: r[k] for k in ("bytes_moved", "bytes_minimum", "seconds", "gbps", "memcpy_gbps",

@@ -1,0 +1,3 @@
+from fusedrl.cli.main import main
+
+main()
