@@ -179,16 +179,25 @@ class PPOSection:
     """Samples per optimizer step (must divide ``rollout_batch_size x actor.rollout_n``)."""
     micro_batch_size: int = 16
     """Samples per forward/backward (gradient accumulation inside a mini-batch)."""
-    micro_batch_tokens: int = 0
-    """Token budget of a training micro-batch (0: off, ``micro_batch_size`` samples):
-    the mini-batch's samples sorted by length and packed into micro-batches of at most
-    this many padded tokens (rows x longest row), verl's ``ppo_max_token_len_per_gpu``.
-    The loss is unchanged: each micro-batch is weighted by its share of the
-    mini-batch's tokens or samples (``actor.loss_agg_mode``)."""
-    infer_micro_batch_tokens: int = 0
+    micro_batch_tokens: int = -1
+    """Token budget of a training micro-batch, verl's ``ppo_max_token_len_per_gpu``: the
+    mini-batch's samples sorted by length and grouped into micro-batches whose forward
+    computes at most this many tokens (packed rows x row width with ``ppo.packed``,
+    else rows x longest row). -1 (default): ``micro_batch_size x (data.max_prompt_len
+    + generation.max_new_tokens)``, the memory of a full micro-batch of the longest
+    possible samples; 0: off (``micro_batch_size`` samples each). The loss is
+    unchanged: each micro-batch is weighted by its share of the mini-batch's tokens or
+    samples (``actor.loss_agg_mode``)."""
+    infer_micro_batch_tokens: int = -1
     """Token budget of an inference micro-batch (old/reference log-probs, values,
-    scores), as ``micro_batch_tokens`` over the whole batch (0: off,
-    ``micro_batch_size`` samples)."""
+    scores), as ``micro_batch_tokens`` over the whole batch (-1: the same default;
+    0: off, ``micro_batch_size`` samples)."""
+    packed: bool = True
+    """Packed sequences (:mod:`fusedrl.packing`): a micro-batch's samples are laid
+    end to end into rows as long as its longest sample (first-fit decreasing), each
+    attending only within itself with positions restarting per sample, so inference
+    and training compute almost no padding; outputs equal the padded ones up to float
+    summation order. false: right-padded rows."""
     actor_lr: float = 1e-6
     """AdamW learning rate of the actor."""
     critic_lr: float = 1e-5
@@ -224,8 +233,8 @@ class PPOSection:
             v = getattr(self, key)
             _require(v >= 1, f"ppo.{key}", v, "must be >= 1")
         for key in ("micro_batch_tokens", "infer_micro_batch_tokens"):
-            _require(getattr(self, key) >= 0, f"ppo.{key}", getattr(self, key),
-                     "must be >= 0 (0: off)")
+            _require(getattr(self, key) >= -1, f"ppo.{key}", getattr(self, key),
+                     "must be >= -1 (-1: default, 0: off)")
         _require(self.mini_batch_size % self.micro_batch_size == 0, "ppo.micro_batch_size",
                  self.micro_batch_size, f"must divide ppo.mini_batch_size={self.mini_batch_size}")
         for key in ("actor_lr", "critic_lr"):
@@ -313,7 +322,21 @@ class FusionSection:
     """How the migration threshold ``Rt`` is chosen: a name in
     ``fusedrl.scheduler.interstage.available_policies()`` (``rlhfuse``: simulated over
     the observed lengths and re-tuned; ``fixed``: 20% of the batch; ``none``: stream
-    to inference but never migrate)."""
+    to inference but never migrate; ``partial``: partial rollouts, :mod:`fusedrl.partial`
+    -- more samples launched than the batch needs, the batch closed at its target count
+    and the unfinished samples resumed first in the next iteration, on one device too)."""
+    oversample: float = 0.5
+    """Partial rollouts: samples in flight beyond the batch, as a fraction of it (groups
+    launched per iteration: ``ceil(rollout_batch_size * (1 + oversample))`` minus those
+    carried over)."""
+    max_staleness: int = 1
+    """Partial rollouts: a sample is trained from weights at most this many updates newer
+    than those that sampled its oldest token (AReaL's bound, arXiv 2505.24298 §4); an
+    older carried sample restarts from its prompt (``partial/tokens_wasted``)."""
+    behav_weight_cap: float = 5.0
+    """Partial rollouts: tokens whose behaviour importance weight ``pi_old / pi_behav``
+    exceeds this are left out of the policy loss (AReaL's ``behav_imp_weight_cap``);
+    0: no cap."""
     interstage_steps: int = 4
     """Engine steps a generation instance runs per controller round trip (fewer:
     finished samples reach inference sooner; more: less dispatch overhead)."""
@@ -338,6 +361,11 @@ class FusionSection:
     def __post_init__(self) -> None:
         _require(self.interstage_steps >= 1, "fusion.interstage_steps",
                  self.interstage_steps, "must be >= 1")
+        _require(self.oversample >= 0, "fusion.oversample", self.oversample, "must be >= 0")
+        _require(self.max_staleness >= 0, "fusion.max_staleness", self.max_staleness,
+                 "must be >= 0")
+        _require(self.behav_weight_cap >= 0, "fusion.behav_weight_cap", self.behav_weight_cap,
+                 "must be >= 0 (0: no cap)")
         _require(self.migration in ("auto", "kv", "reprefill"), "fusion.migration",
                  self.migration, "must be one of auto, kv, reprefill")
 
@@ -522,6 +550,12 @@ class Config:
     adds to it."""
 
     def __post_init__(self) -> None:
+        # Default token budgets (-1): a full micro-batch of the longest possible samples,
+        # so a budgeted micro-batch never needs more memory than a padded one could.
+        longest = self.data.max_prompt_len + self.generation.max_new_tokens
+        for key in ("micro_batch_tokens", "infer_micro_batch_tokens"):
+            if getattr(self.ppo, key) == -1:
+                setattr(self.ppo, key, self.ppo.micro_batch_size * longest)
         # Fit to the cluster is checked here; fit to the model needs the ModelConfig and
         # is checked by the runtime's setup, still before any worker starts.
         for role in PLACEMENT_ROLES:

@@ -30,6 +30,7 @@ def check_config(config: Config) -> None:
         if uses_critic(config):  # critic-free: nothing to fuse with (make_trainer says so)
             check_intrastage(config)
     check_interstage(config)
+    check_partial(config)
     check_batch(config)
 
 
@@ -103,6 +104,21 @@ def interstage_support(config: Config) -> str | None:
 def check_interstage(config: Config) -> None:
     if config.fusion.interstage and (why := interstage_support(config)) is not None:
         raise ConfigError(f"config key fusion.interstage=true: {why}")
+
+
+def check_partial(config: Config) -> None:
+    """Partial rollouts close the batch inside the rollout stage: the single-device one
+    or the inter-stage fused one (:mod:`fusedrl.partial`), not the unfused Ray one."""
+    from fusedrl.scheduler.partial import is_partial
+
+    f = config.fusion
+    if not is_partial(f.interstage_policy):
+        return
+    single = config.cluster.devices == 1 and config.placement.is_trivial()
+    if not single and not interstage_enabled(config):
+        raise ConfigError(f"config key fusion.interstage_policy={f.interstage_policy!r}: "
+                          "partial rollouts on Ray need inter-stage fusion (fusion.interstage "
+                          f"on, {interstage_support(config) or 'it is off'})")
 
 
 def interstage_enabled(config: Config) -> bool:

@@ -246,3 +246,7 @@ class RLHFusePolicy(InterStagePolicy):
         self.last_sweep = {rt: self.simulate(batch_size, rt).makespan_s
                            for rt in self.candidate_thresholds(batch_size)}
         return min(self.last_sweep, key=lambda rt: (self.last_sweep[rt], rt))
+
+
+# Registers ``partial`` (partial rollouts: close the batch at its target, carry the rest).
+from . import partial  # noqa: E402,F401
