@@ -9,6 +9,8 @@ Lifecycle::
         for sample in engine.step(): ...                 # finished samples stream out
     partial = engine.abort(sample_id)                    # for migration: resume elsewhere
                                                           # with Request.resume(partial)
+    partial, kv = engine.export_kv(sample_id)            # or move its KV cache instead:
+    other.import_kv(Request.resume(partial), kv)         #   no re-prefill (RLHFuse §4)
 
 The model is used in place: weights updated by training or reallocation between calls
 are picked up by the next call. A finished sample's slot is refilled from the queue at
@@ -87,6 +89,7 @@ class GenerationEngine:
         self.queue: deque[Request] = deque()
         self.slots: list[_Slot | None] = [None] * max_batch_size
         self.tokens_generated = 0
+        self._imported: dict[int, torch.Tensor] = {}  # queued sample -> its KV (import_kv)
         # A full model on one rank runs through the lean forward (same math, fewer ops).
         self._forward = (fastpath.FastForward(model, pack_rows=max_batch_size,
                                               pack_bytes=packed_weight_bytes)
@@ -138,8 +141,65 @@ class GenerationEngine:
         for r in list(self.queue):
             if r.sample_id == sample_id:
                 self.queue.remove(r)
+                self._imported.pop(sample_id, None)
                 return self._as_sample(r, "aborted")
         raise KeyError(f"sample {sample_id} is not in this engine")
+
+    # ------------------------------------------------------------ KV migration
+
+    def kv_layout(self) -> tuple[int, int, int, torch.dtype]:
+        """``(layers, kv_heads, head_dim, dtype)`` of this engine's cache: an exported KV
+        of ``n`` tokens is a ``[layers, 2, kv_heads, n, head_dim]`` tensor of ``dtype``."""
+        attn = next(iter(self.model.model.layers.values())).self_attn
+        p = next(self.model.parameters())
+        return len(self.model.stage.layers), attn.num_kv_heads, attn.head_dim, p.dtype
+
+    def export_kv(self, sample_id: int) -> tuple[Sample, torch.Tensor | None]:
+        """Abort a sample and return it with its KV cache: ``[layers, 2, kv_heads, n,
+        head_dim]`` for the ``n = prompt + generated - 1`` tokens whose keys and values are
+        cached (the last generated token is fed by the next decode step), or ``None`` for a
+        sample that holds none here (still queued: the destination prefills it anyway).
+
+        The KV migration of RLHFuse §4: the destination continues decoding from it
+        (:meth:`import_kv`) without re-prefill; with the per-sample random streams the
+        tokens and log-probs are those of an unmigrated run."""
+        for i, s in enumerate(self.slots):
+            if s is not None and s.req.sample_id == sample_id:
+                n, c = s.seq_len, self.cache
+                kv = torch.stack([torch.stack((c.k[j][i, :, :n], c.v[j][i, :, :n]))
+                                  for j in c.k])  # layers in order
+                self.slots[i] = None
+                return self._as_sample(s.req, "aborted"), kv
+        kv = self._imported.get(sample_id)
+        return self.abort(sample_id), kv
+
+    def import_kv(self, request: Request, kv: torch.Tensor) -> None:
+        """Continue ``request`` (``Request.resume`` of an exported sample) from its KV cache
+        ``kv`` (:meth:`export_kv`'s layout, ``n = prompt + generated - 1`` tokens) instead of
+        re-prefilling it: placed in a free slot now, or queued until one frees."""
+        layers, heads, head_dim, dtype = self.kv_layout()
+        n = len(request.prompt_ids) + len(request.response_ids) - 1
+        if not request.response_ids:
+            raise ValueError(f"sample {request.sample_id}: import_kv needs a sample with "
+                             "generated tokens (a queued one is prefilled)")
+        if tuple(kv.shape) != (layers, 2, heads, n, head_dim):
+            raise ValueError(f"sample {request.sample_id}: KV of shape {tuple(kv.shape)}, "
+                             f"this engine needs {(layers, 2, heads, n, head_dim)}")
+        self.add(request)  # validates it and queues a copy
+        self._imported[request.sample_id] = kv.to(dtype)
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        if free and self.cache is not None:
+            req = self.queue.pop()  # the copy just queued
+            self._place(free[0], req)
+
+    def _place(self, i: int, req: Request) -> None:
+        """Put an imported sample into slot ``i``: its KV into the cache, ready to decode."""
+        kv = self._imported.pop(req.sample_id)
+        n = kv.shape[3]
+        for layer, j in enumerate(self.cache.k):
+            self.cache.k[j][i, :, :n].copy_(kv[layer, 0])
+            self.cache.v[j][i, :, :n].copy_(kv[layer, 1])
+        self.slots[i] = _Slot(req, req.max_new_tokens or self.params.max_new_tokens, seq_len=n)
 
     # ---------------------------------------------------------------------- steps
 
@@ -153,6 +213,10 @@ class GenerationEngine:
         for i, s in enumerate(self.slots):
             if s is None and self.queue:
                 req = self.queue.popleft()
+                if req.sample_id in self._imported:  # its KV arrived: decode, no prefill
+                    self._place(i, req)
+                    decoding.append(i)
+                    continue
                 self.slots[i] = _Slot(req, req.max_new_tokens or self.params.max_new_tokens)
                 admitted.append(i)
         if admitted and decoding and isinstance(self._forward, fastpath.FastForward):
