@@ -484,71 +484,6 @@ def memory_energy(peaks, alpha):
 
 
 @njit(cache=True)
-def anneal_memory(order, pos, node_ptr, dur, node, dep, succ, memd, start, end, prefix,
-                  peaks, best_order, state, n_iters, cooling, mk_limit, alpha, eps):
-    """Simulated annealing on peak memory that never loses makespan (RLHFuse §5).
-
-    Energy: highest node peak + ``alpha`` * mean node peak (the mean gives the
-    search a gradient while several nodes share the highest peak). A move swaps a
-    random pair of adjacent tasks on one node that changes its running memory sum;
-    the memory change is O(tasks on the node) and is judged first, then the
-    incremental timing check rejects it if the makespan would exceed ``mk_limit``
-    or the order deadlocks. ``state`` = ``[energy, best energy, temperature,
-    iterations, best peak]``; ``prefix``/``peaks`` must match ``order`` (see
-    :func:`node_peaks`).
-    """
-    n_nodes = node_ptr.shape[0] - 1
-    T = order.shape[0]
-    ws = _workspace(T, n_nodes)
-    cur = state[0]
-    best = state[1]
-    temp = state[2]
-    best_peak = state[4]
-    for _ in range(n_iters):
-        temp *= cooling
-        k = np.random.randint(0, T)
-        n = node[order[k]]
-        if k + 1 >= node_ptr[n + 1]:
-            continue
-        a = order[k]
-        b = order[k + 1]
-        if memd[a] == memd[b]:
-            continue  # the running sum would not change
-        base = prefix[k - 1] if k > node_ptr[n] else 0.0
-        new_prefix = base + memd[b]
-        pk = new_prefix
-        for j in range(node_ptr[n], node_ptr[n + 1]):
-            if j != k and prefix[j] > pk:
-                pk = prefix[j]
-        old_pk = peaks[n]
-        peaks[n] = pk
-        energy = memory_energy(peaks, alpha)
-        delta = energy - cur
-        if delta > eps and (temp <= 0.0 or np.random.random() >= math.exp(-delta / temp)):
-            peaks[n] = old_pk
-            continue
-        mk = try_swap(order, pos, node_ptr, dur, node, dep, succ, start, end, k, mk_limit + eps, ws)
-        if mk < 0.0:
-            peaks[n] = old_pk
-            continue
-        prefix[k] = new_prefix
-        cur = energy
-        peak = 0.0
-        for m in range(n_nodes):
-            if peaks[m] > peak:
-                peak = peaks[m]
-        if peak < best_peak - eps or (peak <= best_peak + eps and energy < best - eps):
-            best = energy
-            best_peak = peak
-            best_order[:] = order
-    state[0] = cur
-    state[1] = best
-    state[2] = temp
-    state[3] += n_iters
-    state[4] = best_peak
-
-
-@njit(cache=True)
 def _admissible(c, n, taken, released, class_pair, class_cap, class_mem, node_mem, node_cap):
     """Whether class ``c`` has a released task that node ``n`` may start now: a forward
     class (``class_pair[c] >= 0``) also needs room under its outstanding-micro-batch
@@ -730,11 +665,14 @@ def anneal_memory_moves(order, pos, node_ptr, dur, node, dep, succ, memd, klass,
     """Simulated annealing on peak memory that never loses makespan (RLHFuse §5's
     second phase), over insertion moves.
 
+    Energy: highest node peak + ``alpha`` * mean node peak (:func:`memory_energy`; the
+    mean gives the search a gradient while several nodes share the highest peak).
     With probability ``p_peak`` a move aimed at the highest peak (:func:`_peak_move`),
-    else a random block move (:func:`_random_block_move`). Energy, state and
-    acceptance as :func:`anneal_memory`: the memory change of the segment is judged
-    first (Metropolis), then the incremental timing check rejects the move if the
-    makespan would exceed ``mk_limit`` or the order deadlocks.
+    else a random block move (:func:`_random_block_move`). The memory change of the segment
+    is judged first (Metropolis), then the incremental timing check rejects the move
+    if the makespan would exceed ``mk_limit`` or the order deadlocks. ``state`` =
+    ``[energy, best energy, temperature, iterations, best peak]``; ``prefix``/``peaks``
+    must match ``order`` (see :func:`node_peaks`).
     """
     n_nodes = node_ptr.shape[0] - 1
     T = order.shape[0]
@@ -780,10 +718,8 @@ def anneal_memory_moves(order, pos, node_ptr, dur, node, dep, succ, memd, klass,
             continue
         _refresh_prefix(order, node_ptr, node, memd, prefix, lo, hi)
         cur = energy
-        peak = 0.0
-        for m in range(n_nodes):
-            if peaks[m] > peak:
-                peak = peaks[m]
+        peak = peaks.max()
+        # lexicographic: the highest node peak first, the energy breaks ties
         if peak < best_peak - eps or (peak <= best_peak + eps and energy < best - eps):
             best = energy
             best_peak = peak

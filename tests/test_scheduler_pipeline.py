@@ -361,8 +361,9 @@ def test_incremental_moves_keep_times_and_memory_exact():
     np.testing.assert_allclose(prefix, pref2)
     # the memory phase: same check, and it never loses makespan
     mem_state = np.array([ke.memory_energy(peaks2, 0.5)] * 2 + [1.0, 0.0, peaks2.max()])
-    ke.anneal_memory(order, pos, ptr, table.dur, table.node, table.dep, table.succ, table.memd, start, end,
-                     pref2, peaks2, best, mem_state, 20_000, 1.0, state[0], 0.5, 1e-9)
+    ke.anneal_memory_moves(order, pos, ptr, table.dur, table.node, table.dep, table.succ, table.memd,
+                           table.klass, start, end, pref2, peaks2, best, mem_state, 20_000, 1.0, state[0],
+                           0.5, 1e-9, 0.5)
     assert ke.evaluate(order, pos, ptr, table.dur, table.node, table.dep, table.succ, s2, e2) <= state[0]
     np.testing.assert_array_equal(start, s2)
     pref3, peaks3 = np.zeros(T), np.zeros(table.num_nodes)
