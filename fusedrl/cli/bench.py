@@ -31,7 +31,7 @@ from typing import List, Optional
 
 import typer
 
-from fusedrl.cli.common import fail, first_line
+from fusedrl.cli.common import fail, first_line, json_option
 
 bench = typer.Typer(add_completion=False, no_args_is_help=True,
                     help="Benchmarks on the real engine (fused vs unfused, side by side).")
@@ -52,7 +52,7 @@ def interstage(
     sweep: bool = typer.Option(False, "--sweep", help="Also measure every candidate Rt."),
     seed: int = typer.Option(0, "--seed", help="Seed of the lengths and of sampling."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Config override key=value."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    as_json: bool = json_option(),
 ) -> None:
     """Generation + inference of one batch, unfused vs inter-stage fused (RLHFuse §4)."""
     from fusedrl.config import load_config

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import typer
 
@@ -45,11 +45,46 @@ def quiet() -> None:
 
 def model_preset(name: str, option: str):
     """The :data:`fusedrl.models.config.PRESETS` entry for ``--model``-style ``name``
-    (a size from :data:`MODEL_ALIASES` or a preset name); :func:`fail` names ``option``."""
+    (a size from :data:`MODEL_ALIASES` or a preset name); ValueError names ``option``."""
     from fusedrl.models.config import PRESETS
 
     key = MODEL_ALIASES.get(name.lower(), name)
     if key not in PRESETS:
-        fail(f"{option} {name!r}: expected one of {', '.join(MODEL_ALIASES)} or a preset "
-             f"({', '.join(sorted(PRESETS))})")
+        raise ValueError(f"{option} {name!r}: expected one of {', '.join(MODEL_ALIASES)} or a "
+                         f"preset ({', '.join(sorted(PRESETS))})")
     return PRESETS[key]
+
+
+def simulated_models(cfg, model: str | None, critic_model: str | None):
+    """(actor, critic) model configs the simulator commands size: ``--model`` (else the
+    config's preset) and ``--critic-model`` (else the actor's). A checkpoint path
+    (``model.path``) has no simulator shape: ValueError asking for ``--model``."""
+    from fusedrl.models.config import PRESETS
+
+    if model is not None:
+        actor = model_preset(model, "--model")
+    elif cfg.model.path:
+        raise ValueError(f"model.path {cfg.model.path!r} has no simulator shape; pass --model")
+    else:
+        actor = PRESETS[cfg.model.preset]
+    return actor, model_preset(critic_model, "--critic-model") if critic_model else actor
+
+
+# Options of more than one command (typer reads each default once per command, so
+# every command gets its own instance).
+
+LENGTHS_HELP = ("Output lengths: fixed:L, uniform:LO,HI, lognormal:MEDIAN,P99 (capped at "
+                "max_new_tokens; default lognormal, median cap/8, p99 cap).")
+
+
+def model_option() -> Any:
+    return typer.Option(None, "--model", help="7b|13b|33b|65b|70b or a preset (default: the "
+                                              "config's).")
+
+
+def critic_model_option() -> Any:
+    return typer.Option(None, "--critic-model", help="Critic/reward size (default: --model).")
+
+
+def json_option() -> Any:
+    return typer.Option(False, "--json", help="Print one JSON object.")

@@ -52,7 +52,8 @@ from typing import Any, Optional, Sequence
 
 import typer
 
-from fusedrl.cli.common import fail, first_line, model_preset
+from fusedrl.cli.common import (LENGTHS_HELP, critic_model_option, fail, first_line,
+                                json_option, model_option, simulated_models)
 from fusedrl.config import Config, ConfigError, load_config
 from fusedrl.scheduler.plan import ExecutionPlan, PlanError
 
@@ -288,19 +289,11 @@ def build_evaluator(cfg, gpus: int, per_node: int | None, *, model: str | None =
                     critic_model: str | None = None, lengths: str | None = None,
                     schedule_time: float = 0.0, seed: int = 0):
     """The plan cost of ``cfg`` on ``gpus`` devices (ValueError on a bad combination)."""
-
-    from fusedrl.models.config import PRESETS
     from fusedrl.sim.iteration import Workload
     from fusedrl.sim.plan_eval import PlanEvaluator
     from fusedrl.sim.roofline import Hardware
 
-    if model is not None:
-        actor = model_preset(model, "--model")
-    elif cfg.model.path:
-        raise ValueError(f"model.path {cfg.model.path!r} has no simulator shape; pass --model")
-    else:
-        actor = PRESETS[cfg.model.preset]
-    critic = model_preset(critic_model, "--critic-model") if critic_model else actor
+    actor, critic = simulated_models(cfg, model, critic_model)
     workload = Workload.build(
         batch_size=cfg.ppo.rollout_batch_size, prompt_len=cfg.data.max_prompt_len,
         max_new_tokens=cfg.generation.max_new_tokens, mini_batch_size=cfg.ppo.mini_batch_size,
@@ -352,12 +345,9 @@ def plan(
     max_steps: int = typer.Option(0, "--max-steps", help="Steps per chain (0: until the time "
                                                          "limit); with it the search is "
                                                          "deterministic for a seed."),
-    model: Optional[str] = typer.Option(None, "--model", help="7b|13b|33b|65b|70b or a preset "
-                                                              "(default: the config's)."),
-    critic_model: Optional[str] = typer.Option(None, "--critic-model",
-                                               help="Critic/reward size (default: --model)."),
-    lengths: Optional[str] = typer.Option(None, "--lengths", help="Output length distribution "
-                                          "(as fusedrl simulate)."),
+    model: Optional[str] = model_option(),
+    critic_model: Optional[str] = critic_model_option(),
+    lengths: Optional[str] = typer.Option(None, "--lengths", help=LENGTHS_HELP),
     schedule_time: float = typer.Option(0.0, "--schedule-time", help="Search seconds of each "
                                         "fused training schedule (0: greedy starts)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the lengths and the search."),
@@ -365,7 +355,7 @@ def plan(
                                                            "(for fusedrl train --plan)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the predicted timeline of "
                                                              "the best plan (PNG)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    json_out: bool = json_option(),
 ) -> None:
     """Search every call's placement and layout; compare with Xiao et al.'s strategies."""
     from fusedrl.scheduler.plan_search import NoFittingPlan, search

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import typer
 
-from fusedrl.cli.common import fail, first_line
+from fusedrl.cli.common import fail, first_line, json_option
 
 
 def realloc(
@@ -40,7 +40,7 @@ def realloc(
                                 "synthetic otherwise)."),
     transport: str = typer.Option("collective", "--transport", help="collective (gloo "
                                   "broadcast/p2p) | shm (shared-memory slots, one host)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    json_out: bool = json_option(),
 ) -> None:
     """Reshard MODEL from placement SRC to DST on local workers and report the bandwidth."""
     from fusedrl.layout import Placement

@@ -30,7 +30,8 @@ from typing import Optional
 
 import typer
 
-from fusedrl.cli.common import fail, first_line, model_preset
+from fusedrl.cli.common import (LENGTHS_HELP, critic_model_option, fail, first_line,
+                                json_option, model_option, simulated_models)
 
 SIMULATE_KEYS = ("system", "hardware", "prompt_len", "lengths", "pad_to",
                  "infer_micro_batch_size", "reference")
@@ -75,7 +76,7 @@ def reference_check(stages: dict[str, float], reference: dict) -> dict:
     missing = sorted(set(published) - set(stages))
     if missing:
         fail(f"simulate.reference.stages_s.{missing[0]}: the simulated system has no such "
-              f"stage (it has {', '.join(sorted(stages))})")
+             f"stage (it has {', '.join(sorted(stages))})")
     tol = float(reference.get("tolerance", 0.25))
     rows = {}
     for k, pub in published.items():
@@ -146,7 +147,6 @@ def simulator_from_config(config: Path, *, cluster: int = 0, model: Optional[str
     its :class:`~fusedrl.sim.systems.SystemProfile` and the section. Bad input: one
     line on stderr, exit code 2."""
     from fusedrl.config import load_config
-    from fusedrl.models.config import PRESETS
     from fusedrl.sim.iteration import IterationSimulator, Workload
     from fusedrl.sim.roofline import HARDWARE
     from fusedrl.sim.systems import SYSTEMS
@@ -172,13 +172,10 @@ def simulator_from_config(config: Path, *, cluster: int = 0, model: Optional[str
         fail(f"--cluster {cluster}: expected a number of GPUs >= 1")
     if schedule_time < 0:
         fail(f"--schedule-time {schedule_time}: must be >= 0")
-    if model is not None:
-        actor = model_preset(model, "--model")
-    elif cfg.model.path:
-        fail(f"{config}: model.path {cfg.model.path!r} has no simulator shape; pass --model")
-    else:
-        actor = PRESETS[cfg.model.preset]
-    critic = model_preset(critic_model, "--critic-model") if critic_model else actor
+    try:
+        actor, critic = simulated_models(cfg, model, critic_model)
+    except ValueError as e:
+        fail(str(e))
     try:
         workload = Workload.build(
             batch_size=cfg.ppo.rollout_batch_size,
@@ -205,14 +202,9 @@ def simulate(
     config: Path = typer.Option(..., "--config", "-c", help="Experiment YAML (configs/X.yaml)."),
     cluster: int = typer.Option(0, "--cluster", help="Number of GPUs (default: the config's "
                                                      "cluster.devices)."),
-    model: Optional[str] = typer.Option(None, "--model", help="7b|13b|33b|65b|70b or a preset "
-                                                              "(default: the config's)."),
-    critic_model: Optional[str] = typer.Option(None, "--critic-model",
-                                               help="Critic/reward size (default: --model)."),
-    lengths: Optional[str] = typer.Option(None, "--lengths", help="Output lengths: fixed:L, "
-                                          "uniform:LO,HI, lognormal:MEDIAN,P99 (capped at "
-                                          "max_new_tokens; default lognormal, median cap/8, "
-                                          "p99 cap)."),
+    model: Optional[str] = model_option(),
+    critic_model: Optional[str] = critic_model_option(),
+    lengths: Optional[str] = typer.Option(None, "--lengths", help=LENGTHS_HELP),
     prompt_len: int = typer.Option(0, "--prompt-len", help="Prompt tokens (default: the "
                                                            "config's data.max_prompt_len)."),
     schedule_time: float = typer.Option(2.0, "--schedule-time",
@@ -222,7 +214,7 @@ def simulate(
                                          "verl-2024 (default: simulate.system, else rlhfuse)."),
     hardware: Optional[str] = typer.Option(None, "--hardware", help="H100-SXM|A100-SXM4-80GB "
                                            "(default: simulate.hardware, else H100-SXM)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    json_out: bool = json_option(),
 ) -> None:
     """Simulate one PPO iteration at cluster scale: baseline vs each fusion."""
     sim, profile, section = simulator_from_config(
