@@ -16,7 +16,9 @@ module keeps the state across iterations and hands the rollout stage what it nee
 - :class:`BatchClose` and :class:`GroupTracker` (the rollout stage's): a rollout run
   with a ``close`` streams a group (a prompt's ``actor.rollout_n`` samples) on when its
   last sample finishes, stops generating once ``target`` groups are complete, aborts
-  what is still generating and returns it in ``RolloutOutput.carried``.
+  what is still generating and returns it in ``RolloutOutput.carried``. A carried
+  sample at the staleness bound cannot be carried again: its group is in the batch,
+  which waits for it (the long tail gets ``max_staleness + 1`` iterations, not one).
 
 Weight version ``v`` means the weights after ``v`` updates (the trainer's iteration
 number when it generates).
@@ -45,21 +47,28 @@ class BatchClose:
     """Groups in the batch: generation stops once this many groups are complete."""
     finished: list = field(default_factory=list)
     """Carried samples that already finished (waiting for their group): inference only."""
+    must: set = field(default_factory=set)
+    """Groups at the staleness bound: in the batch, which does not close without them."""
 
 
 class GroupTracker:
     """Counts finished samples per group and says when the batch is closed.
 
-    ``add(sample)`` returns the samples of the group it completed (to stream to
-    inference), or ``[]``; once ``target`` groups are complete, every other finished
-    sample goes to ``overflow`` (carried over, finished)."""
+    The batch is the ``must`` groups plus the first other groups to complete, ``target``
+    groups in all. ``add(sample)`` returns the samples of the group it put in the batch
+    (to stream to inference), or ``[]``; a complete group beyond the batch, and every
+    sample finishing after the close, goes to ``overflow`` (carried over, finished)."""
 
     def __init__(self, close: BatchClose):
+        if len(close.must) > close.target:
+            raise ValueError(f"{len(close.must)} groups must finish, more than the batch's "
+                             f"{close.target}")
         self.close = close
         self.partial_groups: dict[int, list] = {}
-        self.batch: list = []  # samples of the complete groups, in completion order
+        self.batch: list = []  # samples of the batch's groups, in completion order
         self.overflow: list = []
-        self.groups_done = 0
+        self.groups_done = 0  # groups in the batch
+        self.free = close.target - len(close.must)  # places for groups not in ``must``
 
     @property
     def closed(self) -> bool:
@@ -84,6 +93,11 @@ class GroupTracker:
         if len(members) < self.close.group_size:
             return []
         del self.partial_groups[g]
+        if g not in self.close.must:
+            if self.free == 0:  # the batch's other places are taken: carried, finished
+                self.overflow += members
+                return []
+            self.free -= 1
         self.groups_done += 1
         self.batch += members
         return members
@@ -163,6 +177,18 @@ class PartialRollouts:
         order = self.policy.carry_order([
             CarriedSample(sid, len(s.response_ids), self.versions[sid][0]
                           if self.versions[sid] else None) for sid, s in self.carried.items()])
+        must = []  # groups at the staleness bound, oldest first; at most a batch of them
+        for c in order:
+            g = c.sample_id // self.group_size
+            if self.policy.must_finish(c.first_version, version) and g not in must:
+                must.append(g)
+        for g in must[self.target:]:  # more than a batch can hold: restarted
+            for sid in [sid for sid in self.carried if sid // self.group_size == g]:
+                s = self.carried[sid]
+                self._wasted += len(s.response_ids)
+                self.carried[sid] = Sample(sid, s.prompt_ids, [], [], ABORTED, s.max_new_tokens)
+                self.versions[sid] = []
+        must = set(must[:self.target])
         carried_groups = len({sid // self.group_size for sid in self.carried})
         count = self.policy.launch(self.target, carried_groups)
         new = new_requests(self.cursor, count) if count else []
@@ -175,7 +201,7 @@ class PartialRollouts:
                    if self.carried[c.sample_id].finish_reason == ABORTED]
         finished = [self.carried[c.sample_id] for c in order
                     if self.carried[c.sample_id].finish_reason != ABORTED]
-        return resumed + new, BatchClose(self.group_size, self.target, finished)
+        return resumed + new, BatchClose(self.group_size, self.target, finished, must)
 
     def end(self, out, version: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Record the iteration's outcome: ``out`` (a ``RolloutOutput``) holds the batch

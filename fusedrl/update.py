@@ -139,7 +139,11 @@ def actor_loss(out: torch.Tensor, mb: RolloutBatch, idx: torch.Tensor, targets: 
                                 targets["advantages"][idx, :r], mb.response_mask,
                                 p.clip_ratio, clip_ratio_low=a.clip_ratio_low,
                                 clip_ratio_high=a.clip_ratio_high,
-                                loss_agg_mode=a.loss_agg_mode)
+                                loss_agg_mode=a.loss_agg_mode,
+                                # partial rollouts: tokens sampled by older weights
+                                behav_logprob=targets["behav_logp"][idx, :r]
+                                if "behav_logp" in targets else None,
+                                behav_weight_cap=config.fusion.behav_weight_cap)
     loss = pg
     if a.use_kl_loss:
         kl, kl_stats = ppo.kl_loss(logp, targets["ref_logp"][idx, :r], mb.response_mask,

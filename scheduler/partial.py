@@ -21,8 +21,11 @@ and counts, which the runtime (:mod:`fusedrl.partial`) executes::
                         oversample=0.5, max_staleness=1)
     order = policy.carry_order(carried)                 # resumed first, oldest first
     restart = [c for c in carried if policy.too_stale(c.first_version, version)]
+    must = [c for c in carried if policy.must_finish(c.first_version, version)]
     new = policy.launch(target, carried_groups)         # groups to start from the data
-    ... generate; the batch closes when policy.closes(done_groups, target)
+    ... generate; the batch closes when policy.closes(done_groups, target) and every
+    ... group at the staleness bound (``must``) is complete: it cannot be carried again,
+    ... so the long tail gets ``max_staleness + 1`` iterations to finish, not one.
 
 A user policy subclasses it (``partial`` behaviour is ``isinstance`` of this class,
 :func:`is_partial`).
@@ -96,6 +99,11 @@ class PartialRolloutPolicy(InterStagePolicy):
         """Whether a sample whose oldest token was sampled by weights ``first_version``
         may not be trained from weights ``version`` (it then restarts from its prompt)."""
         return first_version is not None and version - first_version > self.max_staleness
+
+    def must_finish(self, first_version: int | None, version: int) -> bool:
+        """Whether a carried sample is at the staleness bound: it cannot be carried again,
+        so the batch of weights ``version`` waits for it (and its group)."""
+        return first_version is not None and version - first_version == self.max_staleness
 
     def carry_order(self, carried: Sequence[CarriedSample]) -> list[CarriedSample]:
         """The order carried samples resume in, ahead of new ones: the oldest first

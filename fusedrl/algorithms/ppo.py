@@ -272,6 +272,8 @@ def policy_loss(
     clip_ratio_low: float | None = None,
     clip_ratio_high: float | None = None,
     loss_agg_mode: str = "token-mean",
+    behav_logprob: torch.Tensor | None = None,
+    behav_weight_cap: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate objective (Schulman et al. 2017, PPO eq. 7), as a loss::
 
@@ -284,6 +286,20 @@ def policy_loss(
     2025, eq. 10, §3.1: low-probability tokens may grow, against entropy collapse).
     ``logprob - old_logprob`` is clamped to [-20, 20] before ``exp`` (as verl does)
     so a stale token cannot overflow the ratio.
+
+    Off-policy tokens (partial rollouts, :mod:`fusedrl.partial`): with ``behav_logprob``,
+    the log-probs of the policy that sampled each token (recorded at generation time),
+    the loss is AReaL's decoupled PPO objective (Fu et al. 2025, arXiv 2505.24298 §5.1,
+    eq. 5; Hilton et al. 2022): the ratio is clipped around the proximal policy
+    ``old_logprob`` (the current weights before the update) and each token's term is
+    weighted by the behaviour importance weight ``w_t = exp(old_logprob_t -
+    behav_logprob_t)`` (no gradient)::
+
+        L_t = w_t * max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps_low, 1 + eps_high))
+
+    Tokens with ``w_t > behav_weight_cap`` (when > 0) leave the loss (AReaL's
+    ``behav_imp_weight_cap``). Where ``behav_logprob == old_logprob`` (tokens sampled by
+    the current weights) ``w_t = 1`` and the loss is PPO's.
 
     Returns:
         ``(loss, stats)`` with stats ``pg_loss``; ``ppo_kl``, the token mean of
@@ -301,11 +317,23 @@ def policy_loss(
     advantages = _fill(advantages, valid)
     loss_unclipped = -advantages * ratio
     loss_clipped = -advantages * ratio.clamp(1.0 - low, 1.0 + high)
-    loss = agg_loss(torch.maximum(loss_unclipped, loss_clipped), mask, loss_agg_mode)
+    per_token = torch.maximum(loss_unclipped, loss_clipped)
+    extra = {}
+    if behav_logprob is not None:
+        with torch.no_grad():
+            weight = _fill(old_logprob - behav_logprob, valid).clamp(-20.0, 20.0).exp()
+            if behav_weight_cap > 0:
+                kept = (weight <= behav_weight_cap).to(mask.dtype)
+                extra["behav_capped_frac"] = float(masked_mean(1.0 - kept, mask))
+                mask = mask * kept
+            extra["behav_weight_mean"] = float(masked_mean(weight, mask))
+        per_token = per_token * weight
+    loss = agg_loss(per_token, mask, loss_agg_mode)
     with torch.no_grad():
         ppo_kl = masked_mean(-log_ratio, mask)
         clipfrac = masked_mean((loss_clipped > loss_unclipped).float(), mask)
-    stats = {"pg_loss": float(loss.detach()), "ppo_kl": float(ppo_kl), "clipfrac": float(clipfrac)}
+    stats = {"pg_loss": float(loss.detach()), "ppo_kl": float(ppo_kl), "clipfrac": float(clipfrac),
+             **extra}
     return loss, stats
 
 
