@@ -72,9 +72,17 @@ class LocalRollout:
             return self.m.engine.generate(requests, params)
 
     @torch.no_grad()
-    def run(self, requests, params) -> RolloutOutput:
+    def run(self, requests, params, close=None) -> RolloutOutput:
         m, c = self.m, self.config
-        samples = self.generate(requests, params)
+        carried = []
+        if close is None:
+            samples = self.generate(requests, params)
+        else:  # partial rollouts: the batch closes at its target count (fusedrl.partial)
+            from fusedrl.partial import generate_until_closed
+
+            m.actor.eval()
+            with m.events.record("gen"):
+                samples, carried = generate_until_closed(m.engine, requests, params, close)
         batch = RolloutBatch.from_samples(samples, self.setup.tokenizer.pad_token_id)
         batch = batch.to(m.device)
         width, temp = batch.response_mask.shape[1], c.generation.temperature
@@ -94,7 +102,7 @@ class LocalRollout:
                                                  model.tp_group, width, temp))
         cat = {k: unpermute(v, micros) for k, v in outs.items()}
         return RolloutOutput(batch, cat["logp:actor_infer"], cat["logp:ref"], cat.get("values"),
-                             cat.get("score"))
+                             cat.get("score"), carried=carried)
 
     def close(self) -> None:
         self.m.engine.stop()

@@ -59,6 +59,10 @@ class RolloutOutput:
     """[B] reward-model scores; None: rule rewards, computed by the iteration."""
     metrics: dict = field(default_factory=dict)
     """Stage metrics (e.g. ``interstage/*``)."""
+    carried: list = field(default_factory=list)
+    """Partial rollouts (a run with ``close``): every sample not in ``batch`` -- aborted
+    ones as generated so far, finished ones whose group is incomplete -- to carry over
+    (:mod:`fusedrl.partial`)."""
 
 
 @runtime_checkable
@@ -70,9 +74,14 @@ class Rollout(Protocol):
     iterations); :meth:`close` once at the end.
     """
 
-    def run(self, requests: list[Request], params: SamplingParams) -> RolloutOutput:
+    def run(self, requests: list[Request], params: SamplingParams,
+            close=None) -> RolloutOutput:
         """Generate ``requests`` and compute the inference results of every sample;
-        the batch's rows follow ``requests``."""
+        the batch's rows follow ``requests``. With ``close`` (a
+        :class:`fusedrl.partial.BatchClose`; partial rollouts, only where the stage
+        supports them: ``local`` and ``interstage``): stop once ``close.target`` groups
+        are complete; the batch holds those (rows in sample-id order), ``carried`` the
+        rest."""
 
     def generate(self, requests: list[Request], params: SamplingParams) -> list:
         """Samples of ``requests`` (in their order) without inference (validation)."""

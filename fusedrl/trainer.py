@@ -184,15 +184,26 @@ class Trainer:
         self.last_window = (0.0, 0.0)
         self.last_samples: list[dict] = []  # trainer.log_samples of the last step
         self.last_val_samples: list[dict] = []
+        from fusedrl.partial import PartialRollouts
+        from fusedrl.scheduler.partial import is_partial
+
+        # fusion.interstage_policy: partial -- samples carried across iterations
+        self.partial = PartialRollouts(c) if is_partial(c.fusion.interstage_policy) else None
 
     # ------------------------------------------------------------------ data
 
     def prompt_indices(self, iteration: int) -> list[int]:
         """Prompts of ``iteration``: epochs over a per-epoch shuffle of the dataset."""
-        n, b = len(self.setup.prompts), self.config.ppo.rollout_batch_size
-        orders: dict[int, list[int]] = {}  # one shuffle per epoch the batch touches
+        b = self.config.ppo.rollout_batch_size
+        return self.stream_rows(range(iteration * b, (iteration + 1) * b))
+
+    def stream_rows(self, positions) -> list[int]:
+        """Dataset rows at positions of the data stream (position ``k``: the ``k``-th
+        prompt trained on without partial rollouts; with them, the ``k``-th launched)."""
+        n = len(self.setup.prompts)
+        orders: dict[int, list[int]] = {}  # one shuffle per epoch the positions touch
         out = []
-        for k in range(iteration * b, (iteration + 1) * b):
+        for k in positions:
             epoch, pos = divmod(k, n)
             if epoch not in orders:
                 orders[epoch] = list(range(n))
@@ -223,6 +234,21 @@ class Trainer:
         return [Request(iteration * b + j, list(self.setup.prompt_ids[i]), max_new_tokens=m)
                 for j, (i, m) in enumerate(zip(rows, forced))]
 
+    def stream_requests(self, iteration: int, first: int, count: int) -> list[Request]:
+        """Partial rollouts: the requests of ``count`` groups at data-stream positions
+        ``first..``, launched in ``iteration``; ids as :meth:`requests` gives them
+        (``position * rollout_n + k``)."""
+        g, n = self.config.generation, self.config.actor.rollout_n
+        forced = [None] * (count * n)
+        if g.forced_lengths:
+            forced = forced_lengths(g.forced_lengths, count * n,
+                                    seed=self.config.trainer.seed * 1_000_003 + iteration,
+                                    max_len=g.max_new_tokens)
+        rows = self.stream_rows(range(first, first + count))
+        return [Request((first + p) * n + k, list(self.setup.prompt_ids[i]),
+                        max_new_tokens=forced[p * n + k])
+                for p, i in enumerate(rows) for k in range(n)]
+
     # ------------------------------------------------------------- iteration
 
     def step(self) -> dict:
@@ -233,9 +259,19 @@ class Trainer:
         t_step = time.time()
 
         # 1. generate and infer (fused or not: the rollout stage decides)
-        idx = self.prompt_indices(it)
         t0 = time.time()
-        out: RolloutOutput = st.rollout.run(self.requests(it, idx), self.sampling_params())
+        stale = None  # partial rollouts: tokens sampled by older weights
+        if self.partial is None:
+            idx = self.prompt_indices(it)
+            out: RolloutOutput = st.rollout.run(self.requests(it, idx), self.sampling_params())
+        else:  # weight version = iteration (updates so far)
+            requests, close = self.partial.begin(
+                it, lambda first, count: self.stream_requests(it, first, count))
+            out = st.rollout.run(requests, self.sampling_params(), close=close)
+            stale, partial_metrics = self.partial.end(out, it)
+            out.metrics.update(partial_metrics)
+            ids = out.batch.sample_ids.tolist()
+            idx = self.stream_rows([sid // c.actor.rollout_n for sid in ids[::c.actor.rollout_n]])
         wall["rollout"] = time.time() - t0
         batch = out.batch if out.batch.input_ids.device == self.device else \
             out.batch.to(self.device)
@@ -274,6 +310,10 @@ class Trainer:
             targets["values"] = values
         if c.actor.use_kl_loss:
             targets["ref_logp"] = ref_logp
+        if stale is not None and bool(stale.any()):
+            from fusedrl.partial import behaviour_logp
+
+            targets["behav_logp"] = behaviour_logp(old_logp, batch.gen_logprobs, stale)
         lengths = seq_lengths(batch).cpu()
         schedule = minibatch_schedule(len(batch), c.ppo, c.trainer.seed, it, lengths)
         train_stats = st.update.train(batch, targets, schedule)
@@ -323,8 +363,9 @@ class Trainer:
             "response_length/max": float(rlen.max()),
             "response_length/clip_ratio": float(
                 (batch.response_lens >= c.generation.max_new_tokens).float().mean()),
-            "rollout/logprob_diff_max": float(
-                ((batch.gen_logprobs - old_logp).abs() * mask).max()),
+            "rollout/logprob_diff_max": float(  # tokens the current weights sampled
+                ((batch.gen_logprobs - old_logp).abs() * mask *
+                 (1.0 if stale is None else (~stale).to(mask))).max()),
             **extra,
             **train_stats,
             **out.metrics,
@@ -405,12 +446,19 @@ class Trainer:
         """Iteration, KL controller, RNG (weights and optimizer states: the update's)."""
         return {"iteration": self.iteration, "kl_ctl": self.kl_ctl.state_dict(),
                 "torch_rng": torch.get_rng_state(), "runtime": self.stages.runtime,
-                "placements": dict(self.stages.placements)}
+                "placements": dict(self.stages.placements),
+                # partial rollouts: the carried samples survive a checkpoint
+                **({"partial": self.partial.state_dict()} if self.partial else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = int(state["iteration"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         torch.set_rng_state(state["torch_rng"])
+        if self.partial is not None:
+            if "partial" not in state:
+                raise ValueError("checkpoint has no partial-rollout state: it was written "
+                                 "without fusion.interstage_policy=partial")
+            self.partial.load_state_dict(state["partial"])
 
     def save_checkpoint(self, out):
         from fusedrl.checkpointing import save_training_checkpoint
