@@ -68,8 +68,8 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     from fusedrl.cli.common import DEFAULT_CONFIG
-    from fusedrl.config import load_config
     from fusedrl.cli.plan import RUNTIME_RESTRICTIONS, auto_plan
+    from fusedrl.config import load_config
     from fusedrl.scheduler.plan_search import STRATEGIES
 
     overrides = list(args.set if args.set is not None else DEFAULT_SET)

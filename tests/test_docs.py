@@ -118,8 +118,8 @@ def _documented_metrics() -> set[str]:
 
 @pytest.mark.slow  # one tiny training iteration
 def test_metrics_table_covers_a_run(tmp_path):
-    from fusedrl.config import load_config
     from fusedrl.cli.train import train
+    from fusedrl.config import load_config
 
     cfg = load_config(None, ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=4",
                              "ppo.micro_batch_size=4", "generation.max_new_tokens=4",

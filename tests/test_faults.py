@@ -20,10 +20,10 @@ from fusedrl.algorithms.rewards import RewardError
 from fusedrl.checkpointing import check_resumable, latest_checkpoint
 from fusedrl.cli.common import DEFAULT_CONFIG
 from fusedrl.cli.main import app
+from fusedrl.cli.train import (LOCK_NAME, NonFiniteError, RunLock, WorkerDiedError,
+                               describe_dead_worker, train)
 from fusedrl.config import ConfigError, load_config
 from fusedrl.models.checkpoint import CheckpointError
-from fusedrl.cli.train import (LOCK_NAME, NonFiniteError, RunLock, WorkerDiedError, describe_dead_worker,
-                         train)
 
 SMALL = ["ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.micro_batch_size=4",
          "generation.max_new_tokens=6", "data.num_prompts=64", "ppo.ppo_epochs=1"]

@@ -270,3 +270,11 @@ def test_scheduler_does_not_import_torch():
             "loaded = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]\n"
             "assert not loaded, loaded[:3]")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_command_group_starts_without_torch():
+    """``fusedrl --help`` and the simulator commands do not wait for torch or numpy: the
+    command modules import them where a command runs."""
+    code = ("import sys, fusedrl.cli.main\nheavy = [m for m in ('torch', 'numpy', 'ray') "
+            "if m in sys.modules]\nassert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)

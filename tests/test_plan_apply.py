@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from fusedrl.cli.common import DEFAULT_CONFIG
+from fusedrl.cli.plan import (RunnableCost, config_with_plan, plan_overrides, runtime_problem,
+                              train_micro_batch_size)
 from fusedrl.config import ConfigError, load_config
-from fusedrl.cli.plan import (RunnableCost, config_with_plan, plan_overrides,
-                                runtime_problem, train_micro_batch_size)
 from fusedrl.scheduler.plan import CallPlan, ExecutionPlan, Fusion, PlanError
 from fusedrl.scheduler.plan_search import Score
 

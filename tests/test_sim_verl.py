@@ -19,13 +19,13 @@ import pytest
 from typer.testing import CliRunner
 
 from fusedrl.cli.main import app
+from fusedrl.cli.simulate import reference_check, simulator_from_config
 from fusedrl.layout import ParallelLayout
 from fusedrl.models.config import PRESETS
 from fusedrl.sim.iteration import VARIANTS, Workload
 from fusedrl.sim.roofline import (FUSED_KERNELS, HARDWARE, HF_EAGER_KERNELS, Efficiency, Roofline,
                                   Work)
 from fusedrl.sim.systems import SYSTEMS, VERL_2024
-from fusedrl.cli.simulate import reference_check, simulator_from_config
 
 VERL = Path(__file__).resolve().parents[1] / "configs" / "verl-gsm8k-qwen05b.yaml"
 QWEN = PRESETS["qwen2.5-0.5b"]
@@ -84,8 +84,8 @@ def test_bad_simulate_section_is_one_line_exit_2(tmp_path, text, words):
 
 
 def test_the_rest_of_a_config_with_a_simulate_section_loads_unchanged(tmp_path):
-    from fusedrl.config import load_config
     from fusedrl.cli.simulate import split_simulate_section
+    from fusedrl.config import load_config
 
     section, overrides = split_simulate_section(VERL)
     plain = tmp_path / "plain.yaml"

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from fusedrl.config import load_config
 from fusedrl.cli.train import train
+from fusedrl.config import load_config
 
 SMALL = ["ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.micro_batch_size=4",
          "generation.max_new_tokens=6", "data.num_prompts=64", "ppo.ppo_epochs=2"]

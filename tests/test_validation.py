@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from fusedrl.config import ConfigError, load_config
 from fusedrl.cli.train import train
+from fusedrl.config import ConfigError, load_config
 
 SMALL = ["ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.micro_batch_size=8",
          "generation.max_new_tokens=6", "data.num_prompts=64", "trainer.iterations=2",

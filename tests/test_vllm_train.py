@@ -9,8 +9,8 @@ pytest.importorskip("vllm")
 
 
 def test_train_with_vllm_backend(tmp_path):
-    from fusedrl.config import load_config
     from fusedrl.cli.train import train
+    from fusedrl.config import load_config
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # vLLM's CPU attention needs head_dim >= 32: the "small" preset (the default's

@@ -48,14 +48,17 @@ import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import typer
 
 from fusedrl.cli.common import (LENGTHS_HELP, critic_model_option, fail, first_line,
                                 json_option, model_option, simulated_models)
 from fusedrl.config import Config, ConfigError, load_config
-from fusedrl.scheduler.plan import ExecutionPlan, PlanError
+
+if TYPE_CHECKING:  # imported where used: fusedrl.scheduler loads numpy, and the command
+    # group imports this module (`fusedrl --help` should not wait for it)
+    from fusedrl.scheduler.plan import ExecutionPlan
 
 RUNTIME_RESTRICTIONS = (
     "tp=1 for every call (one core per emulated device)",
@@ -77,6 +80,8 @@ annealing still walks through it, but never picks it)."""
 
 def train_micro_batch_size(plan: ExecutionPlan, mini_batch_size: int) -> int:
     """``ppo.micro_batch_size`` the plan's training micro-batch counts imply."""
+    from fusedrl.scheduler.plan import PlanError
+
     sizes = {c: plan.micro_batch_size(c, mini_batch_size) for c in ("actor_train",
                                                                      "critic_train")}
     if sizes["actor_train"] != sizes["critic_train"]:
@@ -103,6 +108,7 @@ def runtime_problem(plan: ExecutionPlan, config: Config) -> str | None:
     """Why the runtime cannot execute ``plan`` under ``config`` (None: it can); the
     message names the plan field and the config key it sets."""
     from fusedrl.pipeline.fused_plan import stage_map
+    from fusedrl.scheduler.plan import PlanError
 
     f = plan.fusion
     if f.inter_stage:
@@ -133,6 +139,8 @@ def config_with_plan(plan: ExecutionPlan, config_path: Path | None,
     """The config of ``config_path`` with ``plan`` applied, then ``user_overrides``.
 
     Raises :class:`PlanError` (the plan cannot run here) or :class:`ConfigError`."""
+    from fusedrl.scheduler.plan import PlanError
+
     # The micro-batch size depends on ppo.mini_batch_size, which the user may override:
     # read it from the config with the user's overrides first.
     placements = [f"{k}={v}" for k, v in plan.to_placement_overrides().items()]
@@ -226,6 +234,7 @@ def auto_plan(config: Config, *, time_limit: float = 10.0, seed: int = 0, worker
     """Search the best plan the runtime can execute for ``config``."""
     import time
 
+    from fusedrl.scheduler.plan import PlanError
     from fusedrl.scheduler.plan_search import search
 
     t0 = time.time()
@@ -250,6 +259,8 @@ def train_config_with_plan(plan_arg: str, config_path: Path, user_overrides: Seq
                            config: Config, out_dir: Path, *, time_limit: float = 10.0) -> Config:
     """What ``fusedrl train --plan PLAN`` trains with: ``plan_arg`` is a plan file or
     ``auto`` (search for ``config``, print the plan and write ``out_dir/plan.yaml``)."""
+    from fusedrl.scheduler.plan import ExecutionPlan
+
     if plan_arg != "auto":
         return config_with_plan(ExecutionPlan.load(plan_arg), config_path, user_overrides)
     if time_limit < 0:

@@ -33,9 +33,9 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fusedrl.algorithms.rewards import RewardError
-from fusedrl.checkpointing import (check_resumable, clean_checkpoint_dir, latest_checkpoint,
-                                   prune_checkpoints)
+# fusedrl.algorithms and fusedrl.checkpointing (torch) are imported where a run needs
+# them: the command group imports this module, and `fusedrl --help` or `fusedrl plan`
+# should not wait for torch.
 from fusedrl.cli.common import DEFAULT_CONFIG, fail, first_line, quiet
 from fusedrl.config import Config, ConfigError, config_to_yaml
 
@@ -245,6 +245,8 @@ def inspect_out_dir(out: Path, resume: bool, config: Config) -> RunState:
     """Check ``out`` before anything is written: refuse an existing run without
     ``--resume``; with it, find the checkpoint (none: restart at iteration 0), check
     this run can continue it, and plan the metrics lines to keep."""
+    from fusedrl.checkpointing import check_resumable, latest_checkpoint
+
     metrics = out / "metrics.jsonl"
     if not resume:
         if metrics.exists() or latest_checkpoint(out) is not None:
@@ -415,6 +417,7 @@ def train(config: Config, out: Path, resume: bool = False, console: Console | No
     Raises :class:`ConfigError` (and other ``ValueError``) for bad input, a busy or
     unusable ``out``, a checkpoint this run cannot continue, a failing reward function
     or a non-finite iteration, and :class:`WorkerDiedError` when a Ray worker dies."""
+    from fusedrl.checkpointing import clean_checkpoint_dir
     from fusedrl.runtime.launch import is_single_device, probe_ray_address
 
     console = console or Console(stderr=True, soft_wrap=True)
@@ -461,6 +464,8 @@ def train(config: Config, out: Path, resume: bool = False, console: Console | No
 
 def _loop(config: Config, trainer, out: Path, run: RunState, console: Console,
           show_progress: bool) -> list[dict]:
+    from fusedrl.algorithms.rewards import RewardError
+    from fusedrl.checkpointing import prune_checkpoints
     from fusedrl.tracking import Tracker
 
     writer = MetricsWriter(out / "metrics.jsonl")
