@@ -80,3 +80,49 @@ def test_import_checks_the_cache_shape(model):
     queued.add(Request(1, [3, 4]))
     p, none = queued.export_kv(1)  # still queued: no KV to move
     assert none is None and p.response_ids == []
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["kv", "reprefill", "auto"])
+def test_ray_migration_equals_unmigrated(ray_session, mode):
+    """Two Ray workers: the long tail of one instance moves to the other (by KV transfer
+    over the worker group, or by re-prefill); the samples equal the unfused run's."""
+    from fusedrl.config import load_config
+    from fusedrl.generation import SamplingParams
+    from fusedrl.runtime.launch import make_trainer
+    from fusedrl.runtime.stages import RayRollout
+    from test_runtime import SMALL
+    from test_runtime_interstage import DP2, MigrateEarly  # noqa: F401 (registers it)
+
+    t = make_trainer(load_config(None, SMALL + DP2 + [
+        "generation.max_new_tokens=24", "fusion.interstage=true",
+        "fusion.interstage_policy=test-migrate-early", "fusion.interstage_steps=2",
+        f"fusion.migration={mode}"]))
+    try:
+        rollout = t.stages.rollout
+        prompts = t.setup.prompt_ids
+        lengths = [2, 3, 2, 4, 3, 24, 2, 3, 20, 2]
+        requests = [Request(100 + j, list(prompts[j]), max_new_tokens=n)
+                    for j, n in enumerate(lengths)]
+        params = SamplingParams(temperature=1.0, max_new_tokens=24, seed=3, ignore_eos=True)
+        unfused = RayRollout(t.stages.cluster, t.config, t.setup).run(requests, params)
+        fused = rollout.run(requests, params)
+        m = fused.metrics
+        moved = m["interstage/migrated"]
+        assert moved >= 1
+        if mode == "kv":
+            assert m["interstage/migrated_kv"] == moved and m["interstage/kv_bytes"] > 0
+            assert m["interstage/kv_transfer_s"] > 0 and m["interstage/migration_resume_s"] > 0
+        elif mode == "reprefill":
+            assert m["interstage/migrated_kv"] == 0 and m["interstage/kv_bytes"] == 0
+            assert rollout.cost.transfer_latency_s >= 1e6  # priced out of reach
+        else:  # the cost model's choice, its transfer terms probed on the workers
+            assert rollout.cost.transfer_latency_s < 1e6
+            assert m["interstage/migrated_kv"] + m["interstage/migrated_reprefill"] == moved
+        a, b = unfused.batch, fused.batch
+        assert torch.equal(a.input_ids, b.input_ids) and b.response_lens.tolist() == lengths
+        torch.testing.assert_close(b.gen_logprobs, a.gen_logprobs, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fused.old_logp, unfused.old_logp, rtol=1e-4, atol=1e-5)
+    finally:
+        t.close()

@@ -224,6 +224,19 @@ class NativeBackend:
     def abort(self, sample_id: int) -> Sample:
         return self.engine.abort(sample_id)
 
+    # KV migration (RLHFuse §4): a backend that has these moves a sample's KV cache
+    # instead of re-prefilling it on the destination (fusedrl.interstage.kv_migration).
+
+    def kv_layout(self) -> tuple[int, int, int, torch.dtype]:
+        return self.engine.kv_layout()
+
+    def export_kv(self, sample_id: int) -> tuple[Sample, torch.Tensor | None]:
+        return self.engine.export_kv(sample_id)
+
+    def import_kv(self, request: Request, kv: torch.Tensor) -> None:
+        self._check()
+        self.engine.import_kv(request, kv)
+
     def generate(self, requests, params, on_finish=None) -> list[Sample]:
         self._check()
         return self.engine.generate(requests, params, on_finish)

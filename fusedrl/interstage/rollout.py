@@ -22,12 +22,15 @@ every generation instance nearly idle while the inference devices wait.
    :meth:`plan` (RLHFuse's rule, :func:`~fusedrl.scheduler.migration.plan_migration`)
    keeps ``m`` instances -- those holding the most samples -- and frees the rest.
    A freed instance's samples are aborted and resumed on their destination by
-   re-prefill of prompt + generated tokens (``Request.resume``): the per-sample random
-   stream makes their tokens and log-probs those of an unmigrated run. The runtime
-   implements re-prefill only, so the cost model handed to the policy prices KV-cache
-   transfer out of reach (``_NO_KV_TRANSFER_S``) and the plans it executes are
-   re-prefill plans. A freed device starts inference right after its abort; a kept
-   instance whose tail ends joins inference.
+   re-prefill of prompt + generated tokens (``Request.resume``) or by sending their
+   KV caches over the worker group (:mod:`fusedrl.interstage.kv_migration`), per
+   sample whichever the plan's cost model prices lower (``fusion.migration: auto``;
+   ``kv``/``reprefill`` force one); the per-sample random stream makes their tokens
+   and log-probs those of an unmigrated run either way. The transfer terms of the cost
+   model are measured (a probe at start, then every transfer); with
+   ``fusion.migration: reprefill`` or a backend without KV export (vLLM) transfer is
+   priced out of reach (``_NO_KV_TRANSFER_S``). A freed device starts inference right
+   after its abort; a kept instance whose tail ends joins inference.
 4. **Choosing Rt.** Every ``gen_run`` returns its timed pure-decode steps; after each
    iteration :meth:`FusedRollout.calibrate` fits :class:`GenCostModel` to them
    (:meth:`GenCostModel.fit`) and to the measured inference calls, and the policy
@@ -64,6 +67,7 @@ import ray
 import torch
 
 from fusedrl.generation.engine import Request
+from fusedrl.interstage import kv_migration
 from fusedrl.rollout import RolloutBatch
 from fusedrl.runtime.stages import inference_calls
 from fusedrl.stages import RolloutOutput, StageContext, register_stage
@@ -74,7 +78,7 @@ from fusedrl.scheduler.migration import SampleState, validate_plan
 GEN_ROLE = "actor_gen"
 
 _NO_KV_TRANSFER_S = 1e6
-"""Modelled cost of a KV-cache transfer: this runtime migrates by re-prefill only."""
+"""Modelled cost of a KV-cache transfer where migration is by re-prefill only."""
 
 
 def serve_copies(config, placements: dict[str, str], roles) -> dict[str, tuple[str, str, int]]:
@@ -165,11 +169,17 @@ class InterStageRollout:
         kv_per_token = memory.kv_bytes_per_token(mc, dtype_bytes)
         capacity = memory.kv_capacity_bytes(mc, free, dtype_bytes=dtype_bytes, weight_bytes=0,
                                             max_slots=self.max_batch, max_len=max_len)
-        # Until the first calibration: that capacity, re-prefill only.
+        # KV migration: the native engine exports caches; the transfer terms come from a
+        # probe between the instances now, then from every transfer (calibrate).
+        self.migration = c.fusion.migration if c.generation.backend == "native" \
+            else "reprefill"
+        self.kv_points: deque = deque(maxlen=512)  # measured (bytes, seconds) transfers
+        if self.migration != "reprefill":
+            self.kv_points.extend(self._probe_transfer(int(kv_per_token)))
+        # Until the first calibration: that capacity and the probed transfer.
         self.cost = GenCostModel(kv_bytes_per_token=float(kv_per_token),
-                                 kv_capacity_bytes=float(capacity),
-                                 transfer_latency_s=_NO_KV_TRANSFER_S, weight_load_s=0.0,
-                                 bs_max=self.max_batch)
+                                 kv_capacity_bytes=float(capacity), weight_load_s=0.0,
+                                 bs_max=self.max_batch, **self._transfer_terms())
         self.policy = get_policy(c.fusion.interstage_policy, cost=self.cost,
                                  num_instances=len(self.instances), max_batch=self.max_batch)
         self.decode_points: deque = deque(maxlen=4096)
@@ -177,6 +187,27 @@ class InterStageRollout:
         self.infer_points: deque = deque(maxlen=512)  # (tokens, seconds per full call set)
         self.overheads: deque = deque(maxlen=512)  # round trip minus worker busy time
         self.last: RolloutResult | None = None
+
+    def _probe_transfer(self, kv_per_token: int) -> list[tuple[int, float]]:
+        """Timed transfers between every pair of generation instances (which also sets
+        up NCCL's pair communicators before a source sends unprompted), of the KV of
+        16 and 1024 tokens."""
+        sizes = [16 * kv_per_token, 1024 * kv_per_token]
+        w, points = self.cluster.workers, []
+        for a, dev_a in enumerate(self.instances):
+            for dev_b in self.instances[a + 1:]:
+                _, got = ray.get([w[dev_a].kv_probe.remote(dev_b, sizes, True),
+                                  w[dev_b].kv_probe.remote(dev_a, sizes, False)])
+                points.extend(got)
+        return points
+
+    def _transfer_terms(self) -> dict:
+        """``transfer_latency_s``/``transfer_bandwidth`` of the cost model: fitted to the
+        measured transfers, or out of reach where migration is by re-prefill."""
+        if self.migration == "reprefill" or len({b for b, _ in self.kv_points}) < 2:
+            return {"transfer_latency_s": _NO_KV_TRANSFER_S}
+        latency, bandwidth = kv_migration.fit_transfer(self.kv_points)
+        return {"transfer_latency_s": latency, "transfer_bandwidth": bandwidth}
 
     # ------------------------------------------------------------ the stage
 
@@ -244,9 +275,11 @@ class InterStageRollout:
         infer_spans: list[tuple[float, float]] = []
         serve_bytes = 0
         filled_on: set[int] = set()
+        kv = kv_migration.KVRouting(self.migration, self.migration != "reprefill",
+                                    self.instances)
 
         def has_gen_work(i: int) -> bool:
-            return bool(holding[i] or inbox[i] or (pending and i not in freed))
+            return bool(holding[i] or inbox[i] or kv.pending(i) or (pending and i not in freed))
 
         def submit(dev: int, fut, what: tuple) -> None:
             inflight[fut] = what + (time.perf_counter(),)
@@ -262,7 +295,7 @@ class InterStageRollout:
                 # fair share of the shared queue, within the engine's free slots
                 free = max(0, self.max_batch - len(holding[i]) - len(inbox[i]))
                 share = min(free, math.ceil(len(pending) / len(active)))
-                if gen_calls[i] and (share or inbox[i]):
+                if gen_calls[i] and (share or inbox[i] or kv.pending(i)):
                     continue  # new samples go with a call whose reply reports them
                 # One more call queued behind the running one keeps the engine stepping
                 # through the controller's round trip (it carries no new samples, so
@@ -270,9 +303,11 @@ class InterStageRollout:
                 new = [pending.popleft() for _ in range(share)]
                 sent = inbox[i] + new
                 inbox[i] = []
+                parcels = kv.take(i)  # migrated KV caches, received before the steps
                 holding[i] += [SampleState(r.sample_id, len(r.prompt_ids), len(r.response_ids))
-                               for r in sent]
-                submit(dev, workers[dev].gen_run.remote(GEN_ROLE, sent, self.steps_per_call),
+                               for r in sent] + kv.states(parcels)
+                submit(dev, workers[dev].gen_run.remote(GEN_ROLE, sent, self.steps_per_call,
+                                                        parcels),
                        ("gen", i, dev, gen_calls[i] > 0))
                 gen_calls[i] += 1
 
@@ -343,7 +378,9 @@ class InterStageRollout:
                 inbox[src] = []
                 if holding[src]:
                     dev = self.instances[src]
-                    submit(dev, workers[dev].gen_abort.remote(GEN_ROLE), ("abort", src, dev))
+                    # abort; the caches of the samples moving by KV transfer leave at once
+                    submit(dev, workers[dev].gen_migrate.remote(
+                        GEN_ROLE, kv.kv_to(plan, src, self.instances)), ("abort", src, dev))
 
         def least_loaded_kept() -> int:
             kept = [i for i in range(n) if i not in freed]
@@ -368,6 +405,8 @@ class InterStageRollout:
                         holding[i] = [SampleState(*st) for st in out["running"]]
                     self.decode_points.extend(out["decode"])
                     self.prefill_points.extend(out["prefill"])
+                    self.kv_points.extend(out["kv"])
+                    kv.observe(out)
                     if not what[3]:  # a queued call's round trip includes its wait
                         self.overheads.append((now - t_sub - out["busy_s"],
                                                self.steps_per_call))
@@ -379,7 +418,8 @@ class InterStageRollout:
                     src = what[1]
                     holding[src] = []
                     dst_of = plan.destination()
-                    for s in out:
+                    migrated += sum(len(p.samples) for p in out["parcels"])
+                    for s in kv.route(out):  # the parcels wait for their destination
                         dst = dst_of.get(s.sample_id)
                         if dst is None or dst in freed:
                             dst = least_loaded_kept()
@@ -408,6 +448,7 @@ class InterStageRollout:
             "interstage/migrate_at_s": migrate_at if plan is not None else -1.0,
             "interstage/migrated": migrated,
             "interstage/kept_instances": len(plan.kept) if plan is not None else n,
+            **kv.metrics(),
         }
         self.last = RolloutResult([finished[r.sample_id] for r in requests], micros, metrics)
         return self.last
@@ -431,8 +472,8 @@ class InterStageRollout:
         per_step_overhead = max(0.0, sum(o / k for o, k in self.overheads)
                                 / max(1, len(self.overheads)))
         kwargs = dict(kv_bytes_per_token=self.cost.kv_bytes_per_token,
-                      kv_capacity_bytes=self.cost.kv_capacity_bytes,
-                      transfer_latency_s=_NO_KV_TRANSFER_S, weight_load_s=0.0)
+                      kv_capacity_bytes=self.cost.kv_capacity_bytes, weight_load_s=0.0,
+                      **self._transfer_terms())
         pre = list(self.prefill_points)
         if len({p[0] for p in pre}) >= 2:
             fitted = GenCostModel.fit(pts, prefill_points=pre, **kwargs)

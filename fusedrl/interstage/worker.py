@@ -32,9 +32,10 @@ import time
 import torch
 
 from fusedrl.devices import timer
+from fusedrl.interstage.kv_migration import KVMigrationWorker
 
 
-class InterStageWorker:
+class InterStageWorker(KVMigrationWorker):
     """Mixin of the Ray worker: step-level generation and per-micro-batch inference."""
 
     def serving_key(self, role: str) -> str:
@@ -61,22 +62,31 @@ class InterStageWorker:
 
     def gen_begin(self, role: str, params) -> None:
         """Start this instance's engine for one iteration (it must hold no sample)."""
+        self.kv_sends_wait()  # the last iteration's KV sends (received by then)
         self._gen_engine(role).start(params)
 
-    def gen_run(self, role: str, requests: list, max_steps: int) -> dict:
-        """Admit ``requests`` and run up to ``max_steps`` engine steps (fewer when the
-        engine runs dry).
+    def gen_run(self, role: str, requests: list, max_steps: int, kv_in: list = ()) -> dict:
+        """Admit ``requests`` (and the migrated samples of the KV parcels ``kv_in``,
+        received first: :mod:`fusedrl.interstage.kv_migration`) and run up to
+        ``max_steps`` engine steps (fewer when the engine runs dry).
 
         Returns ``{"finished": [Sample], "running": [(sample_id, prompt_len,
         generated)], "decode": [(batch, mean_context, seconds)], "prefill": [(tokens,
-        seconds)], "busy_s"}``. ``decode`` holds the steps that admitted nothing (pure
-        decode steps, the points of ``GenCostModel.fit``); ``prefill`` the steps that
-        only admitted (nothing was decoding), with the tokens they prefilled.
+        seconds)], "kv": [(bytes, seconds)], "resume_s", "busy_s"}``. ``decode`` holds
+        the steps that admitted nothing (pure decode steps, the points of
+        ``GenCostModel.fit``); ``prefill`` the steps that only admitted (nothing was
+        decoding), with the tokens they prefilled; ``kv`` the KV transfers received
+        (receive + import); ``resume_s`` (None unless migrated samples came) the
+        seconds from the call's start to the end of its first step, the one that gives
+        the migrated samples their next token (KV imported, or re-prefilled).
         """
         engine = self._gen_engine(role)
         max_batch = self.spec.config.generation.max_batch_size
         t_start, wall_start = time.perf_counter(), time.time()
+        kv = self.kv_import(engine, kv_in) if kv_in else []
         engine.add(requests)
+        migrated = bool(kv_in) or any(r.response_ids for r in requests)
+        resume_s = None
         finished, decode, prefill = [], [], []
         for _ in range(max_steps):
             if not engine.has_unfinished():
@@ -89,6 +99,8 @@ class InterStageWorker:
             t0 = timer(self.torch_device)
             finished.extend(engine.step())
             dt = timer(self.torch_device) - t0  # the cost model's points: device time
+            if migrated and resume_s is None:
+                resume_s = time.perf_counter() - t_start
             if running and not admits:
                 decode.append((len(running), context / len(running), dt))
             elif admits and not running:
@@ -97,7 +109,7 @@ class InterStageWorker:
             self.events.add("gen", wall_start, time.time())
         states = [(p.sample_id, p.prompt_len, p.generated) for p in engine.progress()]
         return {"finished": finished, "running": states, "decode": decode, "prefill": prefill,
-                "busy_s": time.perf_counter() - t_start}
+                "kv": kv, "resume_s": resume_s, "busy_s": time.perf_counter() - t_start}
 
     def gen_abort(self, role: str) -> list:
         """Abort every sample still in the engine; their partial samples (for
