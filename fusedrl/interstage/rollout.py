@@ -68,6 +68,7 @@ import torch
 
 from fusedrl.generation.engine import Request
 from fusedrl.interstage import kv_migration
+from fusedrl.partial import GroupTracker, unstarted
 from fusedrl.rollout import RolloutBatch
 from fusedrl.runtime.stages import inference_calls
 from fusedrl.stages import RolloutOutput, StageContext, register_stage
@@ -128,6 +129,8 @@ class RolloutResult:
     samples: list
     micros: list
     metrics: dict
+    carried: list = field(default_factory=list)
+    """Partial rollouts: the samples not in the batch (:class:`fusedrl.partial.BatchClose`)."""
 
 
 class InterStageRollout:
@@ -211,9 +214,10 @@ class InterStageRollout:
 
     # ------------------------------------------------------------ the stage
 
-    def run(self, requests, params) -> RolloutOutput:
-        """Generate ``requests`` and infer them, fused; rows follow ``requests``."""
-        result = self.run_fused(requests, params)
+    def run(self, requests, params, close=None) -> RolloutOutput:
+        """Generate ``requests`` and infer them, fused; rows follow ``requests`` (with
+        ``close``, partial rollouts: the complete groups in sample-id order)."""
+        result = self.run_fused(requests, params, close=close)
         self.observe(result)
         batch = RolloutBatch.from_samples(result.samples, self.setup.tokenizer.pad_token_id)
         width = batch.response_mask.shape[1]
@@ -230,7 +234,7 @@ class InterStageRollout:
                         out[call][row_of[smp.sample_id], :value.shape[0]] = value
         return RolloutOutput(batch, out["actor_infer", "logp"], out["ref", "logp"],
                              out.get(("critic_infer", "values")), out.get(("reward", "score")),
-                             metrics=dict(result.metrics))
+                             metrics=dict(result.metrics), carried=result.carried)
 
     def generate(self, requests, params) -> list:
         """Samples without inference (validation): the unfused replicas' generation."""
@@ -243,16 +247,21 @@ class InterStageRollout:
 
     # ------------------------------------------------------------ the fused loop
 
-    def run_fused(self, requests, params, threshold: int | None = None) -> RolloutResult:
+    def run_fused(self, requests, params, threshold: int | None = None,
+                  close=None) -> RolloutResult:
         """Generate ``requests`` and run their inference, fused. ``threshold``: ``Rt``
-        (default: the policy's)."""
+        (default: the policy's). ``close`` (partial rollouts, :mod:`fusedrl.partial`): a
+        group streams to inference when its last sample finishes; once ``close.target``
+        groups are complete the shared queue is carried over and every instance aborts
+        what it still generates (after its calls in flight return) and turns to
+        inference."""
         cluster = self.cluster
         workers = cluster.workers
         n = len(self.instances)
         batch = len(requests)
         rt = self.policy.threshold(batch) if threshold is None else threshold
         max_sample_tokens = max(len(r.prompt_ids) + (r.max_new_tokens or params.max_new_tokens)
-                                for r in requests)
+                                for r in requests) if requests else 1
         micro_size = self.config.ppo.micro_batch_size
         temperature = self.config.generation.temperature
         t0 = time.perf_counter()
@@ -275,6 +284,11 @@ class InterStageRollout:
         infer_spans: list[tuple[float, float]] = []
         serve_bytes = 0
         filled_on: set[int] = set()
+        # partial rollouts: groups tracked, the batch closed at its target (fusedrl.partial)
+        tracker = GroupTracker(close) if close is not None else None
+        closing = False
+        carried: list = []  # samples not in the batch
+        aborting: set[int] = set()  # instances whose close abort is in flight
         kv = kv_migration.KVRouting(self.migration, self.migration != "reprefill",
                                     self.instances)
 
@@ -286,7 +300,7 @@ class InterStageRollout:
             calls_on[dev] = calls_on.get(dev, 0) + 1
 
         def dispatch_generation() -> None:
-            active = [i for i in range(n) if i not in freed]
+            active = [] if closing else [i for i in range(n) if i not in freed]
             for i in active:
                 dev = self.instances[i]
                 if not has_gen_work(i) or gen_calls[i] >= 2 or calls_on.get(dev, 0) > \
@@ -382,11 +396,37 @@ class InterStageRollout:
                     submit(dev, workers[dev].gen_migrate.remote(
                         GEN_ROLE, kv.kv_to(plan, src, self.instances)), ("abort", src, dev))
 
+        def close_batch() -> None:
+            """Partial rollouts, once the batch is complete: no more generation; the
+            queue is carried over, and each instance with no call in flight aborts."""
+            nonlocal closing, gen_end
+            if tracker is None or not tracker.closed:
+                return
+            if not closing:
+                closing = True
+                gen_end = time.perf_counter() - t0
+                carried.extend(unstarted(r) for r in pending)
+                pending.clear()
+                for i in range(n):
+                    carried.extend(unstarted(r) for r in inbox[i])
+                    inbox[i] = []
+            for i in range(n):
+                if gen_calls[i] == 0 and holding[i] and i not in aborting:
+                    aborting.add(i)
+                    dev = self.instances[i]
+                    submit(dev, workers[dev].gen_abort.remote(GEN_ROLE), ("close", i, dev))
+
         def least_loaded_kept() -> int:
             kept = [i for i in range(n) if i not in freed]
             return min(kept, key=lambda i: (len(holding[i]) + len(inbox[i]), i))
 
+        if tracker is not None:  # carried finished samples: groups they complete go on
+            for s in tracker.start():
+                finished[s.sample_id] = s
+                unbatched.append(s)
+            close_batch()
         dispatch_generation()
+        dispatch_inference()
         while inflight:
             ready, _ = ray.wait(list(inflight), num_returns=1)
             for fut in ready:
@@ -399,8 +439,10 @@ class InterStageRollout:
                     i = what[1]
                     gen_calls[i] -= 1
                     for s in out["finished"]:
-                        finished[s.sample_id] = s
-                        unbatched.append(s)
+                        # partial rollouts: a group goes on when complete, and is in the batch
+                        for t in (tracker.add(s) if tracker is not None else [s]):
+                            finished[t.sample_id] = t
+                            unbatched.append(t)
                     if i not in freed:  # a freed instance's state comes with its abort
                         holding[i] = [SampleState(*st) for st in out["running"]]
                     self.decode_points.extend(out["decode"])
@@ -414,6 +456,10 @@ class InterStageRollout:
                         gen_end = now - t0
                 elif kind == "fill":
                     serve_bytes += out["bytes_received"]
+                elif kind == "close":  # partial rollouts: the aborted samples carry over
+                    holding[what[1]] = []
+                    aborting.discard(what[1])
+                    carried.extend(out)
                 elif kind == "abort":
                     src = what[1]
                     holding[src] = []
@@ -431,11 +477,14 @@ class InterStageRollout:
                     infer_spans.append((t_sub - t0, now - t0))
                     self.infer_points.append(
                         (out["tokens"], out["busy_s"] * len(self.calls) / n_jobs))
+            close_batch()
             maybe_migrate()
             dispatch_generation()
             dispatch_inference()
             dispatch_inference()  # the second call per idle device
 
+        if tracker is not None:  # partial rollouts: the batch is the complete groups
+            batch = close.target * close.group_size
         if len(finished) != batch or unbatched or any(len(m.results) != len(self.calls)
                                                       for m in micros):
             raise RuntimeError(f"fused rollout ended with {len(finished)}/{batch} samples "
@@ -450,7 +499,10 @@ class InterStageRollout:
             "interstage/kept_instances": len(plan.kept) if plan is not None else n,
             **kv.metrics(),
         }
-        self.last = RolloutResult([finished[r.sample_id] for r in requests], micros, metrics)
+        samples = [finished[r.sample_id] for r in requests] if tracker is None else \
+            sorted(finished.values(), key=lambda s: s.sample_id)
+        self.last = RolloutResult(samples, micros, metrics,
+                                  carried + (tracker.leftover() if tracker is not None else []))
         return self.last
 
     # ------------------------------------------------------------ choosing Rt
