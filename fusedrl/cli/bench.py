@@ -16,9 +16,21 @@ on ``--devices`` Ray workers (one core each, docs/design.md "Measuring"), every 
    by side, alternating which goes first; the medians are reported.
 4. ``--sweep``: the fused run at every candidate ``Rt``, to compare the simulator's
    choice with the best one measured on the real engine.
+5. ``--migration kv|reprefill|auto``: the fused run's ``fusion.migration``, and both
+   migration paths measured side by side at ``rt`` (``--repeats`` rounds of ``kv``,
+   ``reprefill`` and ``auto``, the order rotating): per path the fused seconds,
+   samples/s, the destinations' resume seconds (KV received and imported, or
+   re-prefilled, and the step giving the migrated samples their next token) and the
+   transfer seconds; which method ``auto``'s cost model picked and whether it is the
+   faster one measured (:mod:`fusedrl.interstage.kv_migration`).
+
+``--policy NAME --iterations N``: instead, ``N`` consecutive batches with one
+``fusion.interstage_policy`` (``none``, ``rlhfuse``, ``partial`` or a registered one),
+lengths drawn per batch; ``samples_per_s`` in steady state, a carried sample counted
+once, when it completes (:mod:`fusedrl.interstage.policy_bench`).
 
 Output (``--json``): ``{"unfused_s", "fused_s", "speedup", "rt", "migrated",
-"sim_speedup", "sweep": {Rt: seconds}, "best_rt", ...}``.
+"sim_speedup", "sweep": {Rt: seconds}, "best_rt", "migration": {...}, ...}``.
 """
 
 from __future__ import annotations
@@ -51,6 +63,16 @@ def interstage(
     repeats: int = typer.Option(3, "--repeats", help="Side-by-side rounds; medians reported."),
     sweep: bool = typer.Option(False, "--sweep", help="Also measure every candidate Rt."),
     seed: int = typer.Option(0, "--seed", help="Seed of the lengths and of sampling."),
+    migration: Optional[str] = typer.Option(None, "--migration", help="kv, reprefill or "
+                                            "auto: fusion.migration, and both migration "
+                                            "paths measured side by side."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="Run --iterations consecutive "
+                                         "batches with this fusion.interstage_policy (none, "
+                                         "rlhfuse, partial or a registered one) and report "
+                                         "samples_per_s in steady state."),
+    iterations: int = typer.Option(8, "--iterations", help="With --policy: batches run."),
+    warmup: int = typer.Option(2, "--warmup", help="With --policy: first batches left out "
+                               "of samples_per_s."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Config override key=value."),
     as_json: bool = json_option(),
 ) -> None:
@@ -64,6 +86,32 @@ def interstage(
         fail(f"--batch={batch}: need at least one sample per device")
     if repeats < 1:
         fail(f"--repeats={repeats}: must be >= 1")
+    if policy is not None:  # one policy over consecutive batches (fusedrl.interstage.policy_bench)
+        from fusedrl.interstage import policy_bench
+
+        if iterations <= warmup or warmup < 0:
+            fail(f"--iterations={iterations}: must exceed --warmup={warmup} (>= 0)")
+        try:
+            # the length cap: far beyond the spec's p99, so lengths are as drawn
+            cap = max(forced_lengths(lengths, 4096, seed=seed))
+            cfg = load_config(None, [
+                f"model.preset={model}", f"cluster.devices={devices}",
+                f"placement.default=dp{devices}tp1pp1@0-{devices - 1}",
+                f"generation.max_new_tokens={cap}", f"generation.max_batch_size={batch}",
+                f"generation.forced_lengths={lengths}", "fusion.interstage=true",
+                f"fusion.interstage_steps={steps}", f"fusion.interstage_policy={policy}",
+                f"ppo.rollout_batch_size={batch}", f"ppo.mini_batch_size={batch}",
+                f"ppo.micro_batch_size={micro_batch}", f"data.num_prompts={batch}",
+                f"trainer.seed={seed}"] + list(set_ or []))
+        except ValueError as e:
+            fail(first_line(e))
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        result = policy_bench.run(cfg, iterations, warmup)
+        typer.echo(json.dumps(result) if as_json else
+                   "\n".join(f"{k}: {v}" for k, v in result.items()))
+        return
+    if migration is not None and migration not in ("kv", "reprefill", "auto"):
+        fail(f"--migration={migration}: must be one of kv, reprefill, auto")
     try:
         lens = forced_lengths(lengths, batch, seed=seed)
         cfg = load_config(None, [
@@ -73,11 +121,12 @@ def interstage(
             "fusion.interstage=true", f"fusion.interstage_steps={steps}",
             f"ppo.rollout_batch_size={batch}", f"ppo.mini_batch_size={batch}",
             f"ppo.micro_batch_size={micro_batch}", f"data.num_prompts={batch}",
-            f"trainer.seed={seed}"] + list(set_ or []))
+            f"trainer.seed={seed}"]
+            + ([f"fusion.migration={migration}"] if migration else []) + list(set_ or []))
     except ValueError as e:
         fail(first_line(e))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    result = _run(cfg, lens, lengths, repeats, sweep)
+    result = _run(cfg, lens, lengths, repeats, sweep, compare_migration=migration is not None)
     if as_json:
         typer.echo(json.dumps(result))
     else:
@@ -85,7 +134,8 @@ def interstage(
             typer.echo(f"{k}: {v}")
 
 
-def _run(cfg, lens: list[int], spec: str, repeats: int, sweep: bool) -> dict:
+def _run(cfg, lens: list[int], spec: str, repeats: int, sweep: bool,
+         compare_migration: bool = False) -> dict:
     from fusedrl.generation import Request, SamplingParams
     from fusedrl.runtime.launch import make_trainer
     from fusedrl.runtime.stages import RayRollout
@@ -175,6 +225,60 @@ def _run(cfg, lens: list[int], spec: str, repeats: int, sweep: bool) -> dict:
                        rt_measured_s=measured.get(rt),
                        sim_rt_vs_best=round(measured.get(rt, f) / measured[best], 4),
                        sim_sweep={k: round(v, 4) for k, v in sim.items()})
+        if compare_migration:
+            out["migration"] = _compare_migration(fused, fused_at, rt, repeats, n)
         return out
     finally:
         t.close()
+
+
+def _compare_migration(fused, fused_at, rt: int, repeats: int, n: int) -> dict:
+    """Both migration paths at ``rt``, side by side (``repeats`` rounds of ``kv``,
+    ``reprefill`` and ``auto``, the order rotating), and whether ``auto``'s cost model
+    (the simulator's, its transfer terms measured) picked the faster one."""
+    mode = fused.migration
+    if len({b for b, _ in fused.kv_points}) < 2:  # run started with reprefill: probe now
+        fused.kv_points.extend(fused._probe_transfer(int(fused.cost.kv_bytes_per_token)))
+    load = [os.getloadavg()[0]]
+    runs: dict[str, list] = {"kv": [], "reprefill": [], "auto": []}
+    paths = list(runs)
+    try:
+        for r in range(repeats):
+            for path in paths[r % 3:] + paths[:r % 3]:
+                fused.migration = path
+                if path == "auto":
+                    fused.calibrate()  # transfer terms from every transfer so far
+                runs[path].append(fused_at(rt))
+    finally:
+        fused.migration = mode
+    load.append(os.getloadavg()[0])
+
+    def med(path: str, key: str) -> float:
+        return statistics.median(m[key] for _, m in runs[path])
+
+    out: dict = {"mode": mode, "rt": rt, "load_avg_1m": [round(x, 2) for x in load]}
+    for path, rs in runs.items():
+        secs = statistics.median(dt for dt, _ in rs)
+        out[path] = {"fused_s": round(secs, 4), "samples_per_s": round(n / secs, 3),
+                     "resume_s": round(med(path, "interstage/migration_resume_s"), 5),
+                     "transfer_s": round(med(path, "interstage/kv_transfer_s"), 5),
+                     "export_s": round(med(path, "interstage/migration_export_s"), 5),
+                     "migrated_kv": med(path, "interstage/migrated_kv"),
+                     "migrated_reprefill": med(path, "interstage/migrated_reprefill"),
+                     "fused_runs_s": [round(dt, 4) for dt, _ in rs]}
+    kv, re = out["kv"], out["reprefill"]
+    out["resume_ratio_reprefill_over_kv"] = (round(re["resume_s"] / kv["resume_s"], 4)
+                                             if kv["resume_s"] > 0 else None)
+    out["samples_per_s_ratio_kv_over_reprefill"] = round(
+        kv["samples_per_s"] / re["samples_per_s"], 4)
+    a = out["auto"]
+    picked = ("kv" if a["migrated_kv"] > a["migrated_reprefill"] else "reprefill")
+    faster = "kv" if kv["resume_s"] <= re["resume_s"] else "reprefill"
+    c = fused.cost
+    out.update(auto_picked=picked, faster_resume=faster, auto_picked_faster=picked == faster,
+               cost_model={"transfer_latency_s": c.transfer_latency_s,
+                           "transfer_bandwidth": c.transfer_bandwidth,
+                           "kv_bytes_per_token": c.kv_bytes_per_token,
+                           "prefill_base_s": c.prefill_base_s,
+                           "prefill_per_token_s": c.prefill_per_token_s})
+    return out
