@@ -19,6 +19,7 @@ from fusedrl.generation.backend import backend_from_config
 from fusedrl.models.build import TORCH_DTYPES, build_model, load_full_state
 from fusedrl.models.checkpoint import load_checkpoint, load_safetensors_dir, save_hf_checkpoint
 from fusedrl.models.hub import resolve_model_path
+from fusedrl.packing import forward, select
 from fusedrl.rollout import RolloutBatch, infer_head
 from fusedrl.stages import RolloutOutput, StageContext, register_stage
 from fusedrl.timeline import EventLog
@@ -95,10 +96,10 @@ class LocalRollout:
         outs: dict[str, list] = {name: [] for name, _, _ in calls}
         micros = inference_micro_batches(batch, c.ppo)
         for idx in micros:
-            mb = batch.select(idx.to(m.device))
+            mb = select(batch, idx.to(m.device), c.ppo.packed)
             for name, model, kind in calls:
                 with m.events.record(name):
-                    outs[name].append(infer_head(kind, model(mb.input_ids), mb,
+                    outs[name].append(infer_head(kind, forward(model, mb), mb,
                                                  model.tp_group, width, temp))
         cat = {k: unpermute(v, micros) for k, v in outs.items()}
         return RolloutOutput(batch, cat["logp:actor_infer"], cat["logp:ref"], cat.get("values"),
@@ -156,10 +157,10 @@ class LocalUpdate:
 
         def forward_backward(_m, micros, loss):
             for k, idx in enumerate(micros):
-                mb = batch.select(idx)
+                mb = select(batch, idx, self.config.ppo.packed)
                 for name, tm in models.items():
                     with m.events.record(f"train:{name}"):
-                        loss(name, tm.model(mb.input_ids), mb, idx, k).backward()
+                        loss(name, forward(tm.model, mb), mb, idx, k).backward()
 
         out = run_update(schedule, models, forward_backward, targets, self.config,
                          self.config.generation.temperature)

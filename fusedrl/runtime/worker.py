@@ -310,12 +310,14 @@ class Worker(InterStageWorker):
         return shard.groups.is_last and shard.groups.coord.tp == 0
 
     def _mine(self, shard: Shard, micros: list, batch) -> list[tuple[int, torch.Tensor]]:
-        """This dp rank's micro-batches ``(k, rows)``: the ranks' padded tokens balanced
-        (:func:`fusedrl.update.dp_micro_batches`, the same on every rank)."""
+        """This dp rank's micro-batches ``(k, rows)``: the ranks' computed tokens (packed
+        or padded) balanced (:func:`fusedrl.update.dp_micro_batches`, the same on every
+        rank)."""
         from fusedrl.update import dp_micro_batches, seq_lengths
 
         dp, d = shard.groups.placement.layout.dp, shard.groups.coord.dp
-        return dp_micro_batches(micros, seq_lengths(batch), dp)[d]
+        return dp_micro_batches(micros, seq_lengths(batch), dp,
+                                self.spec.config.ppo.packed)[d]
 
     def generation_backend(self, role: str):
         """The generation backend (``generation.backend``) of this device's stage-0 rank of
@@ -389,12 +391,14 @@ class Worker(InterStageWorker):
         batch, micros = to_device((batch, micros), self.torch_device)
         shard = self.shards[role]
         mine = self._mine(shard, micros, batch)
-        mbs = [batch.select(idx) for _, idx in mine]
+        packed = self.spec.config.ppo.packed
+        mbs = [select(batch, idx, packed) for _, idx in mine]
         width = batch.response_mask.shape[1]
         tp_group = shard.model.tp_group
         with self.events.record(event_name(role, kind)):
+        from fusedrl.packing import model_input, select
             results = pipelined_forward(
-                shard.model, shard.groups, [mb.input_ids for mb in mbs],
+                shard.model, shard.groups, [model_input(mb) for mb in mbs],
                 lambda out, i: infer_head(kind, out, mbs[i], tp_group, width, temperature))
         if not self._reporting(shard):
             return None
@@ -424,8 +428,9 @@ class Worker(InterStageWorker):
         def forward_backward(m, micros, loss):
             work = {}
             for name, shard in shards.items():
+        from fusedrl.packing import model_input, select
                 mine = self._mine(shard, micros, batch)
-                mbs = [batch.select(idx) for _, idx in mine]
+                mbs = [select(batch, idx, c.ppo.packed) for _, idx in mine]
                 work[name] = (mine, mbs, lambda out, i, name=name, mine=mine, mbs=mbs:
                               loss(name, out, mbs[i], mine[i][1], mine[i][0]))
             if fused is not None:
@@ -437,7 +442,7 @@ class Worker(InterStageWorker):
                 mine, mbs, loss_fn = work[name]
                 g = shard.groups
                 with self.events.record(f"train:{name}"):
-                    train_1f1b(shard.model, g, [mb.input_ids for mb in mbs], loss_fn,
+                    train_1f1b(shard.model, g, [model_input(mb) for mb in mbs], loss_fn,
                                shard.reducer.arm if g.dp_group is not None else None)
 
         out = run_update(schedule, models, forward_backward, targets, c,
