@@ -26,6 +26,9 @@ class RolloutBatch:
     response_mask: torch.Tensor  # [B, R] float
     gen_logprobs: torch.Tensor  # [B, R] log-probs reported by the generation engine
     sample_ids: torch.Tensor  # [B]
+    packed: object = None
+    """A micro-batch whose samples run packed (:func:`fusedrl.packing.pack`): its
+    :class:`~fusedrl.packing.Packed` rows, which a model's output is then shaped by."""
 
     @classmethod
     def from_samples(cls, samples: list[Sample], pad_id: int) -> "RolloutBatch":
@@ -73,29 +76,57 @@ class RolloutBatch:
     def to(self, device) -> "RolloutBatch":
         """The batch on ``device`` (the trainer's): built on CPU from the engine's token
         lists, its tensors then meet the models' outputs there."""
-        return RolloutBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return RolloutBatch(**{f.name: getattr(self, f.name).to(device)
+                               for f in fields(self) if getattr(self, f.name) is not None})
+
+
+def response_outputs(out: torch.Tensor, batch: RolloutBatch):
+    """A model's output (``[B, L, ...]``, or ``[rows, width, ...]`` of a packed batch)
+    at the positions predicting each response token, and the function that spreads
+    per-token results back to ``[B, R]``: right-padded rows give ``[B, R, ...]``
+    (padded entries at position 0, to be masked); packed rows give ``[N, ...]``, the
+    N real response tokens only (padded ``[B, R, V]`` logits are never built), and
+    their spread puts zeros at padded entries. Differentiable."""
+    if batch.packed is None:
+        idx = batch.predictor_index().to(out.device)
+        if out.dim() == 3:
+            idx = idx[..., None].expand(-1, -1, out.shape[-1])
+        return out.gather(1, idx), lambda x: x
+    mask = (batch.response_mask > 0).to(out.device)
+    flat = (batch.packed.starts[:, None] + batch.predictor_index()).to(out.device)[mask]
+
+    def spread(x: torch.Tensor) -> torch.Tensor:
+        full = x.new_zeros(mask.shape + x.shape[1:])
+        full[mask] = x
+        return full
+
+    return out.flatten(0, 1)[flat], spread
 
 
 def response_logprobs_from(logits: torch.Tensor, batch: RolloutBatch, tp_group=None,
                            temperature: float = 1.0) -> torch.Tensor:
     """[B, R] log-probs of the response tokens from a model's output ``logits``
-    ([B, L, V/tp], differentiable)."""
-    idx = batch.predictor_index().to(logits.device)
-    picked = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))
-    return token_logprobs(picked, batch.response_ids().to(logits.device), tp_group,
-                          temperature) * batch.response_mask.to(logits.device)
+    ([B, L, V/tp] or packed rows, differentiable)."""
+    picked, spread = response_outputs(logits, batch)
+    targets = batch.response_ids().to(logits.device)
+    if batch.packed is not None:
+        targets = targets[batch.response_mask.to(logits.device) > 0]
+    return spread(token_logprobs(picked, targets, tp_group, temperature)) * \
+        batch.response_mask.to(logits.device)
 
 
 def response_values_from(values: torch.Tensor, batch: RolloutBatch) -> torch.Tensor:
     """[B, R] value of the state before each response token from a value head's output
-    ([B, L], differentiable)."""
-    return values.gather(1, batch.predictor_index().to(values.device)) * \
-        batch.response_mask.to(values.device)
+    ([B, L] or packed rows, differentiable)."""
+    picked, spread = response_outputs(values, batch)
+    return spread(picked) * batch.response_mask.to(values.device)
 
 
 def sequence_scores_from(values: torch.Tensor, batch: RolloutBatch) -> torch.Tensor:
     """[B] reward-model score: the value head at the last token of each sequence."""
     last = (batch.prompt_lens + batch.response_lens - 1).to(values.device)
+    if batch.packed is not None:
+        return values.flatten()[batch.packed.starts.to(values.device) + last]
     return values.gather(1, last[:, None]).squeeze(1)
 
 

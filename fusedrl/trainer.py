@@ -374,9 +374,12 @@ class Trainer:
             "perf/total_num_tokens": batch.num_tokens(),
             "perf/throughput": batch.num_tokens() / timing["step"],
             "perf/device_utilization": device_utilization(events, st.devices, t_step, t_end),
-            # padded / real tokens of the micro-batches the calls ran (1.0: no padding)
-            "perf/pad_ratio/inference": pad_ratio(inference_micro_batches(batch, c.ppo), lengths),
-            "perf/pad_ratio/train": pad_ratio([i for mb in schedule for i in mb], lengths),
+            # computed (packed or padded) / real tokens of the micro-batches the calls
+            # ran (1.0: no padding)
+            "perf/pad_ratio/inference": pad_ratio(inference_micro_batches(batch, c.ppo),
+                                                  lengths, c.ppo.packed),
+            "perf/pad_ratio/train": pad_ratio([i for mb in schedule for i in mb], lengths,
+                                              c.ppo.packed),
             **st.peak_memory(),
         }
         return metrics

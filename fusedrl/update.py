@@ -18,43 +18,68 @@ import torch
 
 from fusedrl.algorithms import ppo
 from fusedrl.models.llama import gather_logits
-from fusedrl.rollout import RolloutBatch, response_logprobs_from, response_values_from
+from fusedrl.packing import packed_tokens
+from fusedrl.rollout import (RolloutBatch, response_logprobs_from, response_outputs,
+                             response_values_from)
 
 
 def micro_batches(rows: torch.Tensor, lengths: torch.Tensor, size: int,
-                  tokens: int = 0) -> list[torch.Tensor]:
+                  tokens: int = 0, packed: bool = False) -> list[torch.Tensor]:
     """Split ``rows`` (indices into a batch whose sequence lengths are ``lengths``) into
     micro-batches: ``tokens == 0``, consecutive runs of ``size`` rows in their order;
     ``tokens > 0``, a token budget (verl's ``ppo_max_token_len_per_gpu``): rows sorted by
     length, longest first (a stable sort, so equal lengths keep their order), each
-    micro-batch filled while its padded tokens -- rows x its longest row, what a
-    right-padded forward computes -- stay within ``tokens``. Grouping by length is what
-    removes the padding of a long-tailed batch; a row longer than the budget goes alone."""
+    micro-batch filled while the tokens its forward computes stay within ``tokens``:
+    rows x its longest row right-padded, or (``packed``) packed rows x the longest
+    sample (:func:`fusedrl.packing.pack_rows`, first-fit decreasing: taken in this
+    order, a sample that fits an open row costs nothing). Grouping by length is what
+    removes the padding of a long-tailed batch; a row longer than the budget goes alone.
+    Equal lengths give the same micro-batches packed or not (one sample per row)."""
     if tokens <= 0:
         return [rows[k:k + size] for k in range(0, len(rows), size)]
     lens = lengths[rows].tolist()
     order = sorted(range(len(rows)), key=lambda i: -lens[i])
-    out, cur, longest = [], [], 0
+    out, cur, fill = [], [], []  # fill: packed rows' tokens (packed), else unused
+
+    def cost_with(i: int) -> int:
+        if not packed:
+            return (len(cur) + 1) * max([lens[j] for j in cur[:1]] + [lens[i]])
+        cap = lens[cur[0]] if cur else lens[i]  # the first sample is the longest
+        fits = any(f + lens[i] <= cap for f in fill)
+        return (len(fill) + (not fits)) * cap
+
     for i in order:
-        if cur and (len(cur) + 1) * max(longest, lens[i]) > tokens:
+        if cur and cost_with(i) > tokens:
             out.append(rows[torch.tensor(cur, dtype=torch.long, device=rows.device)])
-            cur, longest = [], 0
+            cur, fill = [], []
+        if packed:
+            cap = lens[cur[0]] if cur else lens[i]
+            r = next((r for r, f in enumerate(fill) if f + lens[i] <= cap), None)
+            if r is None:
+                fill.append(lens[i])
+            else:
+                fill[r] += lens[i]
         cur.append(i)
-        longest = max(longest, lens[i])
     if cur:
         out.append(rows[torch.tensor(cur, dtype=torch.long, device=rows.device)])
     return out
 
 
-def padded_tokens(micros: list[torch.Tensor], lengths: torch.Tensor) -> list[int]:
-    """Tokens each micro-batch computes right-padded: rows x its longest row."""
+def padded_tokens(micros: list[torch.Tensor], lengths: torch.Tensor,
+                  packed: bool = False) -> list[int]:
+    """Tokens each micro-batch's forward computes: rows x its longest row right-padded,
+    or its packed rows x its longest sample (:func:`fusedrl.packing.packed_tokens`)."""
+    if packed:
+        return [packed_tokens(lengths[idx].tolist()) for idx in micros]
     return [len(idx) * int(lengths[idx].max()) if len(idx) else 0 for idx in micros]
 
 
-def pad_ratio(micros: list[torch.Tensor], lengths: torch.Tensor) -> float:
-    """Padded tokens / real tokens over ``micros`` (1.0: no padding)."""
+def pad_ratio(micros: list[torch.Tensor], lengths: torch.Tensor,
+              packed: bool = False) -> float:
+    """Computed tokens (:func:`padded_tokens`) / real tokens over ``micros`` (1.0: no
+    padding)."""
     real = sum(int(lengths[idx].sum()) for idx in micros)
-    return sum(padded_tokens(micros, lengths)) / real if real else 1.0
+    return sum(padded_tokens(micros, lengths, packed)) / real if real else 1.0
 
 
 def assign_dp(costs: list[int], dp: int) -> list[int]:
@@ -73,11 +98,11 @@ def assign_dp(costs: list[int], dp: int) -> list[int]:
 
 
 def dp_micro_batches(micros: list[torch.Tensor], lengths: torch.Tensor,
-                     dp: int) -> list[list[tuple[int, torch.Tensor]]]:
+                     dp: int, packed: bool = False) -> list[list[tuple[int, torch.Tensor]]]:
     """Per dp rank, its micro-batches ``(k, rows)`` in schedule order, assigned by
-    :func:`assign_dp` on their padded tokens."""
+    :func:`assign_dp` on the tokens their forwards compute (:func:`padded_tokens`)."""
     lengths = lengths.cpu()
-    owner = assign_dp(padded_tokens([idx.cpu() for idx in micros], lengths), dp)
+    owner = assign_dp(padded_tokens([idx.cpu() for idx in micros], lengths, packed), dp)
     ranks: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(dp)]
     for k, idx in enumerate(micros):
         ranks[owner[k]].append((k, idx))
@@ -92,9 +117,30 @@ def seq_lengths(batch: RolloutBatch) -> torch.Tensor:
 def inference_micro_batches(batch: RolloutBatch, ppo_cfg) -> list[torch.Tensor]:
     """The inference calls' micro-batches over ``batch`` (CPU row indices):
     ``ppo.micro_batch_size`` consecutive rows, or rows grouped by length within
-    ``ppo.infer_micro_batch_tokens`` padded tokens (:func:`micro_batches`)."""
+    ``ppo.infer_micro_batch_tokens`` computed tokens, packed or padded
+    (:func:`micro_batches`)."""
     return micro_batches(torch.arange(len(batch)), seq_lengths(batch).cpu(),
-                         ppo_cfg.micro_batch_size, ppo_cfg.infer_micro_batch_tokens)
+                         ppo_cfg.micro_batch_size, ppo_cfg.infer_micro_batch_tokens,
+                         ppo_cfg.packed)
+
+
+def streamed_micro_size(lengths: list[int], ppo_cfg) -> int:
+    """How many of ``lengths`` (sequence lengths of finished samples, in finish order)
+    the next streamed inference micro-batch takes (inter-stage fusion): up to
+    ``ppo.micro_batch_size``, or with ``ppo.infer_micro_batch_tokens`` as many as keep
+    the tokens its forward computes (packed or padded, :func:`padded_tokens`) within
+    the budget -- at least one."""
+    tokens = ppo_cfg.infer_micro_batch_tokens
+    if tokens <= 0:
+        return min(ppo_cfg.micro_batch_size, len(lengths))
+
+    def cost(lens: list[int]) -> int:
+        return packed_tokens(lens) if ppo_cfg.packed else len(lens) * max(lens)
+
+    n = min(1, len(lengths))
+    while n < len(lengths) and cost(lengths[:n + 1]) <= tokens:
+        n += 1
+    return n
 
 
 def minibatch_schedule(n: int, ppo_cfg, seed: int, iteration: int,
@@ -114,7 +160,8 @@ def minibatch_schedule(n: int, ppo_cfg, seed: int, iteration: int,
         perm = torch.randperm(n, generator=gen)
         for start in range(0, n, ppo_cfg.mini_batch_size):
             mini = perm[start:start + ppo_cfg.mini_batch_size]
-            out.append(micro_batches(mini, lengths, ppo_cfg.micro_batch_size, tokens))
+            out.append(micro_batches(mini, lengths, ppo_cfg.micro_batch_size, tokens,
+                                     ppo_cfg.packed))
     return out
 
 
@@ -151,10 +198,8 @@ def actor_loss(out: torch.Tensor, mb: RolloutBatch, idx: torch.Tensor, targets: 
         loss = loss + a.kl_loss_coef * kl
         stats.update(kl_stats)
     if p.entropy_coef:
-        logits = gather_logits(out, tp_group)
-        pidx = mb.predictor_index()
-        picked = logits.gather(1, pidx[..., None].expand(-1, -1, logits.shape[-1]))
-        ent = ppo.agg_loss(ppo.entropy_from_logits(picked.float() / temperature),
+        picked, spread = response_outputs(gather_logits(out, tp_group), mb)
+        ent = ppo.agg_loss(spread(ppo.entropy_from_logits(picked.float() / temperature)),
                            mb.response_mask, a.loss_agg_mode)
         loss = loss - p.entropy_coef * ent
         stats["entropy"] = float(ent)

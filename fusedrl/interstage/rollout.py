@@ -13,7 +13,8 @@ every generation instance nearly idle while the inference devices wait.
    an instance (:meth:`InterStageWorker.gen_run`) and brings back the samples that
    finished.
 2. **Streaming inference.** Every finished sample goes to inference at once, in
-   micro-batches of at most ``ppo.micro_batch_size`` in finish order, on any device
+   micro-batches in finish order (``ppo.micro_batch_size`` samples, or within the
+   inference token budget ``ppo.infer_micro_batch_tokens``), on any device
    that can serve an inference call and is not generating: a device placed apart
    from generation that holds a one-device replica of the call (from the first
    finished sample on), or a generation device once it is freed or its tail ends.
@@ -72,6 +73,7 @@ from fusedrl.partial import GroupTracker, unstarted
 from fusedrl.rollout import RolloutBatch
 from fusedrl.runtime.stages import inference_calls
 from fusedrl.stages import RolloutOutput, StageContext, register_stage
+from fusedrl.update import streamed_micro_size
 from fusedrl.scheduler.gen_cost import GenCostModel
 from fusedrl.scheduler.interstage import get_policy
 from fusedrl.scheduler.migration import SampleState, validate_plan
@@ -262,7 +264,6 @@ class InterStageRollout:
         rt = self.policy.threshold(batch) if threshold is None else threshold
         max_sample_tokens = max(len(r.prompt_ids) + (r.max_new_tokens or params.max_new_tokens)
                                 for r in requests) if requests else 1
-        micro_size = self.config.ppo.micro_batch_size
         temperature = self.config.generation.temperature
         t0 = time.perf_counter()
         ray.get([workers[d].gen_begin.remote(GEN_ROLE, params) for d in self.instances])
@@ -357,9 +358,11 @@ class InterStageRollout:
                     continue
                 mb = next((m for m in micros if m.todo & held), None)
                 if mb is None and unbatched:
-                    mb = _Micro([unbatched.popleft()
-                                 for _ in range(min(micro_size, len(unbatched)))],
-                                set(self.calls))
+                    # in finish order, within the inference token budget (issue 19)
+                    take = streamed_micro_size(
+                        [len(s.prompt_ids) + len(s.response_ids) for s in unbatched],
+                        self.config.ppo)
+                    mb = _Micro([unbatched.popleft() for _ in range(take)], set(self.calls))
                     micros.append(mb)
                 if mb is None:
                     continue

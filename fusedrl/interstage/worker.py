@@ -127,11 +127,14 @@ class InterStageWorker(KVMigrationWorker):
         them to the batch's).
         """
         from fusedrl.devices import to_host
+        from fusedrl.packing import forward, pack
         from fusedrl.rollout import RolloutBatch, infer_head
         from fusedrl.runtime.worker import event_name
 
         t0 = time.perf_counter()
         mb = RolloutBatch.from_samples(samples, self.spec.pad_token_id).to(self.torch_device)
+        if self.spec.config.ppo.packed:
+            mb = pack(mb)
         width = mb.response_mask.shape[1]
         results = {}
         for role, kind in jobs:
@@ -140,7 +143,7 @@ class InterStageWorker(KVMigrationWorker):
             key = self.serving_key(role)
             shard = self._single_device_shard(key)
             with self.events.record(event_name(role, kind)):
-                out = shard.model(mb.input_ids)
+                out = forward(shard.model, mb)
                 results[(role, kind)] = infer_head(kind, out, mb, shard.model.tp_group, width,
                                                    temperature)
         return {"results": to_host(results), "tokens": mb.num_tokens(),

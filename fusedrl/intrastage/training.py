@@ -55,7 +55,13 @@ def worker_profile(worker, batch, idx) -> dict:
     from fusedrl.pipeline.fused import profile_stage
     from fusedrl.runtime.memory import pending_training_bytes
 
-    ids = to_device(batch.select(idx).input_ids, worker.torch_device)
+    from fusedrl.packing import model_input, select
+
+    # the micro-batch as training runs it (packed rows with ppo.packed): the stage
+    # costs the fused schedule is solved for are those of the packed micro-batches
+    mb = select(to_device(batch, worker.torch_device), to_device(idx, worker.torch_device),
+                worker.spec.config.ppo.packed)
+    ids = model_input(mb)
     stages = {}
     for name, role in zip(PIPELINES, ROLES):
         shard = worker.shards[role]
@@ -74,6 +80,7 @@ def fused_forward_backward(worker, shards: dict, work: dict, smap: tuple, plans:
     task is one event on the device's timeline (``F:actor``, ``B:critic``...).
     ``work[name] = (mine, micro_batches, loss_fn)`` as the shared update loop
     (:meth:`fusedrl.runtime.worker.Worker.train`) prepared them."""
+    from fusedrl.packing import model_input
     from fusedrl.pipeline.fused import FusedPipeline, train_fused
 
     runs, counts = [], []
@@ -82,7 +89,7 @@ def fused_forward_backward(worker, shards: dict, work: dict, smap: tuple, plans:
         mine, mbs, loss_fn = work[name]
         g = shard.groups
         # dp reduction after the fused step, not overlapped (module docstring)
-        runs.append(FusedPipeline(shard.model, g, [mb.input_ids for mb in mbs], loss_fn))
+        runs.append(FusedPipeline(shard.model, g, [model_input(mb) for mb in mbs], loss_fn))
         counts.append(len(mine))
     node = shards[PIPELINES[0]].groups.coord.pp
     tasks = plans[tuple(counts)][node]
@@ -140,8 +147,9 @@ class FusedTraining:
         workers' balanced assignment, :func:`fusedrl.update.dp_micro_batches`)."""
         from fusedrl.update import dp_micro_batches
 
+        packed = self.cluster.spec.config.ppo.packed
         return [(len(r), len(r)) for r in dp_micro_batches(micros, lengths,
-                                                            self.actor.layout.dp)]
+                                                            self.actor.layout.dp, packed)]
 
     def train(self, bref, data, schedule: list[list]) -> tuple[dict, dict]:
         """Run one PPO update of both models; ``({name: [per-worker result]}, stats)``

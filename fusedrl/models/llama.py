@@ -130,13 +130,15 @@ class Attention(nn.Module):
             config.q_size, config.hidden_size, config=mp_config, init_method=init, bias=False,
             input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
 
-    def forward(self, x, cos, sin, positions, cache: KVCache | None):
+    def forward(self, x, cos, sin, positions, cache: KVCache | None, mask=None):
         b, t, _ = x.shape
         q = self.q_proj(x)[0].view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x)[0].view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x)[0].view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
+        if cache is None and mask is not None:  # packed rows: within each sample only
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        elif cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             slots = cache.slots
@@ -180,8 +182,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, tp_group, mp_config)
 
-    def forward(self, x, cos, sin, positions, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+    def forward(self, x, cos, sin, positions, cache, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -264,10 +266,13 @@ class Llama(nn.Module):
                        p.dtype, p.device)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, select: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                cache: KVCache | None = None, select: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         """``select`` [B]: on the last stage, apply the head only at this token of each
-        row (the last prompt token during prefill), returning [B, V/tp] or [B]."""
+        row (the last prompt token during prefill), returning [B, V/tp] or [B].
+        ``segments`` [B, T]: packed rows (:mod:`fusedrl.packing`), the sample each token
+        belongs to; a token attends only to earlier tokens of its own sample
+        (:func:`segment_mask`), and ``positions`` restart per sample."""
         if self.stage.has_embedding:
             b, t = x.shape
             h = self.model.embed_tokens(x)
@@ -277,6 +282,7 @@ class Llama(nn.Module):
         if positions is None:
             positions = torch.arange(t, device=h.device).expand(b, t)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        mask = segment_mask(segments) if segments is not None and cache is None else None
         recompute = (self.gradient_checkpointing and self.training and cache is None
                      and torch.is_grad_enabled())
         for layer in self.model.layers.values():
@@ -284,9 +290,9 @@ class Llama(nn.Module):
                 # Non-reentrant: works when only the parameters need gradients (first
                 # stage: input ids), and replays tensor-parallel collectives in order.
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, positions, None,
-                                                      use_reentrant=False)
+                                                      mask, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, positions, cache)
+                h = layer(h, cos, sin, positions, cache, mask)
         if not self.stage.has_head:
             return h
         if select is not None:
@@ -297,6 +303,15 @@ class Llama(nn.Module):
         if self.head == "lm":
             return self.lm_head(h)[0]
         return self.score(h).squeeze(-1)
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] boolean attention mask of packed rows: query ``i`` sees key ``j``
+    when ``j <= i`` and both are tokens of the same sample (a block-diagonal causal
+    mask; a row's tail padding forms its own block, so no query sees nothing)."""
+    t = segments.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
+    return ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
 
 
 def _init_method(config: ModelConfig):
@@ -352,4 +367,4 @@ def num_parameters(module: nn.Module) -> int:
 
 
 __all__ = ["Llama", "StageSpec", "KVCache", "RMSNorm", "gather_logits", "token_logprobs",
-           "num_parameters", "rope_tables", "apply_rope"]
+           "num_parameters", "rope_tables", "apply_rope", "segment_mask"]

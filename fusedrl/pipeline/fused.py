@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from fusedrl.devices import timer
+from fusedrl.packing import forward_kwargs, token_ids
 from fusedrl.pipeline.fused_plan import Task
 from fusedrl.pipeline.p2p import P2P
 
@@ -189,12 +190,12 @@ def train_fused(runs: Sequence[FusedPipeline], tasks: Sequence[Task],
         if t.kind == "F":
             ids = run.micro_ids[t.microbatch]
             if g.is_first:
-                x = ids
+                x = token_ids(ids)
             else:
                 x = receive(t, False, (ids.shape[0], ids.shape[1], hidden), dtype, g.prev, g)
                 x.requires_grad_(True)
             t_start = time.time()
-            out = run.model(x)
+            out = run.model(x, **forward_kwargs(ids))
             if g.is_last:
                 out = run.loss_fn(out, t.microbatch)
             else:
@@ -226,9 +227,11 @@ def train_fused(runs: Sequence[FusedPipeline], tasks: Sequence[Task],
     return {"wait_s": wait, "compute_s": compute, "tasks": float(len(tasks))}
 
 
-def profile_stage(model: torch.nn.Module, groups, ids: torch.Tensor,
+def profile_stage(model: torch.nn.Module, groups, ids,
                   repeats: int = 8) -> tuple[float, float, float]:
-    """Time one micro-batch through this stage: ``(fwd_s, bwd_s, activation_bytes)``.
+    """Time one micro-batch (token ids, or packed rows :class:`fusedrl.packing.Packed`,
+    as the training runs them) through this stage: ``(fwd_s, bwd_s,
+    activation_bytes)``.
 
     Runs ``1 + repeats`` forward/backward passes on ``ids`` (one warm-up; the fastest
     of the rest, the least disturbed by other processes on a shared machine: with 4, a
@@ -256,13 +259,13 @@ def profile_stage(model: torch.nn.Module, groups, ids: torch.Tensor,
     fwd, bwd, mem = [], [], 0
     for r in range(1 + repeats):
         if groups.is_first:
-            x = ids
+            x = token_ids(ids)
         else:
             x = torch.randn(ids.shape[0], ids.shape[1], hidden, generator=gen,
                             dtype=torch.float32).to(dev, dtype).requires_grad_(True)
         t0 = timer(dev)
         with SavedActivations(model) as saved:
-            out = model(x)
+            out = model(x, **forward_kwargs(ids))
             if groups.is_last:
                 out = out.float().log_softmax(-1).mean()
         t1 = timer(dev)

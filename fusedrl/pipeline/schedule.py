@@ -6,6 +6,9 @@ of ``pp`` stages receives activations from ``prev`` and sends its output to ``ne
 in training it receives output gradients back from ``next`` and sends input gradients
 to ``prev``. Activation shapes are known on both sides (``[B, T, hidden]`` of the
 micro-batch, whose token ids every stage holds), so no shape messages are exchanged.
+A micro-batch is its token ids ``[B, T]`` or its packed rows
+(:class:`fusedrl.packing.Packed`, whose positions and segment ids every stage's
+forward takes).
 
 1F1B (PipeDream-Flush, Narayanan et al. 2021; Megatron-LM's
 ``forward_backward_pipelining_without_interleaving``): stage ``s`` runs
@@ -20,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from fusedrl.packing import forward_kwargs, token_ids
 from fusedrl.pipeline.p2p import P2P
 
 
@@ -50,12 +54,12 @@ def train_1f1b(model, groups, micro_ids: list[torch.Tensor],
 
     def forward(i: int) -> None:
         if groups.is_first:
-            x = micro_ids[i]
+            x = token_ids(micro_ids[i])
         else:
             x = comm.recv(_hidden_shape(micro_ids[i], hidden), dtype, groups.prev,
                           groups.link(groups.prev, 0, grad=False))
             x.requires_grad_(True)
-        out = model(x)
+        out = model(x, **forward_kwargs(micro_ids[i]))
         if groups.is_last:
             out = loss_fn(out, i)
         else:
@@ -98,10 +102,10 @@ def pipelined_forward(model, groups, micro_ids: list[torch.Tensor],
     comm = P2P(param.device)
     results = []
     for i, ids in enumerate(micro_ids):
-        x = ids if groups.is_first else comm.recv(_hidden_shape(ids, hidden), param.dtype,
-                                                  groups.prev,
-                                                  groups.link(groups.prev, 0, grad=False))
-        out = model(x)
+        x = token_ids(ids) if groups.is_first else comm.recv(
+            _hidden_shape(ids, hidden), param.dtype, groups.prev,
+            groups.link(groups.prev, 0, grad=False))
+        out = model(x, **forward_kwargs(ids))
         if groups.is_last:
             results.append(head_fn(out, i))
         else:
