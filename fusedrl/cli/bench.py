@@ -24,6 +24,11 @@ on ``--devices`` Ray workers (one core each, docs/design.md "Measuring"), every 
    transfer seconds; which method ``auto``'s cost model picked and whether it is the
    faster one measured (:mod:`fusedrl.interstage.kv_migration`).
 
+``--policy NAME --iterations N``: instead, ``N`` consecutive batches with one
+``fusion.interstage_policy`` (``none``, ``rlhfuse``, ``partial`` or a registered one),
+lengths drawn per batch; ``samples_per_s`` in steady state, a carried sample counted
+once, when it completes (:mod:`fusedrl.interstage.policy_bench`).
+
 Output (``--json``): ``{"unfused_s", "fused_s", "speedup", "rt", "migrated",
 "sim_speedup", "sweep": {Rt: seconds}, "best_rt", "migration": {...}, ...}``.
 """
@@ -61,6 +66,13 @@ def interstage(
     migration: Optional[str] = typer.Option(None, "--migration", help="kv, reprefill or "
                                             "auto: fusion.migration, and both migration "
                                             "paths measured side by side."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="Run --iterations consecutive "
+                                         "batches with this fusion.interstage_policy (none, "
+                                         "rlhfuse, partial or a registered one) and report "
+                                         "samples_per_s in steady state."),
+    iterations: int = typer.Option(8, "--iterations", help="With --policy: batches run."),
+    warmup: int = typer.Option(2, "--warmup", help="With --policy: first batches left out "
+                               "of samples_per_s."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Config override key=value."),
     as_json: bool = json_option(),
 ) -> None:
@@ -74,6 +86,30 @@ def interstage(
         fail(f"--batch={batch}: need at least one sample per device")
     if repeats < 1:
         fail(f"--repeats={repeats}: must be >= 1")
+    if policy is not None:  # one policy over consecutive batches (fusedrl.interstage.policy_bench)
+        from fusedrl.interstage import policy_bench
+
+        if iterations <= warmup or warmup < 0:
+            fail(f"--iterations={iterations}: must exceed --warmup={warmup} (>= 0)")
+        try:
+            # the length cap: far beyond the spec's p99, so lengths are as drawn
+            cap = max(forced_lengths(lengths, 4096, seed=seed))
+            cfg = load_config(None, [
+                f"model.preset={model}", f"cluster.devices={devices}",
+                f"placement.default=dp{devices}tp1pp1@0-{devices - 1}",
+                f"generation.max_new_tokens={cap}", f"generation.max_batch_size={batch}",
+                f"generation.forced_lengths={lengths}", "fusion.interstage=true",
+                f"fusion.interstage_steps={steps}", f"fusion.interstage_policy={policy}",
+                f"ppo.rollout_batch_size={batch}", f"ppo.mini_batch_size={batch}",
+                f"ppo.micro_batch_size={micro_batch}", f"data.num_prompts={batch}",
+                f"trainer.seed={seed}"] + list(set_ or []))
+        except ValueError as e:
+            fail(first_line(e))
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        result = policy_bench.run(cfg, iterations, warmup)
+        typer.echo(json.dumps(result) if as_json else
+                   "\n".join(f"{k}: {v}" for k, v in result.items()))
+        return
     if migration is not None and migration not in ("kv", "reprefill", "auto"):
         fail(f"--migration={migration}: must be one of kv, reprefill, auto")
     try:
