@@ -257,3 +257,96 @@ def test_behaviour_logp_only_for_stale_tokens():
     gen = torch.tensor([[-1.5, -2.5, -3.5]])
     stale = torch.tensor([[True, False, False]])
     assert behaviour_logp(old, gen, stale).tolist() == [[-1.5, -2.0, -3.0]]
+
+
+# ---------------------------------------------------------------- fusedrl train
+
+TRAIN = ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=8", "ppo.micro_batch_size=4",
+         "ppo.ppo_epochs=1", "generation.max_new_tokens=16", "data.num_prompts=64",
+         "generation.forced_lengths=lognormal:3,16", "fusion.interstage_policy=partial",
+         "model.frozen_dtype=float32"]
+PARTIAL_KEYS = ("partial/launched", "partial/carried", "partial/carried_tokens",
+                "partial/staleness/mean", "partial/stale_token_frac", "partial/tokens_wasted")
+
+
+def _read(out):
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_train_one_device_resume_repeats_the_uninterrupted_run(tmp_path):
+    """Carried samples are saved with the checkpoint (trainer_state.pt) and resumed from
+    it: the resumed run repeats the uninterrupted one, carried samples included."""
+    from fusedrl.checkpointing import read_trainer_state
+    from fusedrl.cli.train import train
+    from fusedrl.config import load_config
+
+    full = load_config(None, TRAIN + ["trainer.iterations=4", "trainer.save_every=2"])
+    train(full, tmp_path / "a", show_progress=False)
+    a = _read(tmp_path / "a")
+    state = read_trainer_state(tmp_path / "a/checkpoints/iter_2")
+    assert state["partial"]["carried"], "no sample in flight at the checkpoint"
+    assert any(m["partial/stale_token_frac"] > 0 for m in a)  # carried tokens trained on
+    assert all(m["partial/staleness/max"] <= 1 for m in a)
+    assert any("actor/behav_weight_mean" in m for m in a)
+
+    part = load_config(None, TRAIN + ["trainer.iterations=2", "trainer.save_every=2"])
+    train(part, tmp_path / "b", show_progress=False)
+    train(full, tmp_path / "b", resume=True, show_progress=False)
+    b = _read(tmp_path / "b")
+    assert [m["iteration"] for m in b] == [1, 2, 3, 4]
+    for ma, mb in zip(a[2:], b[2:]):
+        for key in PARTIAL_KEYS + ("critic/score/mean", "actor/pg_loss", "actor/ppo_kl",
+                                   "response_length/mean"):
+            assert ma[key] == pytest.approx(mb[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.slow
+def test_train_one_device_grpo_groups_complete():
+    """GRPO groups (actor.rollout_n=2): the batch holds whole groups, consecutive rows."""
+    from fusedrl.config import load_config
+    from fusedrl.runtime.launch import make_trainer
+
+    cfg = load_config(None, TRAIN + ["algorithm.adv_estimator=grpo", "actor.rollout_n=2",
+                                     "ppo.rollout_batch_size=4", "trainer.iterations=3"])
+    t = make_trainer(cfg)
+    batches = []
+    run = t.stages.rollout.run
+
+    def capture(requests, params, close=None):
+        out = run(requests, params, close=close)
+        batches.append(out)
+        return out
+
+    t.stages.rollout.run = capture
+    try:
+        metrics = [t.step() for _ in range(3)]
+    finally:
+        t.close()
+    for out in batches:
+        ids = out.batch.sample_ids.tolist()
+        assert len(ids) == 8 and ids == sorted(ids)
+        assert [i // 2 for i in ids[::2]] == [i // 2 for i in ids[1::2]]  # pairs = groups
+        assert all(s.sample_id not in ids for s in out.carried)
+    assert sum(m["partial/carried"] for m in metrics) > 0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_train_two_ray_devices_interstage(tmp_path, ray_session):
+    """The inter-stage fused rollout closes the batch at its target on 2 Ray devices."""
+    from fusedrl.cli.train import train
+    from fusedrl.config import load_config
+
+    cfg = load_config(None, TRAIN + ["trainer.iterations=3", "cluster.devices=2",
+                                     "placement.default=dp2tp1pp1@0-1",
+                                     "fusion.interstage=true"])
+    train(cfg, tmp_path / "r", show_progress=False)
+    m = _read(tmp_path / "r")
+    assert [x["iteration"] for x in m] == [1, 2, 3]
+    assert all(x["interstage/rt"] == 0 for x in m)  # partial: no migration
+    assert m[0]["partial/launched"] == 12 and m[0]["partial/carried"] > 0
+    assert any(x["partial/stale_token_frac"] > 0 for x in m[1:])
+    assert all(x["partial/staleness/max"] <= 1 for x in m)
