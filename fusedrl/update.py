@@ -253,8 +253,8 @@ def run_update(schedule: list[list[torch.Tensor]], models: dict[str, Trainable],
                forward_backward: Callable[[int, list[torch.Tensor], MicroLoss], None],
                targets: dict, config, temperature: float) -> dict[str, dict]:
     """PPO epochs of ``models`` (``actor``/``critic``) over ``schedule``; returns per
-    model ``{"micro": [(mini, k, stats)], "grad_norm": [...]}`` of the micro-batches
-    this process computed a loss for.
+    model ``{"micro": [(mini, k, stats, weight)], "grad_norm": [...]}`` of the
+    micro-batches this process computed a loss for.
 
     Gradient accumulation: micro-batch ``k``'s loss is weighted by its share of the
     mini-batch's tokens (or responses, per the loss aggregation mode;
@@ -273,7 +273,7 @@ def run_update(schedule: list[list[torch.Tensor]], models: dict[str, Trainable],
         def loss(name, output, mb, idx, k, m=m, weights=weights):
             value, stats = LOSSES[name](output, mb, idx, targets, models[name].tp_group,
                                         config, temperature)
-            out[name]["micro"].append((m, k, stats))
+            out[name]["micro"].append((m, k, stats, weights[name][k]))
             return value * weights[name][k]
 
         forward_backward(m, micros, loss)
@@ -286,14 +286,18 @@ def run_update(schedule: list[list[torch.Tensor]], models: dict[str, Trainable],
 
 def merge_update_stats(results: dict[str, list[dict | None]]) -> dict[str, float]:
     """Iteration metrics from :func:`run_update`'s results (per model, one per reporting
-    process; None where a process reported nothing): each stat averaged over the
-    micro-batches in schedule order, ``{model}/grad_norm`` averaged over mini-batches."""
-    stats: dict[str, list[float]] = {}
+    process; None where a process reported nothing): per mini-batch, each stat summed
+    over its micro-batches with their gradient-accumulation weights -- the
+    mini-batch's own value (its loss, not a mean of micro-batch losses), whatever the
+    micro-batches (sample counts, token budgets, packed) -- then averaged over
+    mini-batches; ``{model}/grad_norm`` averaged over mini-batches."""
+    per_mini: dict[str, dict[int, float]] = {}
     for name, outs in results.items():
         outs = [o for o in outs if o]
-        for _, _, st in sorted(((m, k, st) for o in outs for m, k, st in o["micro"]),
-                               key=lambda x: (x[0], x[1])):
+        for m, _, st, w in sorted((x for o in outs for x in o["micro"]),
+                                  key=lambda x: (x[0], x[1])):
             for key, v in st.items():
-                stats.setdefault(key, []).append(v)
-        stats[f"{name}/grad_norm"] = outs[0]["grad_norm"]
-    return {k: sum(v) / len(v) for k, v in stats.items()}
+                acc = per_mini.setdefault(key, {})
+                acc[m] = acc.get(m, 0.0) + w * v
+        per_mini[f"{name}/grad_norm"] = dict(enumerate(outs[0]["grad_norm"]))
+    return {k: sum(v.values()) / len(v) for k, v in per_mini.items()}

@@ -213,35 +213,54 @@ SMALL = ["ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.micro_batch_
          "generation.max_new_tokens=24", "generation.forced_lengths=lognormal:4,24",
          "data.num_prompts=64", "ppo.ppo_epochs=2", "ppo.actor_lr=0.001",
          "ppo.critic_lr=0.001", "trainer.iterations=2"]
+PADDED = ["ppo.packed=false", "ppo.micro_batch_tokens=0", "ppo.infer_micro_batch_tokens=0"]
+BUDGETS = ["ppo.micro_batch_tokens=64", "ppo.infer_micro_batch_tokens=64"]
 EQUAL = ("actor/grad_norm", "critic/grad_norm", "critic/values/mean",
-         "critic/advantages/mean", "actor/reward_kl_penalty", "rollout/logprob_diff_max")
+         "critic/advantages/mean", "actor/reward_kl_penalty", "actor/pg_loss",
+         "critic/vf_loss", "actor/ppo_kl", "rollout/logprob_diff_max")
+
+
+def assert_equal_runs(a_run, b_run, rel, keys=EQUAL):
+    # second iteration: generated and inferred with the weights both updates produced
+    for it, (a, b) in enumerate(zip(a_run, b_run), 1):
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-6), (it, key)
 
 
 @pytest.mark.slow
-def test_token_budgets_equal_sample_counts_on_one_device(tmp_path):
-    # second iteration: generated and inferred with the weights both updates produced
-    padded = train(load_config(None, SMALL), tmp_path / "a", show_progress=False)
-    budget = train(load_config(None, SMALL + ["ppo.micro_batch_tokens=64",
-                                              "ppo.infer_micro_batch_tokens=64"]),
-                   tmp_path / "b", show_progress=False)
-    for it, (a, b) in enumerate(zip(padded, budget), 1):
-        for key in EQUAL:
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (it, key)
+def test_budgets_and_packing_equal_padded_on_one_device(tmp_path):
+    padded = train(load_config(None, SMALL + PADDED), tmp_path / "a", show_progress=False)
+    budget = train(load_config(None, SMALL + BUDGETS + ["ppo.packed=false"]), tmp_path / "b",
+                   show_progress=False)
+    packed = train(load_config(None, SMALL + BUDGETS), tmp_path / "c", show_progress=False)
+    assert_equal_runs(padded, budget, 1e-5)
+    assert_equal_runs(padded, packed, 1e-5)
+    for it, (a, b, c) in enumerate(zip(padded, budget, packed), 1):
         for key in ("perf/pad_ratio/inference", "perf/pad_ratio/train"):
-            assert 1.0 <= b[key] < a[key], (it, key)
+            assert 1.0 <= c[key] <= b[key] < a[key], (it, key)
+
+
+# The layouts the runtime tests (tests/test_runtime.py, tests/test_runtime_fused.py):
+# data, tensor and pipeline (1F1B) parallel, and the fused actor/critic schedule with
+# the critic's stages reversed (its per-stage costs profiled on a packed micro-batch).
+RAY_LAYOUTS = {
+    "dp2": ["placement.default=dp2tp1pp1@0-1"],
+    "tp2": ["placement.default=dp1tp2pp1@0-1"],
+    "pp2-1f1b": ["placement.default=dp1tp1pp2@0-1"],
+    "fused": ["placement.default=dp1tp1pp2@0-1", "placement.critic_train=dp1tp1pp2@1,0",
+              "placement.critic_infer=dp1tp1pp2@1,0", "fusion.intrastage=true"],
+}
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.parametrize("placement", ["dp2tp1pp1@0-1", "dp1tp1pp2@0-1"])
-def test_token_budgets_on_ray_layouts_match_one_device(placement, ray_session, tmp_path):
-    """Ray inference (rows back in order) and training with token budgets, micro-batches
-    balanced over dp ranks (uneven counts per rank), equal the padded single device."""
-    padded = train(load_config(None, SMALL), tmp_path / "a", show_progress=False)
-    ray_run = train(load_config(None, SMALL + [
-        "ppo.micro_batch_tokens=64", "ppo.infer_micro_batch_tokens=64", "cluster.devices=2",
-        f"placement.default={placement}"]), tmp_path / "b", show_progress=False)
-    for it, (a, b) in enumerate(zip(padded, ray_run), 1):
-        for key in EQUAL[:-1]:
-            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-6), (it, key)
-        assert b["rollout/logprob_diff_max"] < 1e-4, it
+@pytest.mark.parametrize("layout", list(RAY_LAYOUTS))
+def test_packing_and_budgets_on_ray_layouts_equal_padded(layout, ray_session, tmp_path):
+    """Ray inference (rows back in order) and training with packed micro-batches under
+    token budgets, balanced over dp ranks (uneven counts per rank), equal the padded
+    sample-count run of the same layout."""
+    base = SMALL + ["cluster.devices=2"] + RAY_LAYOUTS[layout]
+    padded = train(load_config(None, base + PADDED), tmp_path / "a", show_progress=False)
+    packed = train(load_config(None, base + BUDGETS), tmp_path / "b", show_progress=False)
+    assert_equal_runs(padded, packed, 1e-5)
+    assert packed[-1]["perf/pad_ratio/train"] < padded[-1]["perf/pad_ratio/train"]

@@ -384,6 +384,7 @@ class Worker(InterStageWorker):
         """Pipelined forward of this replica's micro-batches; ``[(k, result)]`` from the
         reporting rank (``kind``: logp, values or score)."""
         from fusedrl.devices import to_device, to_host
+        from fusedrl.packing import model_input, select
         from fusedrl.pipeline.schedule import pipelined_forward
         from fusedrl.rollout import infer_head
 
@@ -396,7 +397,6 @@ class Worker(InterStageWorker):
         width = batch.response_mask.shape[1]
         tp_group = shard.model.tp_group
         with self.events.record(event_name(role, kind)):
-        from fusedrl.packing import model_input, select
             results = pipelined_forward(
                 shard.model, shard.groups, [model_input(mb) for mb in mbs],
                 lambda out, i: infer_head(kind, out, mbs[i], tp_group, width, temperature))
@@ -413,10 +413,11 @@ class Worker(InterStageWorker):
         :func:`fusedrl.intrastage.fused_forward_backward`); then gradient
         all-reduce, clip, step.
 
-        Returns ``{name: {"micro": [(mini, k, stats)], "grad_norm": [...]} or None}``
+        Returns ``{name: {"micro": [(mini, k, stats, weight)], "grad_norm": [...]} or None}``
         (None where this worker is not the model's reporting rank).
         """
         from fusedrl.devices import to_device
+        from fusedrl.packing import model_input, select
         from fusedrl.pipeline.schedule import train_1f1b
         from fusedrl.update import run_update
 
@@ -428,7 +429,6 @@ class Worker(InterStageWorker):
         def forward_backward(m, micros, loss):
             work = {}
             for name, shard in shards.items():
-        from fusedrl.packing import model_input, select
                 mine = self._mine(shard, micros, batch)
                 mbs = [select(batch, idx, c.ppo.packed) for _, idx in mine]
                 work[name] = (mine, mbs, lambda out, i, name=name, mine=mine, mbs=mbs:
