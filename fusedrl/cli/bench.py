@@ -263,6 +263,7 @@ def _compare_migration(fused, fused_at, rt: int, repeats: int, n: int) -> dict:
                      "resume_s": round(med(path, "interstage/migration_resume_s"), 5),
                      "transfer_s": round(med(path, "interstage/kv_transfer_s"), 5),
                      "export_s": round(med(path, "interstage/migration_export_s"), 5),
+                     "gen_end_s": round(med(path, "interstage/gen_end_s"), 4),
                      "migrated_kv": med(path, "interstage/migrated_kv"),
                      "migrated_reprefill": med(path, "interstage/migrated_reprefill"),
                      "fused_runs_s": [round(dt, 4) for dt, _ in rs]}
