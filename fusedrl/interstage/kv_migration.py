@@ -339,7 +339,7 @@ class KVRouting:
     def observe(self, out: dict) -> None:
         """A ``gen_run`` reply: its measured transfers and resume time."""
         self.points.extend(out.get("kv", ()))
-        if out.get("resume_s") is not None:
+        if self.methods and out.get("resume_s") is not None:  # after this run's migration
             self.resume_s.append(out["resume_s"])
 
     def metrics(self) -> dict:

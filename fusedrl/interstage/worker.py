@@ -12,6 +12,9 @@ free:
   shared queue, or migrated ones: ``Request.resume``) and runs up to ``k`` engine
   steps; it returns the samples that finished, what is still running (for the
   migration planner) and the timed decode steps (to calibrate ``GenCostModel``);
+- :meth:`gen_migrate` (:mod:`fusedrl.interstage.kv_migration`) aborts a freed
+  instance's samples and sends the KV caches of those that move by KV transfer to
+  their destinations; :meth:`gen_run` receives them (``kv_in``) and decodes on;
 - :meth:`gen_abort` aborts everything still generating and returns the partial
   samples (migration by re-prefill: the destination re-reads prompt + generated
   tokens and continues with the same per-sample random stream, so the tokens and
