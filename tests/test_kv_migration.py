@@ -82,6 +82,45 @@ def test_import_checks_the_cache_shape(model):
     assert none is None and p.response_ids == []
 
 
+def test_parcel_packing_buckets_and_unpacks():
+    from fusedrl.interstage.kv_migration import bucket_sizes, pack, unpack
+
+    layout = (2, 3, 4)  # layers, kv heads, head dim
+    kvs = [torch.randn(2, 2, 3, n, 4) for n in (5, 1, 9)]
+    flat = pack(kvs)
+    buckets = bucket_sizes(flat.numel(), 300)  # several samples per message, some split
+    assert buckets == [300, 300, 120] and sum(buckets) == flat.numel()
+    for got, want in zip(unpack(flat, [5, 1, 9], layout), kvs):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="samples need"):
+        unpack(flat, [5, 1], layout)
+
+
+def test_transfer_terms_fit_and_methods():
+    from fusedrl.interstage.kv_migration import fit_transfer, methods
+    from fusedrl.scheduler.gen_cost import GenCostModel
+    from fusedrl.scheduler.migration import SampleState, plan_migration
+
+    latency, bw = fit_transfer([(1e6, 0.002 + 1e6 / 5e8), (8e6, 0.002 + 8e6 / 5e8),
+                                (4e6, 0.002 + 4e6 / 5e8)])
+    assert latency == pytest.approx(0.002) and bw == pytest.approx(5e8)
+    with pytest.raises(ValueError, match="2 sizes"):
+        fit_transfer([(1e6, 0.01), (1e6, 0.02)])
+    # the simulator's rule picks per sample: short samples re-prefill, long ones move KV
+    cost = GenCostModel(bs_max=8, kv_bytes_per_token=1e4, transfer_latency_s=latency,
+                        transfer_bandwidth=bw, prefill_base_s=0.0, prefill_per_token_s=1e-4)
+    state = {0: [SampleState(1, 5, 3), SampleState(2, 8, 200)], 1: [SampleState(3, 4, 1)],
+             2: [SampleState(4, 4, 2), SampleState(5, 4, 2), SampleState(6, 4, 2)]}
+    plan = plan_migration(state, threshold=6, cost=cost, max_sample_tokens=300)
+    assert plan.kept == (2,)
+    auto = methods(plan, "auto", can_kv=True)
+    assert auto == {1: "reprefill", 2: "kv", 3: "reprefill"}
+    assert set(methods(plan, "kv", can_kv=True).values()) == {"kv"}
+    assert set(methods(plan, "auto", can_kv=False).values()) == {"reprefill"}
+    with pytest.raises(ValueError, match="fusion.migration='fast'"):
+        methods(plan, "fast", can_kv=True)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["kv", "reprefill", "auto"])
