@@ -27,7 +27,9 @@ on ``--devices`` Ray workers (one core each, docs/design.md "Measuring"), every 
 ``--policy NAME --iterations N``: instead, ``N`` consecutive batches with one
 ``fusion.interstage_policy`` (``none``, ``rlhfuse``, ``partial`` or a registered one),
 lengths drawn per batch; ``samples_per_s`` in steady state, a carried sample counted
-once, when it completes (:mod:`fusedrl.interstage.policy_bench`).
+once, when it completes (:mod:`fusedrl.interstage.policy_bench`). ``--policy
+rlhfuse,partial``: the policies take turns batch by batch on the same workers, and
+their ratios to the first are reported.
 
 Output (``--json``): ``{"unfused_s", "fused_s", "speedup", "rt", "migrated",
 "sim_speedup", "sweep": {Rt: seconds}, "best_rt", "migration": {...}, ...}``.
@@ -69,7 +71,8 @@ def interstage(
     policy: Optional[str] = typer.Option(None, "--policy", help="Run --iterations consecutive "
                                          "batches with this fusion.interstage_policy (none, "
                                          "rlhfuse, partial or a registered one) and report "
-                                         "samples_per_s in steady state."),
+                                         "samples_per_s in steady state; several, comma-"
+                                         "separated, take turns batch by batch."),
     iterations: int = typer.Option(8, "--iterations", help="With --policy: batches run."),
     warmup: int = typer.Option(2, "--warmup", help="With --policy: first batches left out "
                                "of samples_per_s."),
@@ -91,6 +94,14 @@ def interstage(
 
         if iterations <= warmup or warmup < 0:
             fail(f"--iterations={iterations}: must exceed --warmup={warmup} (>= 0)")
+        from fusedrl.scheduler.interstage import available_policies
+
+        names = [p.strip() for p in policy.split(",")]
+        for name in names:
+            if name not in available_policies():
+                fail(f"--policy={name}: known policies: {', '.join(available_policies())}")
+        if len(set(names)) != len(names):
+            fail(f"--policy={policy}: a policy is named twice")
         try:
             # the length cap: far beyond the spec's p99, so lengths are as drawn
             cap = max(forced_lengths(lengths, 4096, seed=seed))
@@ -99,14 +110,14 @@ def interstage(
                 f"placement.default=dp{devices}tp1pp1@0-{devices - 1}",
                 f"generation.max_new_tokens={cap}", f"generation.max_batch_size={batch}",
                 f"generation.forced_lengths={lengths}", "fusion.interstage=true",
-                f"fusion.interstage_steps={steps}", f"fusion.interstage_policy={policy}",
+                f"fusion.interstage_steps={steps}", f"fusion.interstage_policy={names[0]}",
                 f"ppo.rollout_batch_size={batch}", f"ppo.mini_batch_size={batch}",
                 f"ppo.micro_batch_size={micro_batch}", f"data.num_prompts={batch}",
                 f"trainer.seed={seed}"] + list(set_ or []))
         except ValueError as e:
             fail(first_line(e))
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        result = policy_bench.run(cfg, iterations, warmup)
+        result = policy_bench.run(cfg, iterations, warmup, names)
         typer.echo(json.dumps(result) if as_json else
                    "\n".join(f"{k}: {v}" for k, v in result.items()))
         return
