@@ -183,9 +183,10 @@ class PPOSection:
     """Token budget of a training micro-batch, verl's ``ppo_max_token_len_per_gpu``: the
     mini-batch's samples sorted by length and grouped into micro-batches whose forward
     computes at most this many tokens (packed rows x row width with ``ppo.packed``,
-    else rows x longest row). -1 (default): ``micro_batch_size x (data.max_prompt_len
-    + generation.max_new_tokens)``, the memory of a full micro-batch of the longest
-    possible samples; 0: off (``micro_batch_size`` samples each). The loss is
+    else rows x longest row). -1 (default): ``micro_batch_size`` x the batch's longest
+    sequence, what a micro-batch of ``micro_batch_size`` samples may take on that batch
+    (the same micro-batches on a batch of equal lengths, more samples per micro-batch
+    where they are shorter); 0: off (``micro_batch_size`` samples each). The loss is
     unchanged: each micro-batch is weighted by its share of the mini-batch's tokens or
     samples (``actor.loss_agg_mode``)."""
     infer_micro_batch_tokens: int = -1
@@ -550,12 +551,6 @@ class Config:
     adds to it."""
 
     def __post_init__(self) -> None:
-        # Default token budgets (-1): a full micro-batch of the longest possible samples,
-        # so a budgeted micro-batch never needs more memory than a padded one could.
-        longest = self.data.max_prompt_len + self.generation.max_new_tokens
-        for key in ("micro_batch_tokens", "infer_micro_batch_tokens"):
-            if getattr(self.ppo, key) == -1:
-                setattr(self.ppo, key, self.ppo.micro_batch_size * longest)
         # Fit to the cluster is checked here; fit to the model needs the ModelConfig and
         # is checked by the runtime's setup, still before any worker starts.
         for role in PLACEMENT_ROLES:

@@ -34,7 +34,11 @@ def micro_batches(rows: torch.Tensor, lengths: torch.Tensor, size: int,
     sample (:func:`fusedrl.packing.pack_rows`, first-fit decreasing: taken in this
     order, a sample that fits an open row costs nothing). Grouping by length is what
     removes the padding of a long-tailed batch; a row longer than the budget goes alone.
-    Equal lengths give the same micro-batches packed or not (one sample per row)."""
+    Equal lengths give the same micro-batches packed or not (one sample per row).
+    ``tokens == -1``: ``size`` x the longest of ``lengths`` (the whole batch's), the
+    most a micro-batch of ``size`` rows of this batch could take."""
+    if tokens == -1:
+        tokens = size * int(lengths.max()) if len(lengths) else 0
     if tokens <= 0:
         return [rows[k:k + size] for k in range(0, len(rows), size)]
     lens = lengths[rows].tolist()
@@ -129,8 +133,11 @@ def streamed_micro_size(lengths: list[int], ppo_cfg) -> int:
     the next streamed inference micro-batch takes (inter-stage fusion): up to
     ``ppo.micro_batch_size``, or with ``ppo.infer_micro_batch_tokens`` as many as keep
     the tokens its forward computes (packed or padded, :func:`padded_tokens`) within
-    the budget -- at least one."""
+    the budget -- at least one. The default budget (-1) is ``ppo.micro_batch_size`` x
+    the longest of ``lengths``."""
     tokens = ppo_cfg.infer_micro_batch_tokens
+    if tokens == -1 and lengths:
+        tokens = ppo_cfg.micro_batch_size * max(lengths)
     if tokens <= 0:
         return min(ppo_cfg.micro_batch_size, len(lengths))
 
@@ -151,7 +158,7 @@ def minibatch_schedule(n: int, ppo_cfg, seed: int, iteration: int,
     a CPU generator seeded by ``(seed, iteration)``: the same shuffle on every device
     and every runtime, and a resumed run repeats it."""
     tokens = ppo_cfg.micro_batch_tokens
-    if tokens and lengths is None:
+    if tokens > 0 and lengths is None:
         raise ValueError("minibatch_schedule: ppo.micro_batch_tokens needs the batch's lengths")
     lengths = lengths.cpu() if lengths is not None else torch.zeros(n, dtype=torch.long)
     gen = torch.Generator().manual_seed(seed * 7919 + iteration)

@@ -77,13 +77,17 @@ def test_bad_token_budget_is_a_config_error():
         load_config(None, ["ppo.micro_batch_tokens=-2"])
 
 
-def test_default_budgets_are_a_full_micro_batch_of_the_longest_samples():
-    c = load_config(None, ["ppo.micro_batch_size=4", "data.max_prompt_len=10",
-                           "generation.max_new_tokens=30"])
-    assert c.ppo.packed
-    assert c.ppo.micro_batch_tokens == c.ppo.infer_micro_batch_tokens == 4 * 40
-    off = load_config(None, ["ppo.micro_batch_tokens=0", "ppo.infer_micro_batch_tokens=7"])
-    assert (off.ppo.micro_batch_tokens, off.ppo.infer_micro_batch_tokens) == (0, 7)
+def test_default_budget_is_micro_batch_size_times_the_longest_sequence():
+    c = load_config(None, ["ppo.micro_batch_size=4"]).ppo
+    assert c.packed and c.micro_batch_tokens == c.infer_micro_batch_tokens == -1
+    rows = torch.arange(len(LONG_TAILED))
+    auto = micro_batches(rows, LONG_TAILED, 4, tokens=-1, packed=True)
+    explicit = micro_batches(rows, LONG_TAILED, 4, tokens=4 * 41, packed=True)
+    assert [m.tolist() for m in auto] == [m.tolist() for m in explicit]
+    assert len(auto) < len(micro_batches(rows, LONG_TAILED, 4))  # short samples share
+    # equal lengths: the sample-count micro-batches
+    assert len(micro_batches(rows, torch.full((16,), 9), 4, tokens=-1, packed=True)) == 4
+    assert streamed_micro_size([20, 5, 5, 10, 20, 3], c) == 6  # 4 x 20: rows 20|20|10+5+5|3
 
 
 def test_pack_rows_is_first_fit_decreasing():
