@@ -18,7 +18,7 @@ migrated) and adds the sample-level decisions, all pure functions of ids, versio
 and counts, which the runtime (:mod:`fusedrl.partial`) executes::
 
     policy = get_policy("partial", cost=cost, num_instances=n, max_batch=64,
-                        oversample=0.5, max_staleness=1)
+                        oversample=1.0, max_staleness=1)
     order = policy.carry_order(carried)                 # resumed first, oldest first
     restart = [c for c in carried if policy.too_stale(c.first_version, version)]
     must = [c for c in carried if policy.must_finish(c.first_version, version)]
@@ -67,7 +67,7 @@ class PartialRolloutPolicy(InterStagePolicy):
     partial: ClassVar[bool] = True
 
     def __init__(self, cost: GenCostModel, num_instances: int, max_batch: int, *,
-                 oversample: float = 0.5, max_staleness: int = 1):
+                 oversample: float = 1.0, max_staleness: int = 1):
         super().__init__(cost, num_instances, max_batch)
         if not oversample >= 0:
             raise ValueError(f"oversample must be >= 0, got {oversample}")

@@ -136,6 +136,8 @@ class _Out:
 def _config(**fusion):
     from fusedrl.config import load_config
 
+    fusion.setdefault("oversample", 0.5)
+
     return load_config(None, ["fusion.interstage_policy=partial", "ppo.rollout_batch_size=4",
                               "ppo.mini_batch_size=4", "ppo.micro_batch_size=2",
                               "actor.rollout_n=1"] +
@@ -264,6 +266,7 @@ def test_behaviour_logp_only_for_stale_tokens():
 TRAIN = ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=8", "ppo.micro_batch_size=4",
          "ppo.ppo_epochs=1", "generation.max_new_tokens=16", "data.num_prompts=64",
          "generation.forced_lengths=lognormal:3,16", "fusion.interstage_policy=partial",
+         "fusion.oversample=0.5",
          "model.frozen_dtype=float32"]
 PARTIAL_KEYS = ("partial/launched", "partial/carried", "partial/carried_tokens",
                 "partial/staleness/mean", "partial/stale_token_frac", "partial/tokens_wasted")
