@@ -2,6 +2,7 @@
 on alone and all together, on a long-tailed workload, variants alternated in one run.
 
     python bench/e2e.py [--variants baseline,realloc,interstage,intrastage,all]
+                        [--packed on|off|both]
                         [--iterations 5] [--json] [--preset small] [--batch 32]
                         [--micro-batch 2] [--max-new-tokens 512] [--lengths lognormal:8,256]
                         [--no-predict] [--overheads profile|none] [--out bench/results/e2e.json]
@@ -19,6 +20,15 @@ lengths (benchmark mode: ``generation.forced_lengths``):
 - ``intrastage``: realloc + the fused actor/critic pipeline schedule (critic stages
   reversed, RLHFuse §5, ``fusion.intrastage=true``);
 - ``all``: realloc's placements + both fusions.
+
+``--packed`` (issue 19): ``on`` runs each variant with packed sequences under the
+default token budgets (``ppo.packed``, ``ppo.micro_batch_tokens``: the samples of a
+micro-batch laid into rows by first-fit decreasing), ``off`` with right-padded
+micro-batches of ``--micro-batch`` samples (no budgets), ``both`` each variant both ways
+(rows ``VARIANT/packed`` and ``VARIANT/padded``, alternated in the same rounds); then
+each variant's row reports ``packed_vs_padded``: the padded over the packed
+inference + training seconds per round (median of the paired rounds) and the pad ratios
+(``perf/pad_ratio/{inference,train}``, computed over real tokens) of both.
 
 Method: every variant's trainer is built once, each with its own two Ray workers, in one
 Ray instance with a logical CPU per worker. Then ``trainer.step()`` runs round-robin
@@ -91,7 +101,13 @@ VARIANTS = {
 SIM_SWITCHES = {"baseline": (False, False, False), "realloc": (True, False, False),
                 "interstage": (False, True, False), "intrastage": (True, False, True),
                 "all": (True, True, True)}
+PACKING = {"packed": ["ppo.packed=true"],
+           "padded": ["ppo.packed=false", "ppo.micro_batch_tokens=0",
+                      "ppo.infer_micro_batch_tokens=0"]}
+"""``--packed`` on / off: packed rows under the default token budgets, or right-padded
+micro-batches of ``--micro-batch`` samples."""
 STAGES = ("gen", "inference", "train", "realloc", "step")
+PAD_KEYS = ("perf/pad_ratio/inference", "perf/pad_ratio/train")
 UTIL_KEY = "perf/device_utilization"
 
 
@@ -172,8 +188,10 @@ def predict(configs: dict, prompt_len: int, iterations: range, args) -> tuple[di
     out = {}
     for name, cfg in configs.items():
         g, p = cfg.generation, cfg.ppo
-        per_call, inter, intra = SIM_SWITCHES[name]
+        per_call, inter, intra = SIM_SWITCHES[name.split("/")[0]]
         variant = Variant(name, per_call, inter, intra)
+        # packed rows compute (almost) no padding: the simulator's "none"
+        padding = "none" if p.packed else "micro_batch"
         times: dict[str, list[float]] = {s: [] for s in STAGES}
         for i in iterations:
             lens = lambda k: np.array(forced_lengths(  # noqa: E731
@@ -181,7 +199,8 @@ def predict(configs: dict, prompt_len: int, iterations: range, args) -> tuple[di
                 max_len=g.max_new_tokens))
             work = Workload(np.full(p.rollout_batch_size, prompt_len), lens(i), lens(i - 1),
                             g.max_new_tokens, p.mini_batch_size, p.micro_batch_size,
-                            ppo_epochs=p.ppo_epochs, max_gen_batch=g.max_batch_size)
+                            ppo_epochs=p.ppo_epochs, max_gen_batch=g.max_batch_size,
+                            padding=padding)
             sim = FixedLayouts(model, model, work, cfg.cluster.devices, report.hardware,
                                report.after, dtype_bytes=4,
                                schedule_time_s=args.schedule_time, overheads=overheads)
@@ -220,13 +239,37 @@ def summarize(name: str, config, metrics: list[dict]) -> dict:
         row["response_length_mean"] = statistics.mean(m["response_length/mean"]
                                                       for m in metrics)
     row["score_last"] = metrics[-1].get("critic/score/mean")
+    row["packed"] = config.ppo.packed
+    for key in PAD_KEYS:
+        row[key] = statistics.median(m[key] for m in metrics)
+    row["infer_train_s"] = [m.get("timing_s/inference", 0.0) + m["timing_s/train"]
+                            for m in metrics]
     return row
+
+
+def packed_vs_padded(rows: dict, variant: str) -> dict | None:
+    """The packed run of ``variant`` against its padded one (both measured in the same
+    rounds): padded over packed inference + training seconds, per round and the
+    median, and both runs' pad ratios."""
+    a, b = rows.get(f"{variant}/padded"), rows.get(f"{variant}/packed")
+    if not a or not b or "error" in a or "error" in b:
+        return None
+    pairs = [x / y for x, y in zip(a["infer_train_s"], b["infer_train_s"])]
+    return {"infer_train_speedup_per_round": pairs,
+            "infer_train_speedup_paired_median": statistics.median(pairs),
+            "step_speedup_paired_median": statistics.median(
+                x / y for x, y in zip(a["step_s"], b["step_s"])),
+            **{f"padded/{k}": a[k] for k in PAD_KEYS},
+            **{f"packed/{k}": b[k] for k in PAD_KEYS}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"comma-separated, of {','.join(VARIANTS)}")
+    ap.add_argument("--packed", choices=("on", "off", "both"), default="on",
+                    help="packed sequences under token budgets (on), right-padded "
+                         "micro-batches (off), or each variant both ways (both)")
     ap.add_argument("--iterations", type=int, default=5, help="measured rounds, after one "
                     "warm-up round")
     ap.add_argument("--json", action="store_true", help="last stdout line: the result as "
@@ -268,7 +311,13 @@ def main() -> None:
                 f"generation.max_new_tokens={args.max_new_tokens}",
                 f"generation.max_batch_size={args.batch}", "data.max_prompt_len=8",
                 f"generation.forced_lengths={args.lengths}"]
-    configs = {n: load_config(None, COMMON + workload + VARIANTS[n]) for n in names}
+    modes = {"on": ["packed"], "off": ["padded"], "both": ["packed", "padded"]}[args.packed]
+    variants = names
+    # one run per (variant, packing), alternated in the same rounds
+    names = [n if len(modes) == 1 else f"{n}/{mode}" for n in variants for mode in modes]
+    configs = {n: load_config(None, COMMON + workload + VARIANTS[n.split("/")[0]]
+                              + PACKING[mode])
+               for n, mode in zip(names, [m for _ in variants for m in modes])}
     measured_its = range(1, 1 + args.iterations)
     lens = realised_lengths(next(iter(configs.values())), measured_its)
     median, p99 = float(np.median(lens)), float(np.percentile(lens, 99))
@@ -341,11 +390,16 @@ def main() -> None:
         if "predicted_step_s" in rows[n]:
             rows[n]["predicted_vs_measured"] = (rows[n]["predicted_step_s"]
                                                 / rows[n]["timing_s/step"])
-    base = rows.get("baseline")
-    if base is not None and "error" not in base:
-        for row in rows.values():
-            if "error" in row:
-                continue
+    for n in variants:
+        cmp = packed_vs_padded(rows, n)
+        if cmp is not None:
+            rows[f"{n}/packed"]["packed_vs_padded"] = cmp
+    for row in rows.values():
+        if "error" in row:
+            continue
+        suffix = row["variant"][len(row["variant"].split("/")[0]):]
+        base = rows.get("baseline" + suffix)  # the baseline packed (or not) alike
+        if base is not None and "error" not in base:
             row["speedup_vs_baseline"] = row["samples_per_s"] / base["samples_per_s"]
             # Paired per round (the two ran back to back): cancels the load's drift
             # between rounds.
@@ -356,12 +410,13 @@ def main() -> None:
                 row["predicted_speedup_vs_baseline"] = (row["predicted_samples_per_s"]
                                                         / base["predicted_samples_per_s"])
     gen_share = None
+    base = rows.get(next((n for n in names if n.split("/")[0] == "baseline"), ""))
     if base is not None and "error" not in base:
         gen_share = base["timing_s/gen"] / base["timing_s/step"]
     result = {"benchmark": "e2e", "cores": os.cpu_count(), "devices": 2,
               "load_avg": {"start": list(load_start), "end": list(os.getloadavg())},
               "wall_s": time.perf_counter() - t_start, "phases_s": phases,
-              "workload": workload,
+              "workload": workload, "packed": args.packed,
               "iterations": args.iterations, "warmup_iterations": 1,
               "order": "round-robin: " + " ".join(names) + ", repeated",
               "lengths": lengths, "baseline_gen_share_of_step": gen_share,
@@ -374,7 +429,7 @@ def main() -> None:
     if gen_share is not None:
         log(f"baseline: generation is {gen_share:.0%} of the iteration (median)")
     log("wall " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))
-    log(f"{'variant':>11} {'samples/s':>9} {'x base':>6} {'paired':>6} {'gen':>6} "
+    log(f"{'variant':>18} {'samples/s':>9} {'x base':>6} {'paired':>6} {'gen':>6} "
         f"{'infer':>6} {'train':>6} {'realloc':>7} {'step':>6} {'util':>5} | "
         f"{'pred step':>9} {'pred/meas':>9}   (measured | predicted)")
 
@@ -383,9 +438,9 @@ def main() -> None:
 
     for row in rows.values():
         if "error" in row:
-            log(f"{row['variant']:>11} FAILED: {row['error']}")
+            log(f"{row['variant']:>18} FAILED: {row['error']}")
             continue
-        log(f"{row['variant']:>11} {fmt(row['samples_per_s'], 9)} "
+        log(f"{row['variant']:>18} {fmt(row['samples_per_s'], 9)} "
             f"{fmt(row.get('speedup_vs_baseline'), 6)} "
             f"{fmt(row.get('speedup_vs_baseline_paired_median'), 6)} "
             f"{fmt(row['timing_s/gen'], 6)} "
@@ -393,6 +448,17 @@ def main() -> None:
             f"{fmt(row['timing_s/realloc'], 7)} {fmt(row['timing_s/step'], 6)} "
             f"{fmt(row['device_utilization'], 5)} | {fmt(row.get('predicted_step_s'), 9)} "
             f"{fmt(row.get('predicted_vs_measured'), 9)}")
+    for row in rows.values():
+        if "error" in row:
+            continue
+        log(f"{row['variant']:>18} pad ratio (computed/real tokens): inference "
+            f"{row['perf/pad_ratio/inference']:.2f} train {row['perf/pad_ratio/train']:.2f}; "
+            f"inference+train {statistics.median(row['infer_train_s']):.2f}s")
+        cmp = row.get("packed_vs_padded")
+        if cmp:
+            log(f"{row['variant']:>18} packed vs padded: inference+train "
+                f"{cmp['infer_train_speedup_paired_median']:.2f}x, step "
+                f"{cmp['step_speedup_paired_median']:.2f}x (paired medians)")
     if args.json:
         print(json.dumps(result))
     if any("error" in row for row in rows.values()):

@@ -29,44 +29,56 @@ def micro_batches(rows: torch.Tensor, lengths: torch.Tensor, size: int,
     micro-batches: ``tokens == 0``, consecutive runs of ``size`` rows in their order;
     ``tokens > 0``, a token budget (verl's ``ppo_max_token_len_per_gpu``): rows sorted by
     length, longest first (a stable sort, so equal lengths keep their order), each
-    micro-batch filled while the tokens its forward computes stay within ``tokens``:
-    rows x its longest row right-padded, or (``packed``) packed rows x the longest
-    sample (:func:`fusedrl.packing.pack_rows`, first-fit decreasing: taken in this
-    order, a sample that fits an open row costs nothing). Grouping by length is what
-    removes the padding of a long-tailed batch; a row longer than the budget goes alone.
-    Equal lengths give the same micro-batches packed or not (one sample per row).
-    ``tokens == -1``: ``size`` x the longest of ``lengths`` (the whole batch's), the
-    most a micro-batch of ``size`` rows of this batch could take."""
+    micro-batch filled while the tokens its forward computes -- rows x its longest row,
+    right-padded -- stay within ``tokens``; ``packed``: :func:`packed_micro_batches`.
+    Grouping by length is what removes the padding of a long-tailed batch; a row longer
+    than the budget goes alone. Equal lengths give the same micro-batches packed or not
+    (one sample per row). ``tokens == -1``: ``size`` x the longest of ``lengths`` (the
+    whole batch's), the most a micro-batch of ``size`` rows of this batch could take."""
     if tokens == -1:
         tokens = size * int(lengths.max()) if len(lengths) else 0
     if tokens <= 0:
         return [rows[k:k + size] for k in range(0, len(rows), size)]
     lens = lengths[rows].tolist()
     order = sorted(range(len(rows)), key=lambda i: -lens[i])
-    out, cur, fill = [], [], []  # fill: packed rows' tokens (packed), else unused
+    if packed:
+        groups = packed_micro_batches([lens[i] for i in order], tokens)
+        picks = [[order[j] for j in g] for g in groups]
+    else:
+        picks, cur = [], []
+        for i in order:
+            if cur and (len(cur) + 1) * lens[cur[0]] > tokens:  # cur[0]: its longest
+                picks.append(cur)
+                cur = []
+            cur.append(i)
+        picks.append(cur)
+    return [rows[torch.tensor(p, dtype=torch.long, device=rows.device)] for p in picks]
 
-    def cost_with(i: int) -> int:
-        if not packed:
-            return (len(cur) + 1) * max([lens[j] for j in cur[:1]] + [lens[i]])
-        cap = lens[cur[0]] if cur else lens[i]  # the first sample is the longest
-        fits = any(f + lens[i] <= cap for f in fill)
-        return (len(fill) + (not fits)) * cap
 
-    for i in order:
-        if cur and cost_with(i) > tokens:
-            out.append(rows[torch.tensor(cur, dtype=torch.long, device=rows.device)])
-            cur, fill = [], []
-        if packed:
-            cap = lens[cur[0]] if cur else lens[i]
-            r = next((r for r, f in enumerate(fill) if f + lens[i] <= cap), None)
-            if r is None:
-                fill.append(lens[i])
-            else:
-                fill[r] += lens[i]
-        cur.append(i)
-    if cur:
-        out.append(rows[torch.tensor(cur, dtype=torch.long, device=rows.device)])
-    return out
+def packed_micro_batches(lens: list[int], tokens: int) -> list[list[int]]:
+    """Packed micro-batches of samples of lengths ``lens`` (longest first): each is rows
+    as wide as its first (longest) sample, costing rows x width <= ``tokens``. A sample
+    goes into the first row of any micro-batch with room for it (first-fit decreasing
+    over every micro-batch's rows, so the short tail fills the gaps the long samples
+    left), else into a new row of the last micro-batch within the budget, else opens a
+    new micro-batch. Each micro-batch's samples, in this order, laid out again by
+    :func:`fusedrl.packing.pack_rows` (first-fit decreasing at its longest sample's
+    width) give the same rows: its rows only ever received its own samples, first
+    fit, in this order."""
+    groups: list[tuple[int, list[int], list[int]]] = []  # (width, row fills, members)
+    for i, n in enumerate(lens):
+        spot = next(((g, r) for g, (w, fill, _) in enumerate(groups)
+                     for r, f in enumerate(fill) if f + n <= w), None)
+        if spot is not None:
+            g, r = spot
+            groups[g][1][r] += n
+            groups[g][2].append(i)
+        elif groups and (len(groups[-1][1]) + 1) * groups[-1][0] <= tokens:
+            groups[-1][1].append(n)
+            groups[-1][2].append(i)
+        else:
+            groups.append((n, [n], [i]))
+    return [members for _, _, members in groups]
 
 
 def padded_tokens(micros: list[torch.Tensor], lengths: torch.Tensor,

@@ -111,6 +111,21 @@ def test_packed_budgets_remove_the_padding():
     assert len(micros) < len(padded)
 
 
+def test_packed_micro_batches_fill_the_gaps_within_the_budget():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        # long-tailed lengths (lognormal), in a random row order
+        lengths = (torch.randn(40, generator=g) * 0.9 + 2.8).exp().long().clamp(2, 300)
+        rows = torch.randperm(40, generator=g)
+        budget = 2 * int(lengths.max())
+        micros = micro_batches(rows, lengths, 2, tokens=budget, packed=True)
+        assert sorted(torch.cat(micros).tolist()) == list(range(40))
+        # the rows the forward lays out (pack_rows) stay within the budget
+        assert all(t <= budget for t in padded_tokens(micros, lengths, packed=True))
+        assert pad_ratio(micros, lengths, packed=True) < pad_ratio(
+            micro_batches(rows, lengths, 2, tokens=budget), lengths)
+
+
 def test_streamed_micro_batches_honor_the_inference_budget():
     on = load_config(None, ["ppo.infer_micro_batch_tokens=40"]).ppo
     assert streamed_micro_size([20, 5, 5, 10, 20, 3], on) == 4  # rows 20 | 5+5+10
