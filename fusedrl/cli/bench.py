@@ -283,6 +283,10 @@ def _compare_migration(fused, fused_at, rt: int, repeats: int, n: int) -> dict:
                                              if kv["resume_s"] > 0 else None)
     out["samples_per_s_ratio_kv_over_reprefill"] = round(
         kv["samples_per_s"] / re["samples_per_s"], 4)
+    # the two paths of one round ran back to back: their ratio cancels slow load drift
+    paired = [r[0] / k[0] for k, r in zip(runs["kv"], runs["reprefill"])]
+    out["samples_per_s_ratio_kv_over_reprefill_paired"] = round(statistics.median(paired), 4)
+    out["paired_ratios"] = [round(x, 4) for x in paired]
     a = out["auto"]
     picked = ("kv" if a["migrated_kv"] > a["migrated_reprefill"] else "reprefill")
     faster = "kv" if kv["resume_s"] <= re["resume_s"] else "reprefill"
