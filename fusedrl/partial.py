@@ -168,12 +168,10 @@ class PartialRollouts:
         from fusedrl.scheduler.partial import CarriedSample
 
         self._wasted = 0
-        for sid, s in list(self.carried.items()):
+        for sid in list(self.carried):
             first = self.versions[sid][0] if self.versions[sid] else None
             if self.policy.too_stale(first, version):  # beyond fusion.max_staleness
-                self._wasted += len(s.response_ids)
-                self.carried[sid] = Sample(sid, s.prompt_ids, [], [], ABORTED, s.max_new_tokens)
-                self.versions[sid] = []
+                self._restart(sid)
         order = self.policy.carry_order([
             CarriedSample(sid, len(s.response_ids), self.versions[sid][0]
                           if self.versions[sid] else None) for sid, s in self.carried.items()])
@@ -184,10 +182,7 @@ class PartialRollouts:
                 must.append(g)
         for g in must[self.target:]:  # more than a batch can hold: restarted
             for sid in [sid for sid in self.carried if sid // self.group_size == g]:
-                s = self.carried[sid]
-                self._wasted += len(s.response_ids)
-                self.carried[sid] = Sample(sid, s.prompt_ids, [], [], ABORTED, s.max_new_tokens)
-                self.versions[sid] = []
+                self._restart(sid)
         must = set(must[:self.target])
         carried_groups = len({sid // self.group_size for sid in self.carried})
         count = self.policy.launch(self.target, carried_groups)
@@ -202,6 +197,13 @@ class PartialRollouts:
         finished = [self.carried[c.sample_id] for c in order
                     if self.carried[c.sample_id].finish_reason != ABORTED]
         return resumed + new, BatchClose(self.group_size, self.target, finished, must)
+
+    def _restart(self, sid: int) -> None:
+        """Carried sample ``sid`` starts again from its prompt; its tokens are wasted."""
+        s = self.carried[sid]
+        self._wasted += len(s.response_ids)
+        self.carried[sid] = Sample(sid, s.prompt_ids, [], [], ABORTED, s.max_new_tokens)
+        self.versions[sid] = []
 
     def end(self, out, version: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Record the iteration's outcome: ``out`` (a ``RolloutOutput``) holds the batch
