@@ -278,3 +278,12 @@ def test_command_group_starts_without_torch():
     code = ("import sys, fusedrl.cli.main\nheavy = [m for m in ('torch', 'numpy', 'ray') "
             "if m in sys.modules]\nassert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_package_is_in_the_distribution():
+    """A package missing from pyproject's list is absent from a wheel: ``fusedrl`` itself
+    fails there when it is ``fusedrl.cli``."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    packages = {m for m, path in MODULES.items() if path.name == "__init__.py"}
+    assert packages - listed == set(), "add to [tool.setuptools] packages"
