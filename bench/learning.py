@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
+import resource
 import time
+from queue import Empty
 from pathlib import Path
 
 
@@ -50,8 +53,36 @@ def curve(config_path: str, overrides: list[str], minutes: float, val_every: int
     finally:
         t.close()
     load.append(os.getloadavg()[0])
+    # ru_maxrss is in KiB on Linux: the peak of this process (one run) only.
+    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     return {"label": label, "config": config_path, "overrides": overrides, "points": points,
-            "load_avg_start_end": load}
+            "load_avg_start_end": load, "peak_rss_gb": peak_rss_gb}
+
+
+def _curve_in_child(queue, threads: int, *args) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    queue.put(curve(*args))
+
+
+def curve_in_process(threads: int, *args) -> dict:
+    """:func:`curve` in a fresh (spawned) process: its peak memory is the run's alone."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_curve_in_child, args=(queue, threads, *args))
+    proc.start()
+    while True:  # read before join: a large result would block the child's exit
+        try:
+            result = queue.get(timeout=10)
+            break
+        except Empty:
+            if not proc.is_alive():
+                raise SystemExit(f"learning run {args[0]} failed "
+                                 f"(exit code {proc.exitcode})") from None
+    proc.join()
+    return result
 
 
 def plot(curves: list[dict], path: Path) -> None:
@@ -88,18 +119,16 @@ def main() -> None:
                     default=Path(__file__).parent / "results" / "learning")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    curves = [curve(c, args.overrides, args.minutes, args.val_every) for c in args.config]
+    curves = [curve_in_process(args.threads, c, args.overrides, args.minutes, args.val_every)
+              for c in args.config]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"curves": curves}, indent=1))
     plot(curves, args.out.with_suffix(".png"))
     for c in curves:
         p = c["points"]
         print(f"{c['label']}: val {p[0]['val/score/mean']:.3f} -> {p[-1]['val/score/mean']:.3f}"
-              f" in {p[-1]['train_s'] / 60:.1f} min ({p[-1]['iteration']} iterations)")
+              f" in {p[-1]['train_s'] / 60:.1f} min ({p[-1]['iteration']} iterations),"
+              f" peak RSS {c['peak_rss_gb']:.2f} GB")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,13 @@ class ModelSection:
     critic_path: str = ""
     """Critic initialisation; empty uses the actor's (a zero value head is added)."""
     dtype: str = "float32"
-    """Parameter dtype: float32 or bfloat16."""
+    """Parameter dtype of the trained models (actor, critic) and their inference copies:
+    float32 or bfloat16."""
+    frozen_dtype: str = "bfloat16"
+    """Parameter dtype of the frozen models (reference policy, reward model): float32 or
+    bfloat16. bfloat16 halves their memory; their log-probs/scores are still taken in
+    float32 from the (bfloat16) logits, as a bf16 reference does in verl. On a CPU
+    without bf16 matrix units the reference forward is slower than in float32."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass instead of
     keeping them (actor and critic training): less activation memory for about one
@@ -55,6 +61,8 @@ class ModelSection:
                  f"unknown preset; known: {sorted(PRESETS)}")
         _require(self.dtype in ("float32", "bfloat16"), "model.dtype", self.dtype,
                  "must be float32 or bfloat16")
+        _require(self.frozen_dtype in ("float32", "bfloat16"), "model.frozen_dtype",
+                 self.frozen_dtype, "must be float32 or bfloat16")
         _require(self.vocab_size >= 0, "model.vocab_size", self.vocab_size, "must be >= 0")
 
 
@@ -445,7 +453,15 @@ class ClusterSection:
     Ray cluster (checked before any worker starts). Collectives: gloo on CPU, NCCL for
     CUDA tensors."""
 
+    peak_flops: float = 0.0
+    """Peak FLOP/s of one device for the MFU metrics (``perf/mfu/actor``, ``critic``,
+    ``ref``: model FLOPs ``6 N T`` per update, ``2 N T`` per forward, over busy seconds
+    x devices x this). 0: the datasheet bf16 peak of a known GPU (H100, H200, A100), else
+    a float32 matmul peak measured at startup, reported as ``perf/mfu_measured_peak/*``
+    (``fusedrl/perf.py``)."""
+
     def __post_init__(self) -> None:
+        _require(self.peak_flops >= 0, "cluster.peak_flops", self.peak_flops, "must be >= 0")
         _require(self.devices >= 1, "cluster.devices", self.devices, "must be >= 1")
         _require(self.accelerator in ("auto", "cpu", "cuda"), "cluster.accelerator",
                  self.accelerator, "must be auto, cpu or cuda")

@@ -34,9 +34,13 @@ class LocalModels:
         self.device = dev = device_of(config)  # ConfigError before any model is built
         c, s = config, setup
         dtype = TORCH_DTYPES[c.model.dtype]
+        frozen = TORCH_DTYPES[c.model.frozen_dtype]  # reference and reward model
         seed, mc = c.trainer.seed, s.model_config
         self.actor = build_model(mc, "lm", s.actor_state, seed=seed, dtype=dtype, device=dev)
-        self.ref = build_model(mc, "lm", s.actor_state, seed=seed, dtype=dtype,
+        # The reference is the initial actor, converted to the frozen dtype (from the
+        # actor's weights: a random init drawn in another dtype would differ).
+        init = s.actor_state if s.actor_state is not None else self.actor.hf_state_dict()
+        self.ref = build_model(mc, "lm", init, seed=seed, dtype=frozen,
                                device=dev).eval().requires_grad_(False)
         from fusedrl.validate import uses_critic
 
@@ -47,7 +51,7 @@ class LocalModels:
         self.reward_model = None
         if c.reward.type == "model":
             rm_config, rm_state = load_checkpoint(resolve_model_path(c.reward.model_path))
-            self.reward_model = build_model(rm_config, "value", rm_state, dtype=dtype,
+            self.reward_model = build_model(rm_config, "value", rm_state, dtype=frozen,
                                             device=dev).eval().requires_grad_(False)
         for model in (self.actor, self.critic):
             if model is not None:

@@ -77,6 +77,8 @@ ROLES: dict[Role, RoleSpec] = {
 PLACEMENT_ROLES: tuple[Role, ...] = tuple(Role)
 """Every role has a ``placement.<role>`` key."""
 TRAIN_ROLES = (Role.ACTOR_TRAIN, Role.CRITIC_TRAIN)
+FROZEN_ROLES = (Role.REF, Role.REWARD)
+"""Never trained nor refreshed: held in ``model.frozen_dtype`` (bfloat16 by default)."""
 INFERENCE_ROLES = (Role.ACTOR_INFER, Role.REF, Role.CRITIC_INFER, Role.REWARD)
 """The inference calls of an iteration, in the order their results are used."""
 

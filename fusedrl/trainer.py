@@ -41,6 +41,7 @@ from fusedrl.models.checkpoint import load_checkpoint
 from fusedrl.models.config import PRESETS, ModelConfig
 from fusedrl.models.hub import resolve_model_path
 from fusedrl.models.tokenizer import CharTokenizer, load_hf_tokenizer
+from fusedrl.perf import iteration_mfu
 from fusedrl.rollout import RolloutBatch
 from fusedrl.stages import Rollout, RolloutOutput, Update, WeightSync
 from fusedrl.timeline import DeviceEvent, device_utilization, stage_overlap, stage_spans
@@ -381,6 +382,9 @@ class Trainer:
             "perf/pad_ratio/train": pad_ratio([i for mb in schedule for i in mb], lengths,
                                               c.ppo.packed),
             **st.peak_memory(),
+            # model FLOPs over busy seconds x devices x peak (fusedrl/perf.py)
+            **iteration_mfu(c, s.model_config, batch.num_tokens(), timing, st.placements,
+                            self.device),
         }
         return metrics
 
@@ -406,9 +410,16 @@ class Trainer:
             scores = self.rule_scores(batch, s.val_prompts)
         self.last_val_samples = self.sample_rows(batch, s.val_prompts, scores)
         self.stages.take_events()  # not part of the next iteration's timeline
-        return {"val/score/mean": float(scores.mean()), "val/score/max": float(scores.max()),
-                "val/score/min": float(scores.min()),
-                "val/response_length/mean": float(batch.response_lens.float().mean())}
+        out = {"val/score/mean": float(scores.mean()), "val/score/max": float(scores.max()),
+               "val/score/min": float(scores.min()),
+               "val/response_length/mean": float(batch.response_lens.float().mean())}
+        # per data source, as verl's val-core/<data_source>/reward/mean@1
+        sources = [r.data_source for r in s.val_prompts]
+        if any(src is not None for src in sources):
+            for src in sorted({x if x is not None else "unknown" for x in sources}):
+                rows = [b for b, x in enumerate(sources) if (x or "unknown") == src]
+                out[f"val/{src}/score/mean"] = float(scores[rows].mean())
+        return out
 
     def decoded(self, batch: RolloutBatch, records: list[PromptRecord],
                 limit: int | None = None) -> list[tuple[str, str]]:

@@ -26,6 +26,10 @@ CONFIG = Path(__file__).parents[1] / "configs" / "fused.yaml"
 SMALL = ["ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.micro_batch_size=4",
          "generation.max_new_tokens=48", "generation.forced_lengths=lognormal:4,40",
          "trainer.iterations=3", "fusion.interstage_policy=test-fused-migrate-half"]
+# Layouts/schedules compared at rel 1e-3..1e-5: the reference pinned to float32 (its
+# bf16 default rounds logits to ~3 digits, more than these tolerances across tp/pp
+# reduction orders); the bf16 reference is tested in test_frozen_dtype.py.
+SMALL = SMALL + ["model.frozen_dtype=float32"]
 KEYS = ("critic/score/mean", "actor/pg_loss", "critic/vf_loss", "actor/ppo_kl",
         "actor/grad_norm", "critic/grad_norm", "critic/values/mean",
         "critic/advantages/mean", "actor/reward_kl_penalty", "response_length/mean")

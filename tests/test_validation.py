@@ -40,3 +40,29 @@ def test_validation_keys_are_checked():
         load_config(None, ["trainer.val_every=-1"])
     with pytest.raises(ConfigError, match="data.val_size=0"):
         load_config(None, ["data.val_size=0"])
+
+
+def test_validation_per_data_source(tmp_path):
+    """data.val_path records with a ``data_source`` key: ``val/<source>/score/mean`` per
+    source (verl's val-core/<data_source>/reward/mean@1), whose sample-weighted mean is
+    the overall ``val/score/mean``; records without the key count as ``unknown``."""
+    from fusedrl.data.builtin import TASKS
+    from fusedrl.runtime.launch import make_trainer
+
+    records = TASKS["repeat"].build(9, 123)
+    sources = ["a", "b", None] * 3
+    with open(tmp_path / "val.jsonl", "w") as f:
+        for r, src in zip(records, sources):
+            f.write(json.dumps({"prompt": r.prompt, "label": r.label,
+                                **({"data_source": src} if src else {})}) + "\n")
+    t = make_trainer(load_config(None, SMALL + [f"data.val_path={tmp_path / 'val.jsonl'}"]))
+    try:
+        assert [r.data_source for r in t.setup.val_prompts] == sources
+        v = t.validate()
+        scores = [row["score"] for row in t.last_val_samples]
+    finally:
+        t.close()
+    for src in ("a", "b", "unknown"):
+        rows = [s for s, x in zip(scores, sources) if (x or "unknown") == src]
+        assert v[f"val/{src}/score/mean"] == pytest.approx(sum(rows) / len(rows)), src
+    assert v["val/score/mean"] == pytest.approx(sum(scores) / len(scores))

@@ -37,6 +37,9 @@ class PromptRecord:
 
     prompt: Prompt
     label: str | None = None
+    data_source: str | None = None
+    """Where the record comes from (verl's ``data_source``): validation scores are also
+    reported per source (``val/<data_source>/score/mean``)."""
 
 
 def _get(record: dict, key: str) -> Any:
@@ -110,7 +113,8 @@ def _column(key: str, names: list[str]) -> str:
     return key if key in names else key.split(".")[0]
 
 
-def _iter_parquet(path: Path, prompt_key: str, label_key: str | None) -> Iterator[tuple[str, dict]]:
+def _iter_parquet(path: Path, prompt_key: str, label_key: str | None,
+                  source_key: str | None = None) -> Iterator[tuple[str, dict]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:  # pragma: no cover - pyarrow is a core dependency
@@ -123,8 +127,9 @@ def _iter_parquet(path: Path, prompt_key: str, label_key: str | None) -> Iterato
             )
         # Read only the columns the keys live in (datasets often carry big extra columns).
         columns = {_column(prompt_key, names)}
-        if label_key and _column(label_key, names) in names:
-            columns.add(_column(label_key, names))
+        for key in (label_key, source_key):
+            if key and _column(key, names) in names:
+                columns.add(_column(key, names))
         table = pq.read_table(path, columns=sorted(columns))
     except DataError:
         raise
@@ -136,7 +141,8 @@ def _iter_parquet(path: Path, prompt_key: str, label_key: str | None) -> Iterato
 
 
 def load_prompts(
-    path: str | Path, prompt_key: str = "prompt", label_key: str | None = "label"
+    path: str | Path, prompt_key: str = "prompt", label_key: str | None = "label",
+    source_key: str | None = "data_source",
 ) -> list[PromptRecord]:
     """Load prompts (and labels) from a ``.jsonl`` or ``.parquet`` file.
 
@@ -147,6 +153,8 @@ def load_prompts(
             Labels are optional: a dataset where no record has the key gets
             ``label=None`` throughout; a dataset where only some records have it is
             an error. Non-string labels are turned into strings (``95`` -> ``"95"``).
+        source_key: key of the record's data source (verl's ``data_source``), or
+            ``None``. Optional per record (``data_source=None`` where absent).
 
     Raises:
         DataError: one line naming the path (and line/row, key) and the problem.
@@ -166,9 +174,10 @@ def load_prompts(
         rows = (
             _iter_jsonl(path)
             if path.suffix == ".jsonl"
-            else _iter_parquet(path, prompt_key, label_key)
+            else _iter_parquet(path, prompt_key, label_key, source_key)
         )
         records: list[tuple[str, Any, Any]] = []
+        sources: list[str | None] = []
         for where, row in rows:
             prompt = _get(row, prompt_key)
             if prompt is _MISSING or prompt is None:  # parquet stores absent struct fields as null
@@ -176,6 +185,8 @@ def load_prompts(
                 raise DataError(f"{where}: missing prompt key {prompt_key!r}{null}")
             label = _get(row, label_key) if label_key else None
             records.append((where, _prompt_value(prompt, where, prompt_key), label))
+            source = _get(row, source_key) if source_key else _MISSING
+            sources.append(None if source is _MISSING or source is None else str(source))
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     if not records:
@@ -186,8 +197,8 @@ def load_prompts(
         where = records[has_label.index(False)][0]
         raise DataError(f"{where}: missing label key {label_key!r} (other records have it)")
     return [
-        PromptRecord(prompt, None if label is _MISSING else _label_value(label))
-        for _, prompt, label in records
+        PromptRecord(prompt, None if label is _MISSING else _label_value(label), source)
+        for (_, prompt, label), source in zip(records, sources)
     ]
 
 

@@ -38,6 +38,7 @@ from typing import Callable, Iterable, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
+from fusedrl.generation import fastpath
 from fusedrl.generation.engine import GenerationEngine, Request, Sample
 from fusedrl.generation.sampling import SamplingParams
 
@@ -181,6 +182,15 @@ class NativeBackend:
     def _check(self) -> None:
         if self._stopped:
             raise RuntimeError("generation backend used after stop()")
+
+    def weight_cache_bytes(self) -> tuple[int, int]:
+        """``(held, planned)`` bytes of the engine's own weight copies (the fast path's
+        fused and MKL-packed weights, ``generation.packed_weights_gib``): held now, and
+        once built. ``(0, 0)`` when the model runs without the fast path."""
+        fwd = self.engine._forward
+        if not isinstance(fwd, fastpath.FastForward):
+            return 0, 0
+        return fwd.held_bytes(), fwd.planned_bytes()
 
     def start(self, params: SamplingParams) -> None:
         self._check()

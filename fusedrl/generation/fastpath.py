@@ -25,6 +25,14 @@ row counts (prefill, a nearly drained batch) use ``F.linear``. Packing costs mem
 packed, LM head first, only up to ``pack_bytes`` in all, and only for float32 weights
 on CPU with MKL; repacking after a weight update took ~0.5 s for SmolLM2.
 
+The prepared weights are memory the model does not hold: the fused q/k/v and gate/up
+copies (about half the model) and the packed weights (up to ``pack_bytes``).
+:meth:`FastForward.planned_bytes` predicts them exactly before anything is prepared
+(the MKL size of each distinct weight shape, probed once per process) and
+:meth:`FastForward.held_bytes` reports what is held, so that the memory accounting
+(:func:`fusedrl.runtime.memory.generation_weight_bytes`) counts them against the
+device's total instead of finding them missing later.
+
 The prepared weights are rebuilt when any parameter's version counter changes, so
 weights updated in place by training or reallocation (``param.copy_``, optimizer steps)
 are picked up by the next step. Parameters must be updated in place, not replaced by
@@ -52,6 +60,39 @@ def _mkl_packing() -> bool:
             and hasattr(torch.ops.mkl, "_mkl_linear"))
 
 
+_PACKED_SIZE: dict[tuple[int, int, int], int] = {}
+
+
+def packed_size(out_features: int, in_features: int, rows: int) -> int:
+    """Bytes of a float32 ``[out, in]`` weight in MKL's packed format for ``rows`` rows,
+    probed once per shape (the format depends on the shape only); 0 if MKL refuses it."""
+    key = (out_features, in_features, rows)
+    if key not in _PACKED_SIZE:
+        try:
+            t = torch.ops.mkl._mkl_reorder_linear_weight(
+                torch.zeros(out_features, in_features), rows)
+            _PACKED_SIZE[key] = t.numel() * t.element_size()
+        except RuntimeError:
+            _PACKED_SIZE[key] = 0
+    return _PACKED_SIZE[key]
+
+
+def _opaque(t: torch.Tensor) -> bool:
+    try:
+        t.untyped_storage()
+    except (NotImplementedError, RuntimeError):
+        return True
+    return False
+
+
+def _tensors(entry) -> list[torch.Tensor]:
+    if isinstance(entry, torch.Tensor):
+        return [entry]
+    if isinstance(entry, tuple):
+        return [t for e in entry for t in _tensors(e)]
+    return []
+
+
 class FastForward:
     """``forward(ids, positions, cache, select)`` -> logits ``[B, V]`` at ``select``."""
 
@@ -66,14 +107,60 @@ class FastForward:
         self._layers: list[tuple] = []
         self._head: tuple = ()
 
+    def _can_pack(self) -> bool:
+        head = self.model.lm_head.weight
+        return head.dtype == torch.float32 and head.device.type == "cpu" and _mkl_packing()
+
+    def _matrices(self) -> list[tuple[int, int]]:
+        """``(out, in)`` of every weight the fast path may pack, in packing order (the
+        LM head, then per layer q/k/v fused, o, gate/up fused, down)."""
+        out = [tuple(self.model.lm_head.weight.shape)]
+        for layer in self.model.model.layers.values():
+            a, m = layer.self_attn, layer.mlp
+            qkv = a.q_proj.weight.shape[0] + a.k_proj.weight.shape[0] + a.v_proj.weight.shape[0]
+            hidden = a.q_proj.weight.shape[1]
+            out += [(qkv, hidden), tuple(a.o_proj.weight.shape),
+                    (m.gate_proj.weight.shape[0] + m.up_proj.weight.shape[0], hidden),
+                    tuple(m.down_proj.weight.shape)]
+        return out
+
+    def planned_bytes(self) -> int:
+        """Bytes the prepared weights take once built (the fused q/k/v and gate/up
+        copies, and what the packing budget admits, in :meth:`_weights`'s order)."""
+        itemsize = self.model.lm_head.weight.element_size()
+        shapes = self._matrices()
+        copies = sum(o * i for k, (o, i) in enumerate(shapes) if k % 4 in (1, 3)) * itemsize
+        budget, packed = (self.pack_bytes if self._can_pack() else 0), 0
+        for o, i in shapes:
+            size = packed_size(o, i, self.pack_rows) if budget > 0 else 0
+            if not size:
+                continue
+            if size > budget:
+                break
+            budget -= size
+            packed += size
+        return copies + packed
+
+    def held_bytes(self) -> int:
+        """Bytes of the prepared weights held now (0 before the first forward)."""
+        own = {p.untyped_storage().data_ptr() for p in self._params}
+        seen: dict[int, int] = {}
+        for entry in [self._head, *self._layers]:
+            for t in _tensors(entry):
+                if _opaque(t):
+                    seen[id(t)] = t.numel() * t.element_size()  # MKL-packed: own memory
+                    continue
+                st = t.untyped_storage()
+                if st.data_ptr() not in own:
+                    seen[st.data_ptr()] = st.nbytes()
+        return sum(seen.values())
+
     def _weights(self) -> list[tuple]:
         versions = tuple(p._version for p in self._params)
         if versions != self._versions:
             self._layers, self._head = [], ()  # free the old copies first
             head = self.model.lm_head.weight.detach()
-            can_pack = (head.dtype == torch.float32 and head.device.type == "cpu"
-                        and _mkl_packing())
-            budget = [self.pack_bytes if can_pack else 0]
+            budget = [self.pack_bytes if self._can_pack() else 0]
 
             def prepared(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
                 # (weight [out, in], its MKL-packed form or None), packed within the budget

@@ -49,7 +49,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(dtype)
+    # the weight (kept in float32) cast to the activations' dtype, as a bf16 HF model
+    return weight.to(dtype) * x.to(dtype)
 
 
 class RMSNorm(nn.Module):

@@ -221,6 +221,10 @@ def _group_cache() -> dict[tuple[int, ...], Any]:
 # ------------------------------------------------------------------------ executor
 
 
+SHARD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Dtypes a shard may have; another than the wire's is converted while copying."""
+
+
 @dataclass
 class ReallocStats:
     """Host seconds of the last :meth:`ReallocExecutor.run`, by activity."""
@@ -251,6 +255,13 @@ class ReallocExecutor:
     ``groups`` optionally maps a sorted rank tuple to an existing process group (a
     runtime's registry); by default the executor creates and caches them
     (:meth:`build_groups`). ``transport``: ``"collective"`` or ``"shm"`` (module doc).
+
+    ``dtype`` is the dtype on the wire (the plan counts its bytes). A shard may be in
+    another floating dtype (:data:`SHARD_DTYPES`): it is converted when packed or
+    unpacked, and never sent or received in place. So a frozen bfloat16 reference
+    (``model.frozen_dtype``) is filled from the float32 actor with no float32 copy of it
+    allocated, beyond the bounded staging buffers, and its norm weights (float32 in a
+    bfloat16 model) keep their precision.
     """
 
     def __init__(
@@ -386,8 +397,9 @@ class ReallocExecutor:
             if tuple(t.shape) != region_shape(region):
                 raise ValueError(f"{role} shard {name}: shape {tuple(t.shape)}, expected "
                                  f"{region_shape(region)}")
-            if t.dtype != self.dtype:
-                raise ValueError(f"{role} shard {name}: dtype {t.dtype}, expected {self.dtype}")
+            if t.dtype not in SHARD_DTYPES:
+                raise ValueError(f"{role} shard {name}: dtype {t.dtype}, expected one of "
+                                 f"{SHARD_DTYPES} (converted to/from {self.dtype})")
 
     def _views(self, shards, regions, chunk: Chunk) -> torch.Tensor:
         return shards[chunk.param][local_slices(chunk.region, regions[chunk.param])]
@@ -441,7 +453,9 @@ class ReallocExecutor:
             self._run_shm(src_shards, dst_shards, stats)
             stats.seconds = time.perf_counter() - t_start
             return stats
-        self._ensure_buffers(device, all(t.is_contiguous() for t in tensors))
+        self._ensure_buffers(device, max(
+            (m.numel for m in self.my_messages
+             if self._in_place(m, src_shards, dst_shards) is None), default=0))
         free = list(self._buffers)
         pending: deque = deque()  # (message, works, staging buffer or None)
         local_done = False
@@ -461,12 +475,7 @@ class ReallocExecutor:
 
         for msg in self.my_messages:
             sending = msg.src == self.device_id
-            direct = None
-            if msg.direct:
-                view = (self._views(src_shards, self.src_regions, msg.chunks[0]) if sending
-                        else self._views(dst_shards, self.dst_regions, msg.chunks[0]))
-                if view.is_contiguous():  # false only for a non-contiguous shard tensor
-                    direct = view.view(-1)
+            direct = self._in_place(msg, src_shards, dst_shards)
             while len(pending) >= self.inflight or (direct is None and not free):
                 if not local_done:  # overlap the local copies with the first messages
                     self._local_copies(src_shards, dst_shards)
@@ -601,12 +610,23 @@ class ReallocExecutor:
             dst.copy_(src)
         self.stats.local_s += time.perf_counter() - t0
 
-    def _ensure_buffers(self, device: torch.device, contiguous: bool) -> None:
-        """Staging buffers: ``inflight`` flat buckets, kept across runs (bounded memory),
-        sized to the largest message of this device that may be staged (at most a
-        bucket; a direct message is staged only when its shard tensor is not contiguous)."""
-        need = max((m.numel for m in self.my_messages if not (m.direct and contiguous)),
-                   default=0)
+    def _in_place(self, msg, src_shards, dst_shards) -> torch.Tensor | None:
+        """The flat shard view a direct message is sent from or received into, or None:
+        staged (not direct, or this side's shard is not contiguous or not in the wire's
+        dtype)."""
+        if not msg.direct:
+            return None
+        view = (self._views(src_shards, self.src_regions, msg.chunks[0])
+                if msg.src == self.device_id
+                else self._views(dst_shards, self.dst_regions, msg.chunks[0]))
+        if not view.is_contiguous() or view.dtype != self.dtype:
+            return None
+        return view.view(-1)
+
+    def _ensure_buffers(self, device: torch.device, need: int) -> None:
+        """Staging buffers: ``inflight`` flat buckets of ``need`` elements (the largest
+        message of this device that is staged, at most a bucket), kept across runs
+        (bounded memory)."""
         if not need:
             return
         if (len(self._buffers) == self.inflight and self._buffers[0].device == device

@@ -35,7 +35,7 @@ time in the reallocation.
 Lifecycle (on each worker; the controller calls the same pairs on every device of
 ``src | dst``, in the same order)::
 
-    sync = WeightSync(pairs, placements, model_config, ROLE_HEAD, device, dtype, registry.get)
+    sync = WeightSync(pairs, placements, model_config, ROLE_HEAD, device, dtypes, registry.get)
     registry.create_all(rank_lists(..., extra=sync.group_rank_lists()))   # every worker
     sync.run(src, dst, src_model, dst_model)      # -> ReallocStats (None: not involved)
     free_storage(dst_model) / restore_storage(dst_model)
@@ -78,19 +78,22 @@ class WeightSync:
     """
 
     def __init__(self, pairs: Iterable[tuple[str, str]], placements: dict[str, Placement],
-                 model_configs, heads: dict[str, str], device: int, dtype: torch.dtype,
+                 model_configs, heads: dict[str, str], device: int, dtype,
                  groups: Callable[[tuple[int, ...]], object],
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES):
-        itemsize = torch.empty((), dtype=dtype).element_size()
         self.device = device
         self.executors: dict[tuple[str, str], ReallocExecutor] = {}
         for src, dst in pairs:
             if heads[src] != heads[dst]:
                 raise ValueError(f"{src} -> {dst}: heads differ ({heads[src]}, {heads[dst]})")
             mc = model_configs[dst] if isinstance(model_configs, dict) else model_configs
+            # ``dtype``: one for all, or per role/copy key (model.frozen_dtype for the
+            # reference). The copy travels in the source's dtype; a destination in
+            # another (the bf16 reference of a float32 actor) converts as it unpacks.
+            wire = dtype[src] if isinstance(dtype, dict) else dtype
             plan = plan_realloc(mc, placements[src], placements[dst], heads[dst],
-                                dtype_bytes=itemsize)
-            self.executors[src, dst] = ReallocExecutor(plan, device, dtype=dtype,
+                                dtype_bytes=wire.itemsize)
+            self.executors[src, dst] = ReallocExecutor(plan, device, dtype=wire,
                                                        bucket_bytes=bucket_bytes, groups=groups)
 
     def group_rank_lists(self) -> list[tuple[int, ...]]:

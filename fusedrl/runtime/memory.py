@@ -218,3 +218,26 @@ def max_inflight_microbatches(free_bytes: float, act_bytes: float) -> int:
 __all__ = ["device_memory", "kv_bytes_per_token", "kv_capacity_bytes", "kv_capacity_tokens",
            "module_bytes", "pending_training_bytes", "SavedActivations",
            "activation_bytes_per_microbatch", "max_inflight_microbatches"]
+
+
+def pending_generation_bytes(model, config, backend=None) -> int:
+    """Bytes the native generation engine on ``model`` will add to this device and does
+    not hold yet: the fast path's own weight copies (fused q/k/v and gate/up, and the
+    MKL-packed weights up to ``generation.packed_weights_gib``;
+    :meth:`fusedrl.generation.fastpath.FastForward.planned_bytes`). They are built at
+    the first decode step, after free memory is usually measured, so the accounting
+    (:meth:`fusedrl.runtime.worker.Worker.device_memory`: RLHFuse §4's ``C``, §5's
+    schedule cap) subtracts them up front. ``backend``: the engine if already built
+    (its held bytes are resident, hence already not free); 0 for other backends."""
+    g = config.generation
+    if g.backend != "native":
+        return 0
+    if backend is not None:
+        held, planned = backend.weight_cache_bytes()
+        return max(0, planned - held)
+    from fusedrl.generation import fastpath
+
+    if not fastpath.supports(model):
+        return 0
+    return fastpath.FastForward(model, pack_rows=g.max_batch_size,
+                                pack_bytes=int(g.packed_weights_gib * (1 << 30))).planned_bytes()

@@ -152,16 +152,25 @@ class Worker(InterStageWorker):
 
     def device_memory(self) -> tuple[int, int]:
         """``(free, total)`` bytes of this worker's device
-        (:func:`fusedrl.runtime.memory.device_memory`). On CPU the workers share the
+        (:func:`fusedrl.runtime.memory.device_memory`), less the generation engines'
+        weight copies still to be built here. On CPU the workers share the
         host's RAM, one ``world_size``-th each (all on one host, as a local Ray
         instance runs them); on CUDA the GPU is this worker's alone, and blocks the
         caching allocator holds unused are returned first so that they count as free."""
         from fusedrl.runtime.memory import device_memory
 
+        from fusedrl.runtime.memory import pending_generation_bytes
+
         if self.torch_device.type == "cuda":
             torch.cuda.empty_cache()
         share = self.world_size if self.torch_device.type == "cpu" else 1
-        return device_memory(self.torch_device, share=share)
+        free, total = device_memory(self.torch_device, share=share)
+        # The generation engines' weight copies (fast path, packed weights) not built
+        # yet are taken already: counted against the total, not found missing later.
+        gen = self.shards.get("actor_gen")
+        pending = (pending_generation_bytes(gen.model, self.spec.config, gen.engine)
+                   if gen is not None else 0)
+        return max(0, free - pending), total
 
     def setup(self, spec: RunSpec) -> None:
         from fusedrl.devices import collective_backend
@@ -185,6 +194,14 @@ class Worker(InterStageWorker):
             self.placements[key] = Placement.parse(f"dp1tp1pp1@{dev}")
             role_head[key] = role_head[role]
         self.role_head = role_head
+        # Frozen models (reference, reward) and their one-device copies are held in
+        # model.frozen_dtype; the reallocation engine converts the reference's init copy.
+        from fusedrl.roles import FROZEN_ROLES
+
+        frozen = {str(r) for r in FROZEN_ROLES}
+        self.dtypes = {k: TORCH_DTYPES[c.model.frozen_dtype]
+                       if (spec.serve[k][0] if k in spec.serve else k) in frozen else dtype
+                       for k in self.placements}
         self.registry = GroupRegistry(self.device, collective_backend(self.accelerator))
         # Reallocation plans and executors of every weight copy the run makes (ReaLHF),
         # built once; their groups join the global list below.
@@ -194,7 +211,7 @@ class Worker(InterStageWorker):
                        if src != "actor_gen"]
         self.weight_sync = WeightSync(init_pairs + step_pairs + serve_pairs, self.placements,
                                       {k: self._config_of(k) for k in self.placements},
-                                      role_head, self.device, dtype, self.registry.get)
+                                      role_head, self.device, self.dtypes, self.registry.get)
         synced = {dst for _, dst in init_pairs + step_pairs}  # weights come from the engine
         # The same list on every worker, in the same order (see groups.py).
         self.registry.create_all(rank_lists(
@@ -212,7 +229,8 @@ class Worker(InterStageWorker):
                 continue
             mc = spec.reward_config if role == "reward" else spec.model_config
             groups = placement_groups(self.registry, p, self.device, mc)
-            model = self._build(role, mc, p, groups, dtype, full_cache, load=role not in synced)
+            model = self._build(role, mc, p, groups, self.dtypes[role], full_cache,
+                                load=role not in synced)
             shard = Shard(role, role_head[role], model, groups)
             if role in ("actor_train", "critic_train"):
                 from fusedrl.runtime.grads import GradReducer
@@ -233,7 +251,7 @@ class Worker(InterStageWorker):
             p = self.placements[key]
             mc = self._config_of(key)
             groups = placement_groups(self.registry, p, self.device, mc)
-            model = self._build(role, mc, p, groups, dtype, full_cache, load=False)
+            model = self._build(role, mc, p, groups, self.dtypes[key], full_cache, load=False)
             model.requires_grad_(False)
             free_storage(model)  # until a freed generation device receives the weights
             self.shards[key] = Shard(key, role_head[key], model, groups)
@@ -258,7 +276,7 @@ class Worker(InterStageWorker):
     def _build(self, role, mc, p, groups, dtype, full_cache, load: bool = True):
         """This device's stage of ``role``, with its shard of the initial weights loaded
         (``load=False``: left as initialised, the reallocation engine fills it)."""
-        from fusedrl.models.build import build_model
+        from fusedrl.models.build import TORCH_DTYPES, build_model
         from fusedrl.models.llama import StageSpec
         from fusedrl.models.sharding import stage_layers
         from fusedrl.runtime.weights import full_initial_state, load_into, load_shard
@@ -284,7 +302,9 @@ class Worker(InterStageWorker):
         else:
             key = (head, seed)
             if key not in full_cache:
-                full_cache[key] = full_initial_state(mc, head, seed, dtype,
+                # drawn in the training dtype for every role (a frozen copy converts
+                # it on load): a seed gives one set of weights
+                full_cache[key] = full_initial_state(mc, head, seed, TORCH_DTYPES[c.model.dtype],
                                                      self.registry.get([self.device]))
             from fusedrl.models.sharding import shard_state_dict
 

@@ -1,0 +1,91 @@
+"""Frozen models in ``model.frozen_dtype`` (bfloat16 by default): the reference is the
+initial actor rounded to bf16, on one device and on Ray (filled by the reallocation
+engine, which converts while it copies), and its log-probs stay close to the float32
+actor's (the KL penalty of the first iteration, before any update, is the rounding's)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusedrl.config import ConfigError, load_config
+
+SMALL = ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=8", "ppo.micro_batch_size=4",
+         "generation.max_new_tokens=6", "data.num_prompts=32", "trainer.iterations=1"]
+
+
+def in_bf16_model(w: torch.Tensor) -> torch.Tensor:
+    """A float32 weight as a bfloat16 model holds it: matrices in bf16, norm weights
+    (1-D) kept in float32 (models.llama)."""
+    return w.to(torch.bfloat16) if w.dim() > 1 else w
+
+
+def test_frozen_dtype_is_checked():
+    with pytest.raises(ConfigError, match="model.frozen_dtype"):
+        load_config(None, ["model.frozen_dtype=float16"])
+
+
+def test_single_device_reference_is_the_actor_in_bf16():
+    from fusedrl.runtime.launch import make_trainer
+
+    t = make_trainer(load_config(None, SMALL))
+    try:
+        m = t.stages.models
+        actor, ref = dict(m.actor.named_parameters()), dict(m.ref.named_parameters())
+        assert {p.dtype for p in actor.values()} == {torch.float32}
+        for k, p in actor.items():
+            assert torch.equal(ref[k], in_bf16_model(p.detach())), k
+        metrics = t.step()
+    finally:
+        t.close()
+    # Before the first update old_logp (float32 actor) and ref_logp (bf16 reference) differ
+    # only by the rounding: a KL above 0 and far below a policy step's (~1e-2).
+    assert 0.0 < abs(metrics["actor/reward_kl_penalty"]) < 1e-3
+
+
+def test_float32_reference_equals_the_actor():
+    from fusedrl.runtime.launch import make_trainer
+
+    t = make_trainer(load_config(None, SMALL + ["model.frozen_dtype=float32"]))
+    try:
+        metrics = t.step()
+    finally:
+        t.close()
+    assert metrics["actor/reward_kl_penalty"] == 0.0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("interstage", [False, True])
+def test_ray_reference_is_converted_by_the_reallocation(ray_session, tmp_path, interstage):
+    """actor_train (dp2, float32) -> ref (tp2, bf16) through the reallocation engine;
+    with inter-stage fusion the one-device copies ``ref@d`` are bf16 too."""
+    import ray
+    from safetensors.torch import load_file
+
+    from fusedrl.runtime.launch import make_trainer
+
+    cfg = load_config(None, SMALL + ["cluster.devices=2", "placement.default=dp2tp1pp1@0-1",
+                                     "placement.ref=dp1tp2pp1@0-1",
+                                     f"fusion.interstage={str(interstage).lower()}"])
+    t = make_trainer(cfg)
+    try:
+        workers = t.stages.cluster.workers
+        for role in ("actor_train", "ref"):
+            ray.get([w.save_model.remote(role, str(tmp_path / role)) for w in workers])
+        actor = load_file(str(tmp_path / "actor_train/model.safetensors"))
+        ref = load_file(str(tmp_path / "ref/model.safetensors"))
+        assert sorted(ref) == sorted(actor)
+        for k, v in actor.items():
+            assert v.dtype == torch.float32 and torch.equal(ref[k], in_bf16_model(v)), k
+        metrics = t.step()
+        copies = [k for k in t.stages.cluster.spec.serve if k.startswith("ref@")]
+        assert bool(copies) == interstage
+        for key in copies:
+            dev = t.stages.cluster.spec.serve[key][2]
+            ray.get(workers[dev].save_model.remote(key, str(tmp_path / key)))
+            copy = load_file(str(tmp_path / key / "model.safetensors"))
+            assert all(torch.equal(copy[k], ref[k]) for k in ref), key
+    finally:
+        t.close()
+    assert 0.0 < abs(metrics["actor/reward_kl_penalty"]) < 1e-3
