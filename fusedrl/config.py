@@ -104,6 +104,27 @@ class DataSection:
 
 
 @dataclass
+class OverlongBufferSection:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13, §3.4; verl's
+    ``reward_model.overlong_buffer``): a response longer than ``generation.max_new_tokens
+    - len`` loses up to ``penalty_factor`` of score, linearly over the last ``len``
+    tokens (:func:`fusedrl.algorithms.ppo.overlong_penalty`)."""
+
+    enable: bool = False
+    """Add the penalty to every response's score (before advantages and the
+    dynamic-sampling filter); ``reward/overlong_penalty/mean`` is logged."""
+    len: int = 4
+    """Buffer length ``L_cache`` in tokens: 1..``generation.max_new_tokens``."""
+    penalty_factor: float = 1.0
+    """Penalty of a response that reaches ``generation.max_new_tokens``."""
+
+    def __post_init__(self) -> None:
+        _require(self.len >= 1, "reward.overlong_buffer.len", self.len, "must be >= 1")
+        _require(self.penalty_factor >= 0, "reward.overlong_buffer.penalty_factor",
+                 self.penalty_factor, "must be >= 0")
+
+
+@dataclass
 class RewardSection:
     """How a finished sample is scored."""
 
@@ -114,6 +135,8 @@ class RewardSection:
     the built-in task's reward."""
     model_path: str = ""
     """Reward model checkpoint when ``type: model``."""
+    overlong_buffer: OverlongBufferSection = field(default_factory=OverlongBufferSection)
+    """DAPO's overlong penalty (off by default)."""
 
     def __post_init__(self) -> None:
         _require(self.type in ("rule", "model"), "reward.type", self.type,
@@ -259,6 +282,25 @@ class PPOSection:
 
 
 @dataclass
+class FilterGroupsSection:
+    """DAPO's dynamic sampling (Yu et al. 2025, eq. 11, §3.2; verl's
+    ``algorithm.filter_groups``): groups whose responses all score the same give no
+    group-relative gradient; they are dropped and more prompts are generated until the
+    batch is full (``fusedrl/dapo.py``). Metrics ``filter_groups/*``."""
+
+    enable: bool = False
+    """Drop equal-score groups and refill the batch (not with partial rollouts)."""
+    max_num_gen_batches: int = 10
+    """Most generation rounds per iteration, the first included (verl's name). At the
+    cap the iteration trains on the groups kept so far (``filter_groups/short``: 1),
+    where verl raises."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_gen_batches >= 1, "algorithm.filter_groups.max_num_gen_batches",
+                 self.max_num_gen_batches, "must be >= 1")
+
+
+@dataclass
 class AlgorithmSection:
     """Which RL algorithm: the advantage estimator (verl's ``algorithm`` keys). ``gamma``
     and ``lam`` stay in ``ppo``."""
@@ -271,6 +313,8 @@ class AlgorithmSection:
     module registers with ``@register_adv_estimator("NAME")``."""
     norm_adv_by_std_in_grpo: bool = True
     """GRPO: divide by the group's std; false gives Dr. GRPO (Liu et al. 2025, §3.1)."""
+    filter_groups: FilterGroupsSection = field(default_factory=FilterGroupsSection)
+    """DAPO's dynamic sampling (off by default)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.adv_estimator.strip()), "algorithm.adv_estimator",
@@ -571,6 +615,10 @@ class Config:
     adds to it."""
 
     def __post_init__(self) -> None:
+        ob = self.reward.overlong_buffer
+        _require(not ob.enable or ob.len <= self.generation.max_new_tokens,
+                 "reward.overlong_buffer.len", ob.len,
+                 f"must be <= generation.max_new_tokens={self.generation.max_new_tokens}")
         # Fit to the cluster is checked here; fit to the model needs the ModelConfig and
         # is checked by the runtime's setup, still before any worker starts.
         for role in PLACEMENT_ROLES:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from fusedrl import dapo
 from fusedrl.algorithms import ppo
 from fusedrl.algorithms.rewards import call_reward, load_reward_fn
 from fusedrl.config import Config
@@ -282,6 +283,12 @@ class Trainer:
         old_logp, ref_logp = out.old_logp.to(self.device), out.ref_logp.to(self.device)
         values = out.values.to(self.device) if out.values is not None else None
         scores = scores.to(self.device)
+        dapo_metrics = {}
+        if c.reward.overlong_buffer.enable or c.algorithm.filter_groups.enable:
+            t0 = time.time()  # DAPO: overlong penalty, groups dropped and refilled
+            batch, old_logp, ref_logp, values, scores, idx, dapo_metrics = dapo.apply(
+                self, it, batch, old_logp, ref_logp, values, scores, idx)
+            wall["rollout"] += time.time() - t0
         if c.trainer.log_samples:
             self.last_samples = self.sample_rows(
                 batch, [s.prompts[i] for i in idx for _ in range(n)], scores,
@@ -368,6 +375,7 @@ class Trainer:
                 ((batch.gen_logprobs - old_logp).abs() * mask *
                  (1.0 if stale is None else (~stale).to(mask))).max()),
             **extra,
+            **dapo_metrics,
             **train_stats,
             **out.metrics,
             **sync_metrics,
