@@ -64,6 +64,24 @@ def _entry(key: str, f: dataclasses.Field, annotation: str, doc: str) -> list[st
     return [head, *("  " + line if line else "" for line in _markdown(doc).splitlines()), ""]
 
 
+def _fields(cls, prefix: str) -> list[str]:
+    """Entries of a section's fields; a nested section (``algorithm.filter_groups``)
+    gets its docstring and its own fields under its dotted key."""
+    from fusedrl import config as C
+
+    lines = []
+    docs = field_docs(cls)
+    for sf in dataclasses.fields(cls):
+        annotation, doc = docs[sf.name]
+        sub = getattr(C, sf.type, None) if isinstance(sf.type, str) else sf.type
+        if dataclasses.is_dataclass(sub):
+            lines += [f"- **`{prefix}.{sf.name}`** (section): {_markdown(doc)}", ""]
+            lines += _fields(sub, f"{prefix}.{sf.name}")
+        else:
+            lines += _entry(f"{prefix}.{sf.name}", sf, annotation, doc)
+    return lines
+
+
 def render() -> str:
     from fusedrl import config as C
 
@@ -90,10 +108,7 @@ def render() -> str:
     for f in sections:
         cls = getattr(C, f.type) if isinstance(f.type, str) else f.type
         lines += [f"## {f.name}", "", _markdown(inspect.cleandoc(cls.__doc__ or "")), ""]
-        docs = field_docs(cls)
-        for sf in dataclasses.fields(cls):
-            annotation, doc = docs[sf.name]
-            lines += _entry(f"{f.name}.{sf.name}", sf, annotation, doc)
+        lines += _fields(cls, f.name)
     if plain:
         lines += ["## Top-level keys", ""]
         for f in plain:
