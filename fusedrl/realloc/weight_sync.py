@@ -80,7 +80,8 @@ class WeightSync:
     def __init__(self, pairs: Iterable[tuple[str, str]], placements: dict[str, Placement],
                  model_configs, heads: dict[str, str], device: int, dtype,
                  groups: Callable[[tuple[int, ...]], object],
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, lossless: Iterable[str] = ()):
+        lossless = set(lossless)
         self.device = device
         self.executors: dict[tuple[str, str], ReallocExecutor] = {}
         for src, dst in pairs:
@@ -88,9 +89,14 @@ class WeightSync:
                 raise ValueError(f"{src} -> {dst}: heads differ ({heads[src]}, {heads[dst]})")
             mc = model_configs[dst] if isinstance(model_configs, dict) else model_configs
             # ``dtype``: one for all, or per role/copy key (model.frozen_dtype for the
-            # reference). The copy travels in the source's dtype; a destination in
-            # another (the bf16 reference of a float32 actor) converts as it unpacks.
+            # reference). A copy between dtypes, or from/to a ``lossless`` key (a frozen
+            # bf16 model keeps its norm weights in float32), travels in float32 and
+            # converts as it unpacks: the reference and its one-device copies ``ref@d``
+            # hold the same weights as a single-device reference.
             wire = dtype[src] if isinstance(dtype, dict) else dtype
+            if isinstance(dtype, dict) and (dtype[src] != dtype[dst]
+                                            or lossless & {src, dst}):
+                wire = torch.float32
             plan = plan_realloc(mc, placements[src], placements[dst], heads[dst],
                                 dtype_bytes=wire.itemsize)
             self.executors[src, dst] = ReallocExecutor(plan, device, dtype=wire,

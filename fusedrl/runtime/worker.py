@@ -211,7 +211,10 @@ class Worker(InterStageWorker):
                        if src != "actor_gen"]
         self.weight_sync = WeightSync(init_pairs + step_pairs + serve_pairs, self.placements,
                                       {k: self._config_of(k) for k in self.placements},
-                                      role_head, self.device, self.dtypes, self.registry.get)
+                                      role_head, self.device, self.dtypes, self.registry.get,
+                                      lossless=[k for k in self.placements
+                                                if (spec.serve[k][0] if k in spec.serve else k)
+                                                in frozen])
         synced = {dst for _, dst in init_pairs + step_pairs}  # weights come from the engine
         # The same list on every worker, in the same order (see groups.py).
         self.registry.create_all(rank_lists(
