@@ -288,10 +288,13 @@ def _compare_migration(fused, fused_at, rt: int, repeats: int, n: int) -> dict:
     out["samples_per_s_ratio_kv_over_reprefill_paired"] = round(statistics.median(paired), 4)
     out["paired_ratios"] = [round(x, 4) for x in paired]
     a = out["auto"]
-    picked = ("kv" if a["migrated_kv"] > a["migrated_reprefill"] else "reprefill")
-    faster = "kv" if kv["resume_s"] <= re["resume_s"] else "reprefill"
+    picked = (None if not a["migrated_kv"] + a["migrated_reprefill"]  # no migration
+              else "kv" if a["migrated_kv"] > a["migrated_reprefill"] else "reprefill")
+    faster = (None if not (kv["migrated_kv"] and re["migrated_reprefill"])
+              else "kv" if kv["resume_s"] <= re["resume_s"] else "reprefill")
     c = fused.cost
-    out.update(auto_picked=picked, faster_resume=faster, auto_picked_faster=picked == faster,
+    out.update(auto_picked=picked, faster_resume=faster,
+               auto_picked_faster=None if None in (picked, faster) else picked == faster,
                cost_model={"transfer_latency_s": c.transfer_latency_s,
                            "transfer_bandwidth": c.transfer_bandwidth,
                            "kv_bytes_per_token": c.kv_bytes_per_token,
