@@ -62,6 +62,10 @@ class LocalModels:
         self.engine = backend_from_config(c, self.actor, eos_token_ids=tok.eos_token_ids,
                                           pad_token_id=tok.pad_token_id)
         self.events = EventLog(0, synchronize=lambda: synchronize(dev))
+        # The models hold the weights now: the setup's copy (a GGUF dequantized to
+        # float32, the actor's size) would stay resident for the whole run. The Ray
+        # controller drops it likewise (runtime/cluster.py).
+        s.actor_state = s.critic_state = None
 
 
 class LocalRollout:
