@@ -16,6 +16,8 @@ on the CPU (the seed gives the same weights on every device) and only its shard 
 
 from __future__ import annotations
 
+import functools
+
 from pathlib import Path
 
 import torch
@@ -97,20 +99,22 @@ def gather_full(model, groups, head: str) -> dict | None:
     L = p.layout
     root = p.devices[0]
     replica0 = [L.rank(0, t, s) for s in range(L.pp) for t in range(L.tp)]
+    # One dtype on the wire: a bf16 model (model.frozen_dtype) keeps float32 norms.
+    own = model.hf_state_dict()
+    wire = functools.reduce(torch.promote_types, {t.dtype for t in own.values()})
     if groups.rank == 0:
         param = next(model.parameters())
-        shards = {0: model.hf_state_dict()}
+        shards = {0: own}
         for r in replica0[1:]:
             regions = shard_regions(model.config, L, r, head)
             shapes = {n: region_shape(reg) for n, reg in regions.items()}
             # On the model's device: the senders' shards are there (NCCL on GPU).
             flat = torch.empty(sum(torch.Size(s).numel() for s in shapes.values()),
-                               dtype=param.dtype, device=param.device)
+                               dtype=wire, device=param.device)
             dist.recv(flat, p.devices[r])
-            shards[r] = _unflat(flat, shapes)
+            shards[r] = {n: t.to(own[n].dtype) for n, t in _unflat(flat, shapes).items()}
         return merge_shards(shards, model.config, L, head)
     if groups.rank in replica0:
-        state = model.hf_state_dict()
         names = shard_regions(model.config, L, groups.rank, head)
-        dist.send(_flat(state[n] for n in names).contiguous(), root)
+        dist.send(_flat(own[n].to(wire) for n in names).contiguous(), root)
     return None
