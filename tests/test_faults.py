@@ -28,7 +28,7 @@ from fusedrl.models.checkpoint import CheckpointError
 SMALL = ["ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.micro_batch_size=4",
          "generation.max_new_tokens=6", "data.num_prompts=64", "ppo.ppo_epochs=1"]
 TIMED = ("timing_s/", "perf/throughput", "perf/device_utilization", "perf/cpu_memory_used_gb",
-         "perf/max_memory_allocated_gb")  # measured, not a function of the seed
+         "perf/max_memory_allocated_gb", "perf/mfu", "perf/peak_flops")  # measured, not a function of the seed
 
 
 def small(*extra):
@@ -638,7 +638,12 @@ def test_sigkill_of_a_ray_run_then_resume_matches_the_uninterrupted_run(tmp_path
 
     args = sum((["--set", s] for s in SMALL + [
         "trainer.iterations=3", "trainer.save_every=1", "cluster.devices=2",
-        "placement.default=dp1tp1pp2@0-1", "placement.actor_gen=dp2tp1pp1@0-1"]), [])
+        "placement.default=dp1tp1pp2@0-1", "placement.actor_gen=dp2tp1pp1@0-1",
+        # inference micro-batches follow the finish order, which differs between the two
+        # runs: bf16 forwards of different groupings differ by ~1e-3, and packed rows of
+        # different groupings by ~1e-7 in float32, which Adam turns into ~lr on weights
+        # whose gradient is near zero. Padded float32 rows are computed row by row alike.
+        "model.frozen_dtype=float32", "ppo.packed=false"]), [])
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
 
     def start(out, *extra):
@@ -666,7 +671,9 @@ def test_sigkill_of_a_ray_run_then_resume_matches_the_uninterrupted_run(tmp_path
             if k.startswith("interstage/"):  # when the tail migrates follows measured times
                 continue
             # inference micro-batches follow finish order: equal up to float reassociation
-            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+            # (the sampler-vs-recomputed log-prob gap is itself of that size)
+            tol = 1e-6 if k.startswith("rollout/logprob_diff") else 1e-7
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=tol), k
     for part in ("actor", "critic"):
         a = load_file(ref / f"checkpoints/iter_3/{part}/model.safetensors")
         b = load_file(out / f"checkpoints/iter_3/{part}/model.safetensors")
