@@ -119,7 +119,7 @@ def test_runnable_cost_prices_out_what_the_runtime_cannot_run():
     assert cost(ok).time_s == 1.0 and cost(bad).time_s > 100.0
 
 
-def _cli(*args, timeout=120):
+def _cli(*args, timeout=600):  # a 2-device Ray run: minutes on a loaded 2-core machine
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     return subprocess.run([sys.executable, "-m", "fusedrl", "train", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, env=env)
