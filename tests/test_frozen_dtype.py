@@ -56,17 +56,20 @@ def test_float32_reference_equals_the_actor():
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("interstage", [False, True])
-def test_ray_reference_is_converted_by_the_reallocation(ray_session, tmp_path, interstage):
-    """actor_train (dp2, float32) -> ref (tp2, bf16) through the reallocation engine;
-    with inter-stage fusion the one-device copies ``ref@d`` are bf16 too."""
+@pytest.mark.parametrize("interstage,ref", [(False, "dp1tp2pp1@0-1"), (True, "dp1tp2pp1@0-1"),
+                                           (False, "dp1tp1pp2@0-1")])
+def test_ray_reference_is_converted_by_the_reallocation(ray_session, tmp_path, interstage, ref):
+    """actor_train (dp2, float32) -> ref (tp2 or pp2, bf16) through the reallocation
+    engine; with inter-stage fusion the one-device copies ``ref@d`` are bf16 too. With
+    pp2 the second stage receives bf16 hidden states although its first parameter (a
+    norm weight) is float32."""
     import ray
     from safetensors.torch import load_file
 
     from fusedrl.runtime.launch import make_trainer
 
     cfg = load_config(None, SMALL + ["cluster.devices=2", "placement.default=dp2tp1pp1@0-1",
-                                     "placement.ref=dp1tp2pp1@0-1",
+                                     f"placement.ref={ref}",
                                      f"fusion.interstage={str(interstage).lower()}"])
     t = make_trainer(cfg)
     try:

@@ -230,6 +230,9 @@ class Llama(nn.Module):
 
         self.config = config
         self.head = head
+        # The dtype of the hidden states between layers and stages: a bf16 model keeps its
+        # norm weights in float32, so a stage's first parameter does not tell it.
+        self.activation_dtype = dtype
         self.stage = stage or StageSpec.full(config)
         self.tp_group = tp_group if tp_group is not None else local_group()
         mp_config = ModelParallelConfig(use_cpu_initialization=True, params_dtype=dtype,
@@ -264,7 +267,7 @@ class Llama(nn.Module):
         kv_heads = attn.num_kv_heads if attn else 1
         p = next(self.parameters())
         return KVCache(self.stage.layers, num_slots, kv_heads, max_len, self.config.head_dim,
-                       p.dtype, p.device)
+                       self.activation_dtype, p.device)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, select: torch.Tensor | None = None,

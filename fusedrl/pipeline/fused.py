@@ -151,7 +151,7 @@ def train_fused(runs: Sequence[FusedPipeline], tasks: Sequence[Task],
     last_backward = {}
     info = []
     for run in runs:
-        info.append((run.model.config.hidden_size, next(run.model.parameters()).dtype))
+        info.append((run.model.config.hidden_size, run.model.activation_dtype))
     inbox = _Inbox(device, prefetch) if prefetch else None
     for k, t in enumerate(tasks):
         run = runs[t.pipeline]
@@ -253,7 +253,7 @@ def profile_stage(model: torch.nn.Module, groups, ids,
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     params = list(model.parameters())
-    dtype, dev = params[0].dtype, params[0].device
+    dtype, dev = model.activation_dtype, params[0].device
     gen = torch.Generator().manual_seed(0)
     hidden = model.config.hidden_size
     fwd, bwd, mem = [], [], 0

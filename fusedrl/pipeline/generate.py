@@ -88,7 +88,7 @@ def serve(stage_model, groups, cache) -> int:
     """Run this (non-first) stage for stage 0's engine until it stops; returns the
     number of steps served."""
     param = next(stage_model.parameters())
-    dtype, dev = param.dtype, param.device
+    dtype, dev = stage_model.activation_dtype, param.device
     h = stage_model.config.hidden_size
     steps = 0
     while True:

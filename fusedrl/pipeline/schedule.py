@@ -47,7 +47,7 @@ def train_1f1b(model, groups, micro_ids: list[torch.Tensor],
     stage = groups.coord.pp
     hidden = model.config.hidden_size
     param = next(model.parameters())
-    dtype = param.dtype
+    dtype = model.activation_dtype
     comm = P2P(param.device)
     inputs: list[torch.Tensor | None] = [None] * m
     outputs: list[torch.Tensor | None] = [None] * m
@@ -103,7 +103,7 @@ def pipelined_forward(model, groups, micro_ids: list[torch.Tensor],
     results = []
     for i, ids in enumerate(micro_ids):
         x = token_ids(ids) if groups.is_first else comm.recv(
-            _hidden_shape(ids, hidden), param.dtype, groups.prev,
+            _hidden_shape(ids, hidden), model.activation_dtype, groups.prev,
             groups.link(groups.prev, 0, grad=False))
         out = model(x, **forward_kwargs(ids))
         if groups.is_last:

@@ -112,7 +112,11 @@ def gather_full(model, groups, head: str) -> dict | None:
             flat = torch.empty(sum(torch.Size(s).numel() for s in shapes.values()),
                                dtype=wire, device=param.device)
             dist.recv(flat, p.devices[r])
-            shards[r] = {n: t.to(own[n].dtype) for n, t in _unflat(flat, shapes).items()}
+            # another pp stage's names are not in ``own``: its norms (1-D) are float32
+            # (llama.RMSNorm), every other weight is in the model's activation dtype
+            shards[r] = {n: t.to(own[n].dtype if n in own else
+                                 torch.float32 if t.dim() == 1 else model.activation_dtype)
+                         for n, t in _unflat(flat, shapes).items()}
         return merge_shards(shards, model.config, L, head)
     if groups.rank in replica0:
         names = shard_regions(model.config, L, groups.rank, head)
