@@ -55,7 +55,10 @@ def make_trainer(args):
         f"ppo.mini_batch_size={args.batch}", f"ppo.micro_batch_size={args.micro}",
         "ppo.ppo_epochs=1", "cluster.devices=2", "placement.default=dp1tp1pp2@0-1",
         "placement.critic_train=dp1tp1pp2@1,0", "placement.critic_infer=dp1tp1pp2@1,0",
-        "fusion.intrastage=true", "fusion.interstage=false", "trainer.iterations=1"])
+        "fusion.intrastage=true", "fusion.interstage=false", "trainer.iterations=1",
+        # --micro fixes each model's micro-batch count (the schedule's subject here);
+        # token budgets with packing would merge micro-batches (one per model at --micro 16)
+        *([] if args.packed else ["ppo.packed=false", "ppo.micro_batch_tokens=0"])])
     return build(cfg)
 
 
@@ -144,6 +147,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--micro", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--packed", action="store_true",
+                   help="packed token-budget micro-batches (the run's default) instead of --micro samples each")
     p.add_argument("--json", default="")
     args = p.parse_args()
     t0 = time.time()
@@ -151,7 +156,7 @@ def main() -> None:
     with local_ray():
         res = measure(args)
     result = {"cores": os.cpu_count(), "load_average_1m": [load0, os.getloadavg()[0]],
-              "preset": args.preset, "batch": args.batch, "micro_batch": args.micro,
+              "preset": args.preset, "batch": args.batch, "micro_batch": args.micro, "packed": args.packed,
               "new_tokens": args.new_tokens, **res, "wall_s": time.time() - t0}
     fm, sm = res.get("fused_mean", {}), res.get("sequential_mean", {})
     print(f"train call: fused {sum(res['fused_s']):.2f} s, sequential {sum(res['sequential_s']):.2f} s "
