@@ -30,6 +30,10 @@ SMALL = ["ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.micro_batch_
 # bf16 default rounds logits to ~3 digits, more than these tolerances across tp/pp
 # reduction orders); the bf16 reference is tested in test_frozen_dtype.py.
 SMALL = SMALL + ["model.frozen_dtype=float32"]
+# Padded rows: the fused run's inference micro-batches follow the finish order; packed rows
+# of other groupings differ by ~1e-7, which Adam turns into ~lr on weights whose gradient
+# is near zero (packed equals padded is tested in test_packing.py).
+SMALL = SMALL + ["ppo.packed=false"]
 KEYS = ("critic/score/mean", "actor/pg_loss", "critic/vf_loss", "actor/ppo_kl",
         "actor/grad_norm", "critic/grad_norm", "critic/values/mean",
         "critic/advantages/mean", "actor/reward_kl_penalty", "response_length/mean")
@@ -139,18 +143,24 @@ def test_actor_and_critic_interleave_in_the_fused_schedule_order(runs):
     from fusedrl.pipeline.fused_plan import PIPELINES
 
     fused = t.stages.update.fused
-    (counts, plan), = fused.plans.items()
-    for node, tasks in enumerate(plan):
-        want = [f"{task.kind}:{PIPELINES[task.pipeline]}" for task in tasks]
-        assert "critic" in " ".join(want[:want.index(next(w for w in reversed(want)
-                                                            if "actor" in w))])
-        dev = sorted(t.stages.cluster.placements["actor_train"].devices)[node]
+    # token-budget micro-batches: mini-batches may have different micro-batch counts,
+    # one plan per counts
+    plans = list(fused.plans.values())
+    devices = sorted(t.stages.cluster.placements["actor_train"].devices)
+    for node, dev in enumerate(devices):
+        wants = [[f"{task.kind}:{PIPELINES[task.pipeline]}" for task in plan[node]]
+                 for plan in plans]
+        for want in wants:
+            assert "critic" in " ".join(want[:want.index(next(w for w in reversed(want)
+                                                                if "actor" in w))])
         got = [e.call for e in sorted(events[-1], key=lambda e: e.start)
                if e.device == dev and e.call[:2] in ("F:", "B:")]
-        per_step = len(want)
-        assert len(got) % per_step == 0 and got, (node, got)
-        for k in range(0, len(got), per_step):  # every mini-batch runs the plan's order
-            assert got[k:k + per_step] == want, (node, k)
+        assert got, node
+        k = 0
+        while k < len(got):  # every mini-batch runs one plan's order, task by task
+            match = next((w for w in wants if got[k:k + len(w)] == w), None)
+            assert match is not None, (node, k, got[k:k + 8])
+            k += len(match)
 
 
 def test_the_combination_is_refused_only_where_it_cannot_run():
