@@ -98,7 +98,8 @@ def test_resume_of_a_sharded_run(ray_session, reference, tmp_path):
     """Weights and optimizer shards come back: a dp1tp2pp2 run stopped after one
     iteration and resumed gives the uninterrupted (single-device) second iteration."""
     _, ref_hist = reference
-    base = SMALL[:-1] + ["cluster.devices=4", "placement.default=dp1tp2pp2@0-3"]
+    base = [s for s in SMALL if not s.startswith("trainer.iterations=")] + [
+        "cluster.devices=4", "placement.default=dp1tp2pp2@0-3"]
     train(load_config(None, base + ["trainer.iterations=1"]), tmp_path / "b",
           show_progress=False)
     assert (tmp_path / "b/checkpoints/iter_1/optim/actor_train_device3.pt").exists()

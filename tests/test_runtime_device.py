@@ -308,7 +308,7 @@ def test_cuda_fused_training_matches_sequential(ray_session, tmp_path):
     schedule's messages share NCCL links, one channel per pipeline and direction."""
     from fusedrl.cli.train import train
 
-    base = SMALL[:-1] + ["trainer.iterations=1", "cluster.accelerator=cuda",
+    base = [s for s in SMALL if not s.startswith("trainer.iterations=")] + ["trainer.iterations=1", "cluster.accelerator=cuda",
                          "cluster.devices=2", "placement.default=dp1tp1pp2@0-1",
                          "placement.critic_train=dp1tp1pp2@1,0",
                          "placement.critic_infer=dp1tp1pp2@1,0"]
