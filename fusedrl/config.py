@@ -47,8 +47,12 @@ class ModelSection:
     frozen_dtype: str = "bfloat16"
     """Parameter dtype of the frozen models (reference policy, reward model): float32 or
     bfloat16. bfloat16 halves their memory; their log-probs/scores are still taken in
-    float32 from the (bfloat16) logits, as a bf16 reference does in verl. On a CPU
-    without bf16 matrix units the reference forward is slower than in float32."""
+    float32 from the logits, as a bf16 reference does in verl."""
+    frozen_compute_dtype: str = "auto"
+    """The dtype the frozen models compute in: ``auto`` (float32 for bfloat16 weights on a
+    CPU without bf16 matrix instructions, where a bf16 matmul is ~5x slower; else
+    ``frozen_dtype``), float32 or bfloat16. float32 from bf16 weights converts one
+    module's weights at a time, so memory stays that of ``frozen_dtype``."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass instead of
     keeping them (actor and critic training): less activation memory for about one
@@ -63,6 +67,9 @@ class ModelSection:
                  "must be float32 or bfloat16")
         _require(self.frozen_dtype in ("float32", "bfloat16"), "model.frozen_dtype",
                  self.frozen_dtype, "must be float32 or bfloat16")
+        _require(self.frozen_compute_dtype in ("auto", "float32", "bfloat16"),
+                 "model.frozen_compute_dtype", self.frozen_compute_dtype,
+                 "must be auto, float32 or bfloat16")
         _require(self.vocab_size >= 0, "model.vocab_size", self.vocab_size, "must be >= 0")
 
 

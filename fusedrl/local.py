@@ -16,7 +16,8 @@ import torch
 
 from fusedrl.devices import device_of, synchronize
 from fusedrl.generation.backend import backend_from_config
-from fusedrl.models.build import TORCH_DTYPES, build_model, load_full_state
+from fusedrl.models.build import (TORCH_DTYPES, build_model, load_full_state,
+                                  resolve_compute_dtype)
 from fusedrl.models.checkpoint import load_checkpoint, load_safetensors_dir, save_hf_checkpoint
 from fusedrl.models.hub import resolve_model_path
 from fusedrl.packing import forward, select
@@ -35,13 +36,14 @@ class LocalModels:
         c, s = config, setup
         dtype = TORCH_DTYPES[c.model.dtype]
         frozen = TORCH_DTYPES[c.model.frozen_dtype]  # reference and reward model
+        frozen_compute = resolve_compute_dtype(frozen, dev, c.model.frozen_compute_dtype)
         seed, mc = c.trainer.seed, s.model_config
         self.actor = build_model(mc, "lm", s.actor_state, seed=seed, dtype=dtype, device=dev)
         # The reference is the initial actor, converted to the frozen dtype (from the
         # actor's weights: a random init drawn in another dtype would differ).
         init = s.actor_state if s.actor_state is not None else self.actor.hf_state_dict()
-        self.ref = build_model(mc, "lm", init, seed=seed, dtype=frozen,
-                               device=dev).eval().requires_grad_(False)
+        self.ref = build_model(mc, "lm", init, seed=seed, dtype=frozen, device=dev,
+                               compute_dtype=frozen_compute).eval().requires_grad_(False)
         from fusedrl.validate import uses_critic
 
         self.critic = None  # critic-free estimators (GRPO, RLOO...): none built
@@ -52,7 +54,7 @@ class LocalModels:
         if c.reward.type == "model":
             rm_config, rm_state = load_checkpoint(resolve_model_path(c.reward.model_path))
             self.reward_model = build_model(rm_config, "value", rm_state, dtype=frozen,
-                                            device=dev).eval().requires_grad_(False)
+                                            device=dev, compute_dtype=frozen_compute).eval().requires_grad_(False)
         for model in (self.actor, self.critic):
             if model is not None:
                 model.gradient_checkpointing = c.model.gradient_checkpointing

@@ -43,6 +43,52 @@ def test_single_device_reference_is_the_actor_in_bf16():
     assert 0.0 < abs(metrics["actor/reward_kl_penalty"]) < 1e-3
 
 
+def test_frozen_compute_dtype_is_checked():
+    with pytest.raises(ConfigError, match="model.frozen_compute_dtype"):
+        load_config(None, ["model.frozen_compute_dtype=fp8"])
+
+
+@pytest.mark.parametrize("head", ["lm", "value"])
+def test_bf16_weights_computing_in_float32_equal_a_float32_model_of_those_weights(head):
+    """``compute_dtype=float32`` on bf16 storage: the float32 forward of the bf16-rounded
+    weights (what ``frozen_compute_dtype: auto`` runs on a CPU without bf16 matmuls),
+    with the parameters themselves left in bf16."""
+    from fusedrl.models.build import build_model
+    from fusedrl.models.config import PRESETS
+
+    mc = PRESETS["tiny"]
+    f32 = build_model(mc, head, None, seed=3)
+    if head == "value":  # the value head starts at zero: give it weights
+        torch.nn.init.normal_(f32.score.weight)
+    state = {k: in_bf16_model(v).float() if v.dim() > 1 else v
+             for k, v in f32.hf_state_dict().items()}
+    rounded = build_model(mc, head, state)
+    mixed = build_model(mc, head, f32.hf_state_dict(), dtype=torch.bfloat16,
+                        compute_dtype=torch.float32)
+    assert {p.dtype for p in mixed.parameters() if p.dim() > 1} == {torch.bfloat16}
+    assert mixed.activation_dtype == torch.float32 and mixed.param_dtype == torch.bfloat16
+    ids = torch.randint(0, mc.vocab_size, (3, 11))
+    with torch.no_grad():
+        out, want = mixed(ids), rounded(ids)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    # the bf16 forward itself differs by bf16 rounding of the activations
+    bf16 = build_model(mc, head, f32.hf_state_dict(), dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert not torch.allclose(bf16(ids).float(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_compute_dtype_follows_the_cpu():
+    from fusedrl.models.build import resolve_compute_dtype
+
+    has_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolve_compute_dtype(torch.bfloat16, "cpu") == (
+        torch.bfloat16 if has_bf16 else torch.float32)
+    assert resolve_compute_dtype(torch.float32, "cpu") == torch.float32
+    assert resolve_compute_dtype(torch.bfloat16, "cpu", "bfloat16") == torch.bfloat16
+    assert resolve_compute_dtype(torch.bfloat16, "cuda") == torch.bfloat16
+
+
 def test_float32_reference_equals_the_actor():
     from fusedrl.runtime.launch import make_trainer
 

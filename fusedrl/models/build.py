@@ -52,11 +52,28 @@ def load_full_state(model: Llama, state: dict[str, torch.Tensor], layout=None,
             param.copy_(src.to(param.dtype))
 
 
+def resolve_compute_dtype(storage: torch.dtype, device, setting: str = "auto") -> torch.dtype:
+    """The dtype a model stored in ``storage`` computes in (``model.frozen_compute_dtype``).
+
+    ``auto``: float32 for bf16 weights on a CPU without bf16 matrix instructions
+    (AVX512-BF16/AMX; there a bf16 matmul measured 5.5x slower than float32 on an AMD
+    EPYC), else the storage dtype. ``float32``/``bfloat16``: that dtype.
+    """
+    if setting != "auto":
+        return TORCH_DTYPES[setting]
+    if (storage == torch.bfloat16 and torch.device(device or "cpu").type == "cpu"
+            and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return torch.float32
+    return storage
+
+
 def build_model(config: ModelConfig, head: str = "lm", state: dict | None = None,
                 seed: int = 0, stage: StageSpec | None = None, tp_group=None, layout=None,
-                rank: int = 0, dtype: torch.dtype = torch.float32, device=None) -> Llama:
+                rank: int = 0, dtype: torch.dtype = torch.float32, device=None,
+                compute_dtype: torch.dtype | None = None) -> Llama:
     """A model initialised from ``state`` (full HF tensors) or randomly from ``seed``,
-    on ``device`` (default CPU).
+    on ``device`` (default CPU), stored in ``dtype`` and computing in ``compute_dtype``
+    (default: ``dtype``).
 
     Random initialisation always runs on the CPU generator (megatron's
     ``use_cpu_initialization``) and the module moves to ``device`` afterwards, so a seed
@@ -65,7 +82,7 @@ def build_model(config: ModelConfig, head: str = "lm", state: dict | None = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Llama(config, head=head, stage=stage, tp_group=tp_group, dtype=dtype,
-                      device=device)
+                      device=device, compute_dtype=compute_dtype)
     if state is not None:
         load_full_state(model, state, layout, rank)
     return model

@@ -113,9 +113,9 @@ def gather_full(model, groups, head: str) -> dict | None:
                                dtype=wire, device=param.device)
             dist.recv(flat, p.devices[r])
             # another pp stage's names are not in ``own``: its norms (1-D) are float32
-            # (llama.RMSNorm), every other weight is in the model's activation dtype
+            # (llama.RMSNorm), every other weight is in the model's parameter dtype
             shards[r] = {n: t.to(own[n].dtype if n in own else
-                                 torch.float32 if t.dim() == 1 else model.activation_dtype)
+                                 torch.float32 if t.dim() == 1 else model.param_dtype)
                          for n, t in _unflat(flat, shapes).items()}
         return merge_shards(shards, model.config, L, head)
     if groups.rank in replica0:

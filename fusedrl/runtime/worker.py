@@ -279,9 +279,10 @@ class Worker(InterStageWorker):
     def _build(self, role, mc, p, groups, dtype, full_cache, load: bool = True):
         """This device's stage of ``role``, with its shard of the initial weights loaded
         (``load=False``: left as initialised, the reallocation engine fills it)."""
-        from fusedrl.models.build import TORCH_DTYPES, build_model
+        from fusedrl.models.build import TORCH_DTYPES, build_model, resolve_compute_dtype
         from fusedrl.models.llama import StageSpec
         from fusedrl.models.sharding import stage_layers
+        from fusedrl.roles import FROZEN_ROLES
         from fusedrl.runtime.weights import full_initial_state, load_into, load_shard
 
         c, spec = self.spec.config, self.spec
@@ -289,8 +290,11 @@ class Worker(InterStageWorker):
         head = self.role_head[role]
         stage = StageSpec(stage_layers(mc.num_layers, L.pp)[coord.pp], coord.pp == 0,
                           coord.pp == L.pp - 1)
+        compute = (resolve_compute_dtype(dtype, self.torch_device, c.model.frozen_compute_dtype)
+                   if role in {str(r) for r in FROZEN_ROLES} else None)
         model = build_model(mc, head, None, seed=c.trainer.seed, stage=stage,
-                            tp_group=groups.tp_group, dtype=dtype, device=self.torch_device)
+                            tp_group=groups.tp_group, dtype=dtype, device=self.torch_device,
+                            compute_dtype=compute)
         if not load:
             return model
         # Same sources and seeds as the single-device PPOTrainer.
