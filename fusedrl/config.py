@@ -243,6 +243,10 @@ class PPOSection:
     """AdamW learning rate of the critic."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    optimizer_state_dtype: str = "float32"
+    """dtype of AdamW's two moments: float32 (``torch.optim.AdamW``) or bfloat16 (stored
+    with stochastic rounding, :mod:`fusedrl.optim`): 4 instead of 8 bytes of optimizer
+    state per trained parameter, the update still computed in float32."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables)."""
     clip_ratio: float = 0.2
@@ -286,6 +290,9 @@ class PPOSection:
         _require(self.clip_ratio > 0, "ppo.clip_ratio", self.clip_ratio, "must be > 0")
         _require(self.kl_coef >= 0, "ppo.kl_coef", self.kl_coef, "must be >= 0")
         _require(self.weight_decay >= 0, "ppo.weight_decay", self.weight_decay, "must be >= 0")
+        _require(self.optimizer_state_dtype in ("float32", "bfloat16"),
+                 "ppo.optimizer_state_dtype", self.optimizer_state_dtype,
+                 "must be float32 or bfloat16")
 
 
 @dataclass

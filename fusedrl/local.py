@@ -20,6 +20,7 @@ from fusedrl.models.build import (TORCH_DTYPES, build_model, load_full_state,
                                   resolve_compute_dtype)
 from fusedrl.models.checkpoint import load_checkpoint, load_safetensors_dir, save_hf_checkpoint
 from fusedrl.models.hub import resolve_model_path
+from fusedrl.optim import build_optimizer
 from fusedrl.packing import forward, select
 from fusedrl.rollout import RolloutBatch, infer_head
 from fusedrl.stages import RolloutOutput, StageContext, register_stage
@@ -148,11 +149,14 @@ class LocalUpdate:
     def __init__(self, config, models: LocalModels):
         c = config.ppo
         self.config, self.m = config, models
-        self.optimizers = {"actor": torch.optim.AdamW(models.actor.parameters(), lr=c.actor_lr,
-                                                      weight_decay=c.weight_decay)}
+        seed = config.trainer.seed
+        self.optimizers = {"actor": build_optimizer(models.actor.parameters(), c.actor_lr,
+                                                    c.weight_decay, c.optimizer_state_dtype,
+                                                    seed)}
         if models.critic is not None:
-            self.optimizers["critic"] = torch.optim.AdamW(
-                models.critic.parameters(), lr=c.critic_lr, weight_decay=c.weight_decay)
+            self.optimizers["critic"] = build_optimizer(
+                models.critic.parameters(), c.critic_lr, c.weight_decay,
+                c.optimizer_state_dtype, seed + 1)
 
     def _modules(self) -> dict:
         return {"actor": self.m.actor, "critic": self.m.critic}

@@ -239,8 +239,11 @@ class Worker(InterStageWorker):
                 from fusedrl.runtime.grads import GradReducer
 
                 lr = c.ppo.actor_lr if role == "actor_train" else c.ppo.critic_lr
-                shard.optimizer = torch.optim.AdamW(model.parameters(), lr=lr,
-                                                    weight_decay=c.ppo.weight_decay)
+                from fusedrl.optim import build_optimizer
+
+                seed = c.trainer.seed + (role == "critic_train")
+                shard.optimizer = build_optimizer(model.parameters(), lr, c.ppo.weight_decay,
+                                                  c.ppo.optimizer_state_dtype, seed)
                 model.gradient_checkpointing = c.model.gradient_checkpointing
                 shard.reducer = GradReducer(model, groups)
             else:
