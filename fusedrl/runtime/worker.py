@@ -114,6 +114,9 @@ class Worker(InterStageWorker):
         from fusedrl.devices import worker_device
 
         torch.set_num_threads(1)  # one device = one core (docs/design.md "Measuring")
+        from fusedrl.runtime.heap import keep_freed_memory
+
+        keep_freed_memory()  # activations reuse heap pages, no page faults per task
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import warnings
 
