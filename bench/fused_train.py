@@ -22,7 +22,19 @@ inside the tasks (``compute``), the seconds waiting for another stage's message
 (``wait``), and the rest of the call (optimizer steps, gradient reduction, loss
 bookkeeping, dispatch) that no pipeline schedule changes. ``predicted_pipeline_ms``
 is the schedule's makespan in profiled milliseconds: the span the executor would reach
-with no waits beyond the schedule's own and tasks as fast as profiled.
+with no waits beyond the schedule's own and tasks as fast as profiled. Beside the
+profile, ``measured_task_ms`` is each fused task's mean duration in the timed calls
+(per pipeline and stage), and per mode ``worker_usage`` the workers' CPU seconds (user,
+system) and minor page faults per call (``getrusage``), which separate a task that
+waits for a core (wall > CPU: another process ran) from one that does more work.
+
+The scheduler's timing model takes the devices as independent. Two CPU "devices" that
+share a physical core (two SMT vCPUs) or anything else slow each other down while both
+compute, and the fused schedule, which keeps both busy, pays that where sequential
+1F1B's bubbles do not. ``predicted_shared_core`` measures that slowdown (each worker's
+stage passes alone, then both workers at once) and replays both task lists with it
+(:func:`fusedrl.pipeline.fused_plan.shared_core_makespan`): the prediction that
+accounts for it, beside the independent-device one.
 
 With pp=2 the fused schedule can win at most ``(M + 1) * 2 / (2M)`` over sequential
 1F1B (each pipeline's one-stage bubble), so fewer micro-batches per model (``--micro``
@@ -76,6 +88,51 @@ def breakdown(events, seconds: float) -> dict:
     return out
 
 
+def usage(workers) -> list[tuple[float, float, int]]:
+    """Per worker process: CPU seconds in user and system mode, minor page faults."""
+    import ray
+
+    def get(_self):
+        import resource
+
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime, r.ru_stime, r.ru_minflt
+
+    return ray.get([w.__ray_call__.remote(get) for w in workers])
+
+
+def task_ms(events, smap) -> dict:
+    """Mean duration of the fused calls' tasks per ``{pipeline}{stage}`` and kind, in ms
+    (device ``d`` holds actor stage ``d`` and the critic stage ``smap`` puts there)."""
+    critic_stage = {node: s for s, node in enumerate(smap)}
+    acc: dict[str, list[float]] = {}
+    for e in events:
+        kind, _, name = e.call.partition(":")
+        if kind not in ("F", "B") or name not in ("actor", "critic"):
+            continue
+        stage = e.device if name == "actor" else critic_stage[e.device]
+        acc.setdefault(f"{name}{stage}:{kind}", []).append(1e3 * (e.end - e.start))
+    return {k: statistics.mean(v) for k, v in sorted(acc.items())}
+
+
+def contention(workers, bref, idx, repeats: int = 8) -> dict:
+    """What two devices computing at once cost each other: each worker times its stages
+    (median of ``repeats`` passes, :func:`fusedrl.pipeline.fused.profile_stage`) alone,
+    one worker after the other, then both at once; ``slowdown`` is the mean ratio."""
+    import ray
+
+    def prof(self, b, i):
+        from fusedrl.intrastage.training import worker_profile
+
+        out = worker_profile(self, b, i, repeats, "median")["stages"].values()
+        return sum(f + bw for _, _, f, bw, _ in out)
+
+    alone = [ray.get(w.__ray_call__.remote(prof, bref, idx)) for w in workers]
+    both = ray.get([w.__ray_call__.remote(prof, bref, idx) for w in workers])
+    return {"alone_s": alone, "together_s": both,
+            "slowdown": statistics.mean(b / a for a, b in zip(alone, both))}
+
+
 def measure(args) -> dict:
     from fusedrl.runtime.stages import RayUpdate
 
@@ -96,20 +153,39 @@ def measure(args) -> dict:
         modes = {"fused": fused, "sequential": sequential}
         times = {"fused": [], "sequential": []}
         parts = {"fused": [], "sequential": []}
+        use = {"fused": [], "sequential": []}
+        fused_events = []
+        workers = [t.stages.cluster.workers[d] for d in sorted(fused.fused.actor.devices)]
         t.stages.take_events()
         for rep in range(args.reps + 1):
             for mode in ("fused", "sequential") if rep % 2 == 0 else ("sequential", "fused"):
+                u0 = usage(workers)
                 t0 = time.perf_counter()
                 modes[mode].train(*captured[0])
                 dt = time.perf_counter() - t0
+                u1 = usage(workers)
                 events = t.stages.take_events()
                 if rep > 0:
                     times[mode].append(dt)
                     parts[mode].append(breakdown(events, dt))
+                    use[mode].append([[b - a for a, b in zip(x, y)] for x, y in zip(u0, u1)])
+                    if mode == "fused":
+                        fused_events += events
         ft = fused.fused
         shape = next(iter(ft.results))
         res = ft.results[shape]
         seq_ms = res["baseline"]["sequential_1f1b"]["makespan"]
+        # the scheduler's timing model assumes independent devices; with the measured
+        # cost of computing at once, the same task lists give (fusedrl.pipeline.fused_plan)
+        import ray
+        from fusedrl.pipeline.fused_plan import sequential_tasks, shared_core_makespan
+
+        shared = contention(workers, ray.put(captured[0][0]), captured[0][2][0][0])
+        k = shared["slowdown"]
+        shared["fused_ms"] = 1e3 * shared_core_makespan(ft.plans[shape], ft.smap, ft.profile, k)
+        shared["sequential_ms"] = 1e3 * shared_core_makespan(
+            sequential_tasks(ft.smap, shape), ft.smap, ft.profile, k)
+        shared["ratio"] = shared["fused_ms"] / shared["sequential_ms"]
         out = {
             "microbatches_per_model": list(shape),
             "profile_ms": {k: [{"fwd": 1e3 * f, "bwd": 1e3 * b, "mem_mib": m / 2 ** 20} for f, b, m in v]
@@ -120,6 +196,11 @@ def measure(args) -> dict:
             "predicted_peak_memory_mib": {"fused": res["peak_memory"],
                                           "sequential": res["baseline"]["sequential_1f1b"]["peak_memory"]},
             "lower_bound_ratio": res["makespan"] / res["lower_bound"],
+            "predicted_shared_core": shared,
+            "measured_task_ms": task_ms(fused_events, fused.fused.smap),
+            "worker_usage": {mode: {k: statistics.mean(sum(w[i] for w in call) / len(call) for call in u)
+                                    for i, k in enumerate(("user_s", "system_s", "minor_faults"))}
+                             for mode, u in use.items() if u},
             "first_iteration_train_s": first["timing_s/train"],
             "fused_s": times["fused"], "sequential_s": times["sequential"],
             "per_call": parts,
@@ -170,6 +251,20 @@ def main() -> None:
               f"{sm['outside_pipeline_s']:.3f}; predicted pipeline ms fused "
               f"{res['predicted_pipeline_ms']['fused']:.0f}, sequential "
               f"{res['predicted_pipeline_ms']['sequential']:.0f}", file=sys.stderr)
+    prof = {f"{name}{st}:{k}": p[k] for name, stages in res["profile_ms"].items()
+            for st, p in enumerate(stages) for k in ("fwd", "bwd")}
+    tasks = {k.replace(":F", ":fwd").replace(":B", ":bwd"): v for k, v in res["measured_task_ms"].items()}
+    print("task ms, profiled -> measured in the fused calls: " + ", ".join(
+        f"{k} {prof[k]:.0f}->{tasks[k]:.0f}" for k in sorted(prof) if k in tasks), file=sys.stderr)
+    sh = res["predicted_shared_core"]
+    print(f"two devices computing at once run {sh['slowdown']:.2f}x slower each (stage passes alone "
+          f"{', '.join(f'{x:.3f}' for x in sh['alone_s'])} s, together "
+          f"{', '.join(f'{x:.3f}' for x in sh['together_s'])} s); with that, predicted pipeline ms "
+          f"fused {sh['fused_ms']:.0f}, sequential {sh['sequential_ms']:.0f}, ratio {sh['ratio']:.3f}",
+          file=sys.stderr)
+    for mode, u in res["worker_usage"].items():
+        print(f"{mode}: per worker and call {u['user_s']:.3f} s user + {u['system_s']:.3f} s system CPU, "
+              f"{u['minor_faults']:.0f} minor page faults", file=sys.stderr)
     emit(result, args.json)
 
 

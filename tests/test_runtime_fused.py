@@ -7,7 +7,7 @@ import torch
 from fusedrl.config import ConfigError, load_config
 from fusedrl.layout import Placement
 from fusedrl.pipeline.fused_plan import (Task, build_problem, check_node_tasks, node_tasks,
-                                         sequential_tasks, stage_map)
+                                         sequential_tasks, shared_core_makespan, stage_map)
 
 P = Placement.parse
 
@@ -92,6 +92,31 @@ def test_node_tasks_are_checked():
         t for t in seq[0] if (t.pipeline, t.microbatch) != (0, 0)]
     with pytest.raises(ValueError, match="backward .* before its forward"):
         check_node_tasks(swapped, 0, (1, 0), (2, 2))
+
+
+def test_shared_core_makespan():
+    from fusedrl.scheduler.pipeline_schedule import solve
+
+    # independent devices: the scheduler's own makespans of the fused and 1F1B lists
+    prof = {"actor": [(0.089, 0.153, 1.0), (0.066, 0.099, 1.0)],
+            "critic": [(0.070, 0.116, 1.0), (0.058, 0.100, 1.0)]}
+    result = solve(build_problem((1, 0), (2, 2), prof), time_limit=2.0, seed=0,
+                   workers=1).to_dict()
+    fused, seq = node_tasks(result, 2), sequential_tasks((1, 0), (2, 2))
+    assert shared_core_makespan(fused, (1, 0), prof) * 1e3 == pytest.approx(result["makespan"])
+    assert shared_core_makespan(seq, (1, 0), prof) * 1e3 == pytest.approx(
+        result["baseline"]["sequential_1f1b"]["makespan"])
+    # devices that slow each other down: the fused lists overlap more, so lose more;
+    # with slowdown 2 (one core) nothing overlaps usefully: the sum of all tasks
+    ratio = [shared_core_makespan(fused, (1, 0), prof, k) / shared_core_makespan(seq, (1, 0), prof, k)
+             for k in (1.0, 1.3, 1.6)]
+    assert ratio[0] < ratio[1] < ratio[2] < 1
+    total = 2 * sum(f + b for st in prof.values() for f, b, _ in st)
+    assert shared_core_makespan(fused, (1, 0), prof, 2.0) == pytest.approx(total)
+    with pytest.raises(ValueError, match="slowdown"):
+        shared_core_makespan(fused, (1, 0), prof, 0.5)
+    with pytest.raises(ValueError, match="not a valid schedule"):
+        shared_core_makespan([fused[0][::-1], fused[1]], (1, 0), prof)
 
 
 def _weights(out, name):

@@ -47,11 +47,12 @@ ROLES = ("actor_train", "critic_train")
 
 # ------------------------------------------------------------------ worker side
 
-def worker_profile(worker, batch, idx) -> dict:
+def worker_profile(worker, batch, idx, repeats: int = 8, statistic: str = "min") -> dict:
     """``{"stages": {name: (dp, stage, fwd_s, bwd_s, mem_bytes)}, "node", "free_bytes"}``
     of this worker: its stages' times and activation bytes per micro-batch, its node
     (actor stage) and the device memory left for activations once both models'
-    gradients and optimizer states exist."""
+    gradients and optimizer states exist. ``repeats``/``statistic``: those of
+    :func:`fusedrl.pipeline.fused.profile_stage`."""
     from fusedrl.pipeline.fused import profile_stage
     from fusedrl.runtime.memory import pending_training_bytes
 
@@ -66,7 +67,7 @@ def worker_profile(worker, batch, idx) -> dict:
     for name, role in zip(PIPELINES, ROLES):
         shard = worker.shards[role]
         c = shard.groups.coord
-        stages[name] = (c.dp, c.pp, *profile_stage(shard.model, shard.groups, ids))
+        stages[name] = (c.dp, c.pp, *profile_stage(shard.model, shard.groups, ids, repeats, statistic))
     shards = [worker.shards[r] for r in ROLES]
     free, _ = worker.device_memory()  # after profile_stage dropped its graphs and gradients
     pending = sum(pending_training_bytes(s.model, s.optimizer) for s in shards)

@@ -41,6 +41,7 @@ and, once per shape, :func:`profile_stage` on every stage to build the problem.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -227,8 +228,8 @@ def train_fused(runs: Sequence[FusedPipeline], tasks: Sequence[Task],
     return {"wait_s": wait, "compute_s": compute, "tasks": float(len(tasks))}
 
 
-def profile_stage(model: torch.nn.Module, groups, ids,
-                  repeats: int = 8) -> tuple[float, float, float]:
+def profile_stage(model: torch.nn.Module, groups, ids, repeats: int = 8,
+                  statistic: str = "min") -> tuple[float, float, float]:
     """Time one micro-batch (token ids, or packed rows :class:`fusedrl.packing.Packed`,
     as the training runs them) through this stage: ``(fwd_s, bwd_s,
     activation_bytes)``.
@@ -246,12 +247,16 @@ def profile_stage(model: torch.nn.Module, groups, ids,
     first (CUDA kernels are asynchronous). The random inputs are drawn on the CPU and
     moved to the model's device. The model's gradients are cleared afterwards. Runs no
     collective beyond the model's own (tp), so every tp rank of a stage must call it
-    together.
+    together. ``statistic="median"`` reports the median pass instead of the fastest
+    (bench/fused_train.py's contention measurement, where the typical pass counts).
     """
     from fusedrl.runtime.memory import SavedActivations
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if statistic not in ("min", "median"):
+        raise ValueError(f"statistic must be 'min' or 'median', got {statistic!r}")
+    pick = min if statistic == "min" else statistics.median
     params = list(model.parameters())
     dtype, dev = model.activation_dtype, params[0].device
     gen = torch.Generator().manual_seed(0)
@@ -282,4 +287,4 @@ def profile_stage(model: torch.nn.Module, groups, ids,
             mem = max(mem, nbytes)
     for p in params:
         p.grad = None
-    return min(fwd), min(bwd), float(mem)
+    return pick(fwd), pick(bwd), float(mem)

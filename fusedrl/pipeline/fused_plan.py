@@ -201,3 +201,54 @@ def sequential_tasks(smap: Sequence[int], microbatches: Sequence[int]) -> list[l
             seq += [("B", i) for i in range(m - warm, m)]
             out[stage_nodes[p][s]].extend(Task(p, i, s, k) for k, i in seq)
     return out
+
+
+def shared_core_makespan(tasks: Sequence[Sequence[Task]], smap: Sequence[int],
+                         profile: dict[str, list[tuple[float, float, float]]],
+                         slowdown: float = 1.0) -> float:
+    """Makespan (profile units) of per-node task lists run as the executor runs them
+    (each node in its order; a task starts once its input's task ended), where a task
+    progresses ``1 / slowdown`` as fast while another node computes too.
+
+    ``slowdown`` is what two devices that share one physical resource cost each other
+    (two vCPUs on one SMT core, measured by bench/fused_train.py); 1 gives the
+    scheduler's own timing model (independent devices, RLHFuse §5). With more than two
+    nodes the rate is ``1 / (1 + (slowdown - 1) * busy_others / (nodes - 1))``.
+    ``profile[name][stage] = (fwd, bwd, mem)`` as :func:`build_problem` takes it."""
+    if slowdown < 1:
+        raise ValueError(f"slowdown must be >= 1, got {slowdown}")
+    pp = len(smap)
+    nodes = len(tasks)
+    stage_nodes = (list(range(pp)), list(smap))
+    done: set[tuple] = set()
+    pos = [0] * nodes
+    left: list[float | None] = [None] * nodes  # remaining solo time of the running task
+    now = 0.0
+
+    def ready(t: Task) -> bool:
+        if t.kind == "F":
+            return t.stage == 0 or (t.pipeline, t.microbatch, t.stage - 1, "F") in done
+        return t.stage == pp - 1 or (t.pipeline, t.microbatch, t.stage + 1, "B") in done
+
+    while True:
+        for n in range(nodes):  # start every task whose input has arrived
+            if left[n] is None and pos[n] < len(tasks[n]) and ready(tasks[n][pos[n]]):
+                t = tasks[n][pos[n]]
+                if stage_nodes[t.pipeline][t.stage] != n:
+                    raise ValueError(f"task {t} is not on node {n}")
+                left[n] = profile[PIPELINES[t.pipeline]][t.stage][0 if t.kind == "F" else 1]
+        busy = [n for n in range(nodes) if left[n] is not None]
+        if not busy:
+            if any(pos[n] < len(tasks[n]) for n in range(nodes)):
+                raise ValueError("task lists wait for each other (not a valid schedule)")
+            return now
+        share = (len(busy) - 1) / max(1, nodes - 1)
+        rate = 1.0 / (1.0 + (slowdown - 1.0) * share)
+        step = min(left[n] for n in busy) / rate
+        now += step
+        for n in busy:
+            left[n] -= step * rate
+            if left[n] <= 1e-12:
+                done.add(tuple(tasks[n][pos[n]]))
+                pos[n] += 1
+                left[n] = None
