@@ -26,7 +26,9 @@ with no waits beyond the schedule's own and tasks as fast as profiled. Beside th
 profile, ``measured_task_ms`` is each fused task's mean duration in the timed calls
 (per pipeline and stage), and per mode ``worker_usage`` the workers' CPU seconds (user,
 system) and minor page faults per call (``getrusage``), which separate a task that
-waits for a core (wall > CPU: another process ran) from one that does more work.
+waits for a core (wall > CPU: another process ran) from one that does more work, and
+``other_processes_cpu_s`` the CPU seconds the rest of the host took during each call
+(``/proc/stat`` less the workers and this process): near 0 on a quiet machine.
 
 The scheduler's timing model takes the devices as independent. Two CPU "devices" that
 share a physical core (two SMT vCPUs) or anything else slow each other down while both
@@ -101,6 +103,18 @@ def usage(workers) -> list[tuple[float, float, int]]:
     return ray.get([w.__ray_call__.remote(get) for w in workers])
 
 
+def host_busy_s() -> float:
+    """CPU seconds all processes of this host have run so far (Linux ``/proc/stat``;
+    0 elsewhere): less the workers' and this process's own, what other processes took."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    # user nice system idle iowait irq softirq steal: all but idle and iowait
+    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def task_ms(events, smap) -> dict:
     """Mean duration of the fused calls' tasks per ``{pipeline}{stage}`` and kind, in ms
     (device ``d`` holds actor stage ``d`` and the critic stage ``smap`` puts there)."""
@@ -154,21 +168,26 @@ def measure(args) -> dict:
         times = {"fused": [], "sequential": []}
         parts = {"fused": [], "sequential": []}
         use = {"fused": [], "sequential": []}
+        others = {"fused": [], "sequential": []}  # CPU s of other processes per call
         fused_events = []
         workers = [t.stages.cluster.workers[d] for d in sorted(fused.fused.actor.devices)]
         t.stages.take_events()
         for rep in range(args.reps + 1):
             for mode in ("fused", "sequential") if rep % 2 == 0 else ("sequential", "fused"):
                 u0 = usage(workers)
+                h0, p0 = host_busy_s(), time.process_time()
                 t0 = time.perf_counter()
                 modes[mode].train(*captured[0])
                 dt = time.perf_counter() - t0
+                h1, p1 = host_busy_s(), time.process_time()
                 u1 = usage(workers)
                 events = t.stages.take_events()
                 if rep > 0:
                     times[mode].append(dt)
                     parts[mode].append(breakdown(events, dt))
                     use[mode].append([[b - a for a, b in zip(x, y)] for x, y in zip(u0, u1)])
+                    mine = sum(b - a for x, y in zip(u0, u1) for a, b in zip(x[:2], y[:2]))
+                    others[mode].append(max(0.0, (h1 - h0) - mine - (p1 - p0)))
                     if mode == "fused":
                         fused_events += events
         ft = fused.fused
@@ -201,6 +220,7 @@ def measure(args) -> dict:
             "worker_usage": {mode: {k: statistics.mean(sum(w[i] for w in call) / len(call) for call in u)
                                     for i, k in enumerate(("user_s", "system_s", "minor_faults"))}
                              for mode, u in use.items() if u},
+            "other_processes_cpu_s": {mode: statistics.mean(v) for mode, v in others.items() if v},
             "first_iteration_train_s": first["timing_s/train"],
             "fused_s": times["fused"], "sequential_s": times["sequential"],
             "per_call": parts,
@@ -264,7 +284,8 @@ def main() -> None:
           file=sys.stderr)
     for mode, u in res["worker_usage"].items():
         print(f"{mode}: per worker and call {u['user_s']:.3f} s user + {u['system_s']:.3f} s system CPU, "
-              f"{u['minor_faults']:.0f} minor page faults", file=sys.stderr)
+              f"{u['minor_faults']:.0f} minor page faults; other processes (Ray's own included) "
+              f"{res['other_processes_cpu_s'][mode]:.3f} CPU s per call", file=sys.stderr)
     emit(result, args.json)
 
 
