@@ -69,10 +69,20 @@ def _curve_in_child(queue, threads: int, *args) -> None:
 
 def curve_in_process(threads: int, *args) -> dict:
     """:func:`curve` in a fresh (spawned) process: its peak memory is the run's alone."""
+    return wait_for(start_curve(threads, *args), args[0])
+
+
+def start_curve(threads: int, *args):
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_curve_in_child, args=(queue, threads, *args))
     proc.start()
+    return proc, queue
+
+
+def wait_for(started, config_path: str) -> dict:
+    proc, queue = started
+    args = (config_path,)
     while True:  # read before join: a large result would block the child's exit
         try:
             result = queue.get(timeout=10)
@@ -115,12 +125,19 @@ def main() -> None:
     ap.add_argument("--val-every", type=int, default=5)
     ap.add_argument("--set", action="append", default=[], dest="overrides")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--parallel", action="store_true",
+                    help="run the configs at the same time (use --threads 1 on 2 cores)")
     ap.add_argument("--out", type=Path,
                     default=Path(__file__).parent / "results" / "learning")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    curves = [curve_in_process(args.threads, c, args.overrides, args.minutes, args.val_every)
-              for c in args.config]
+    if args.parallel:  # all at once, each with --threads: the same load for every run
+        started = [start_curve(args.threads, c, args.overrides, args.minutes, args.val_every)
+                   for c in args.config]
+        curves = [wait_for(p, c) for p, c in zip(started, args.config)]
+    else:
+        curves = [curve_in_process(args.threads, c, args.overrides, args.minutes,
+                                   args.val_every) for c in args.config]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"curves": curves}, indent=1))
     plot(curves, args.out.with_suffix(".png"))

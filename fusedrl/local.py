@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fusedrl.devices import device_of, synchronize
+from fusedrl.devices import device_of, release_host_memory, synchronize
 from fusedrl.generation.backend import backend_from_config
 from fusedrl.models.build import (TORCH_DTYPES, build_model, load_full_state,
                                   resolve_compute_dtype)
@@ -69,6 +69,8 @@ class LocalModels:
         # float32, the actor's size) would stay resident for the whole run. The Ray
         # controller drops it likewise (runtime/cluster.py).
         s.actor_state = s.critic_state = None
+        del init
+        release_host_memory()
 
 
 class LocalRollout:
@@ -163,6 +165,10 @@ class LocalUpdate:
 
     def train(self, batch, targets, schedule) -> dict:
         m = self.m
+        # the engine's KV cache and prepared weights, then the rollout's freed buffers,
+        # before gradients and optimizer state take their place
+        m.engine.release()
+        release_host_memory()
         schedule = [[idx.to(m.device) for idx in micros] for micros in schedule]
         models = {}
         for name, opt in self.optimizers.items():

@@ -300,6 +300,8 @@ def run_update(schedule: list[list[torch.Tensor]], models: dict[str, Trainable],
             tm.reduce_grads()
             out[name]["grad_norm"].append(tm.clip_grad_norm(config.ppo.grad_clip))
             tm.step()
+    for tm in models.values():  # no gradients held through the next rollout
+        tm.zero_grad()
     return out
 
 

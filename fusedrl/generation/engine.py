@@ -105,8 +105,12 @@ class GenerationEngine:
             self.cache = self.model.new_cache(self.max_batch_size, self.max_seq_len)
 
     def release(self) -> None:
-        """Free the KV cache (e.g. before the devices are used for training)."""
+        """Free the KV cache and the fast path's prepared weights (e.g. before the devices
+        are used for training; an update changes the weights, so they are rebuilt
+        anyway)."""
         self.cache = None
+        if isinstance(self._forward, fastpath.FastForward):
+            self._forward.release()
 
     def add(self, requests: Request | Iterable[Request]) -> None:
         if isinstance(requests, Request):

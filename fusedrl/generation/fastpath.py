@@ -155,6 +155,11 @@ class FastForward:
                     seen[st.data_ptr()] = st.nbytes()
         return sum(seen.values())
 
+    def release(self) -> None:
+        """Drop the prepared weights (fused and packed copies); the next forward rebuilds
+        them."""
+        self._layers, self._head, self._versions = [], (), None
+
     def _weights(self) -> list[tuple]:
         versions = tuple(p._version for p in self._params)
         if versions != self._versions:
