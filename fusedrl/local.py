@@ -175,15 +175,19 @@ class LocalUpdate:
             self._modules()[name].train()
             models[name] = _LocalTrainable(self._modules()[name], opt)
 
-        def forward_backward(_m, micros, loss):
-            for k, idx in enumerate(micros):
-                mb = select(batch, idx, self.config.ppo.packed)
-                for name, tm in models.items():
+        # The actor's epochs, then the critic's: their updates are independent (targets
+        # are fixed), so the result is the same as interleaving them, and only one
+        # model's gradients exist at a time (0.5 GB less at SmolLM2's size).
+        out = {}
+        for name, tm in models.items():
+            def forward_backward(_m, micros, loss, name=name, tm=tm):
+                for k, idx in enumerate(micros):
+                    mb = select(batch, idx, self.config.ppo.packed)
                     with m.events.record(f"train:{name}"):
                         loss(name, forward(tm.model, mb), mb, idx, k).backward()
 
-        out = run_update(schedule, models, forward_backward, targets, self.config,
-                         self.config.generation.temperature)
+            out.update(run_update(schedule, {name: tm}, forward_backward, targets,
+                                  self.config, self.config.generation.temperature))
         return merge_update_stats({k: [v] for k, v in out.items()})
 
     def save(self, directory: Path, tokenizer) -> dict:
