@@ -8,9 +8,10 @@ of that size is built from fresh pages, each zeroed by the kernel on its first t
 minor page fault): memory traffic and kernel time inside every task. A training step's
 activations come and go in blocks of a few MiB, and the fused actor/critic schedule
 (RLHFuse §5), which holds both models' activations and frees them in an interleaved
-order, trims and regrows the heap over and over: bench/fused_train.py measured 20-38k
-minor faults per fused training call of the ``small`` preset on 2 workers (80-150 MiB
-of zeroed pages, twice the system time) against 10-4000 for sequential 1F1B.
+order, trims and regrows the heap over and over: bench/fused_train.py (``--micro 16``,
+quiet machine) measured 17.8-18.9k minor faults per worker and fused training call of
+the ``small`` preset (~70 MiB of zeroed pages, 0.08 s of system time) against 0.6-1k
+for sequential 1F1B; with this, 150-430 faults and 0.015-0.02 s.
 
 :func:`keep_freed_memory` raises both thresholds (``mallopt``), so blocks up to
 ``mmap_threshold`` come from the heap and up to ``trim_threshold`` bytes stay there
