@@ -50,29 +50,6 @@ def device_of(config) -> torch.device:
     return resolve(config.cluster.accelerator)
 
 
-def release_host_memory() -> None:
-    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``).
-
-    glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, so
-    later tensors below it come from the heap, and memory they free stays resident: a
-    process keeps the peak of every phase before the current one (0.54 GB after building
-    SmolLM2's models). Called between phases; a no-op without glibc."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
-
-
 def synchronize(device: torch.device | str) -> None:
     """Wait for the device's queued work, so a timer read after it counts that work.
 

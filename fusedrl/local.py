@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fusedrl.devices import device_of, release_host_memory, synchronize
+from fusedrl.devices import device_of, synchronize
 from fusedrl.generation.backend import backend_from_config
 from fusedrl.models.build import (TORCH_DTYPES, build_model, load_full_state,
                                   resolve_compute_dtype)
@@ -22,6 +22,7 @@ from fusedrl.models.checkpoint import load_checkpoint, load_safetensors_dir, sav
 from fusedrl.models.hub import resolve_model_path
 from fusedrl.optim import build_optimizer
 from fusedrl.packing import forward, select
+from fusedrl.runtime.heap import release_host_memory
 from fusedrl.rollout import RolloutBatch, infer_head
 from fusedrl.stages import RolloutOutput, StageContext, register_stage
 from fusedrl.timeline import EventLog

@@ -1,5 +1,6 @@
-"""Worker heap settings (fusedrl.runtime.heap): freed tensor memory is reused, not
-returned to the kernel and faulted in again."""
+"""Host heap settings (fusedrl.runtime.heap): in workers freed tensor memory is reused,
+not returned to the kernel and faulted in again; between the single-device runtime's
+phases it is given back."""
 
 import subprocess
 import sys
@@ -52,3 +53,33 @@ def test_bad_thresholds_name_the_field():
         keep_freed_memory(mmap_threshold=MMAP_THRESHOLD_MAX + 1)
     with pytest.raises(ValueError, match="trim_threshold"):
         keep_freed_memory(trim_threshold=0)
+
+
+# 200 blocks of 1 MiB from the heap (below the raised mmap threshold), every other one
+# freed: the holes cannot shrink the heap's top, only malloc_trim gives them back
+TRIM = """
+import os, torch
+from fusedrl.runtime.heap import keep_freed_memory, release_host_memory
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+assert keep_freed_memory()
+blocks = [torch.ones(1 << 18) for _ in range(200)]
+del blocks[::2]
+before = rss()
+assert release_host_memory()
+print(before - rss())
+"""
+
+
+def test_release_host_memory_gives_freed_heap_pages_back():
+    if not _is_glibc():
+        pytest.skip("not glibc")
+    out = subprocess.run([sys.executable, "-c", TRIM], capture_output=True, text=True,
+                         check=True).stdout
+    assert int(out) > 50 << 20, out  # ~100 MiB of holes returned
+
+
+def _is_glibc() -> bool:
+    from fusedrl.runtime.heap import _glibc
+
+    return _glibc() is not None
