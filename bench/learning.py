@@ -5,6 +5,11 @@ score (``val/score/mean`` on held-out prompts) against training time and iterati
         --config configs/smollm2-arith-grpo.yaml --minutes 30 --val-every 5 \
         [--set KEY=VALUE ...] [--out bench/results/learning]
 
+    # a variant: the same config with and without a switch, side by side
+    python bench/learning.py --config configs/smollm2-arith-grpo.yaml \
+        --config configs/smollm2-arith-grpo.yaml --with fusion.interstage_policy=partial \
+        --minutes 30 --threads 1 --parallel
+
 Writes ``OUT.json`` (one curve per config: iteration, training seconds, val score,
 train score) and ``OUT.png`` (validation score against wall time and against
 iterations, one line per algorithm). Training time excludes validation. The configs
@@ -24,13 +29,18 @@ from queue import Empty
 from pathlib import Path
 
 
-def curve(config_path: str, overrides: list[str], minutes: float, val_every: int) -> dict:
+def curve(config_path: str, overrides: list[str], minutes: float, val_every: int,
+          variant: list[str] | None = None) -> dict:
     from fusedrl.config import load_config
     from fusedrl.runtime.launch import make_trainer
 
+    variant = variant or []
+    overrides = overrides + variant
     cfg = load_config(config_path, overrides + ["trainer.iterations=100000",
                                                 f"trainer.val_every={val_every}"])
     label = f"{cfg.algorithm.adv_estimator} ({Path(config_path).stem})"
+    if variant:
+        label += " " + " ".join(variant)
     load = [os.getloadavg()[0]]
     t = make_trainer(cfg)
     points = []
@@ -118,12 +128,28 @@ def plot(curves: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+class _WithLast(argparse.Action):
+    """``--with KEY=VALUE``: (index of the last ``--config`` so far, [overrides])."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        configs = getattr(namespace, "config", None) or []
+        if not configs:
+            parser.error(f"--with {value}: give it after the --config it modifies")
+        found = dict(getattr(namespace, self.dest) or [])
+        found.setdefault(len(configs) - 1, []).append(value)
+        setattr(namespace, self.dest, sorted(found.items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", action="append", required=True)
     ap.add_argument("--minutes", type=float, default=30.0)
     ap.add_argument("--val-every", type=int, default=5)
     ap.add_argument("--set", action="append", default=[], dest="overrides")
+    ap.add_argument("--with", action=_WithLast, default=[], dest="variants",
+                    metavar="KEY=VALUE",
+                    help="an override for the --config before it only (a variant: the same "
+                         "config twice, with and without a switch)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--parallel", action="store_true",
                     help="run the configs at the same time (use --threads 1 on 2 cores)")
@@ -131,13 +157,16 @@ def main() -> None:
                     default=Path(__file__).parent / "results" / "learning")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    variants = dict(args.variants)
     if args.parallel:  # all at once, each with --threads: the same load for every run
-        started = [start_curve(args.threads, c, args.overrides, args.minutes, args.val_every)
-                   for c in args.config]
+        started = [start_curve(args.threads, c, args.overrides, args.minutes, args.val_every,
+                               variants.get(k, []))
+                   for k, c in enumerate(args.config)]
         curves = [wait_for(p, c) for p, c in zip(started, args.config)]
     else:
         curves = [curve_in_process(args.threads, c, args.overrides, args.minutes,
-                                   args.val_every) for c in args.config]
+                                   args.val_every, variants.get(k, []))
+                  for k, c in enumerate(args.config)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"curves": curves}, indent=1))
     plot(curves, args.out.with_suffix(".png"))
