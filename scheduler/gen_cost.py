@@ -153,7 +153,9 @@ class GenCostModel:
             raise ValueError(f"saturation must be in (0, 1), got {saturation}")
         batch, context, secs = pts.T
         design = np.stack([np.ones_like(batch), batch, batch * context], axis=1)
-        a, b, c = _nonneg_lstsq(design, secs)
+        # a decode step is never free: the fit keeps a base or a per-sequence term (with
+        # points proportional to batch x context the best fit would have neither)
+        a, b, c = _nonneg_lstsq(design, secs, require_any=(0, 1))
         kwargs: dict[str, float] = dict(decode_base_s=a, decode_per_seq_s=b,
                                         decode_per_ctx_token_s=c)
         if prefill_points is not None:
@@ -170,19 +172,24 @@ class GenCostModel:
         return replace(model, bs_max=int(bs_max))
 
 
-def _nonneg_lstsq(design: np.ndarray, y: np.ndarray) -> np.ndarray:
+def _nonneg_lstsq(design: np.ndarray, y: np.ndarray,
+                  require_any: tuple[int, ...] = ()) -> np.ndarray:
     """Least squares with non-negative coefficients for a handful of columns.
 
     Exact for few columns: the optimum of a convex quadratic over the orthant is the
     unconstrained optimum on the face of its active set, so the best of the
-    non-negative subset fits is the constrained optimum.
+    non-negative subset fits is the constrained optimum. ``require_any``: only subsets
+    with a positive coefficient on at least one of these columns count.
     """
     k = design.shape[1]
-    best, best_sse = np.zeros(k), float(np.sum(y * y))
+    best, best_sse = np.zeros(k), float("inf") if require_any else float(np.sum(y * y))
     for size in range(1, k + 1):
         for cols in itertools.combinations(range(k), size):
             coef, *_ = np.linalg.lstsq(design[:, cols], y, rcond=None)
             if (coef < 0).any():
+                continue
+            if require_any and not any(c in require_any and v > 0
+                                       for c, v in zip(cols, coef)):
                 continue
             sse = float(np.sum((design[:, cols] @ coef - y) ** 2))
             if sse < best_sse - 1e-18:

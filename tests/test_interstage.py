@@ -201,6 +201,16 @@ def test_fit_keeps_coefficients_nonnegative():
     assert model.bs_max == 16
 
 
+def test_fit_of_steps_proportional_to_context_keeps_a_step_cost():
+    # measured steps ~ batch x context (as a noisy calibration on the runtime gave): the
+    # unconstrained best fit has no base or per-sequence term, which makes a decode step
+    # free at zero context; the fit keeps one of them instead of failing
+    pts = [(1, 10, 0.0013), (2, 10, 0.0026), (4, 20, 0.0104), (2, 40, 0.0104)]
+    model = GenCostModel.fit(pts, bs_max=4)
+    assert model.decode_base_s + model.decode_per_seq_s > 0
+    assert model.decode_step_s(4, 80) > 0
+
+
 def test_cost_model_errors_name_the_field():
     with pytest.raises(ValueError, match="transfer_bandwidth"):
         GenCostModel(transfer_bandwidth=0)
