@@ -55,8 +55,9 @@ class LocalModels:
         self.reward_model = None
         if c.reward.type == "model":
             rm_config, rm_state = load_checkpoint(resolve_model_path(c.reward.model_path))
-            self.reward_model = build_model(rm_config, "value", rm_state, dtype=frozen,
-                                            device=dev, compute_dtype=frozen_compute).eval().requires_grad_(False)
+            self.reward_model = build_model(
+                rm_config, "value", rm_state, dtype=frozen, device=dev,
+                compute_dtype=frozen_compute).eval().requires_grad_(False)
         for model in (self.actor, self.critic):
             if model is not None:
                 model.gradient_checkpointing = c.model.gradient_checkpointing
