@@ -639,11 +639,13 @@ def test_sigkill_of_a_ray_run_then_resume_matches_the_uninterrupted_run(tmp_path
     args = sum((["--set", s] for s in SMALL + [
         "trainer.iterations=3", "trainer.save_every=1", "cluster.devices=2",
         "placement.default=dp1tp1pp2@0-1", "placement.actor_gen=dp2tp1pp1@0-1",
-        # inference micro-batches follow the finish order, which differs between the two
-        # runs: bf16 forwards of different groupings differ by ~1e-3, and packed rows of
-        # different groupings by ~1e-7 in float32, which Adam turns into ~lr on weights
-        # whose gradient is near zero. Padded float32 rows are computed row by row alike.
-        "model.frozen_dtype=float32", "ppo.packed=false"]), [])
+        # streamed inference micro-batches follow the finish order, which differs between
+        # the two runs: bf16 forwards of different groupings differ by ~1e-3, and float32
+        # ones (packed, or padded to a different longest row) by ~1e-7, which Adam turns
+        # into ~lr on weights whose gradient is near zero. One float32 sample per inference
+        # micro-batch (a budget of 1 token admits one) computes every row alike.
+        "model.frozen_dtype=float32", "ppo.packed=false",
+        "ppo.infer_micro_batch_tokens=1"]), [])
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
 
     def start(out, *extra):
@@ -678,5 +680,6 @@ def test_sigkill_of_a_ray_run_then_resume_matches_the_uninterrupted_run(tmp_path
         a = load_file(ref / f"checkpoints/iter_3/{part}/model.safetensors")
         b = load_file(out / f"checkpoints/iter_3/{part}/model.safetensors")
         for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=f"{part} {k}")
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7,
+                                       msg=lambda m, k=k: f"{part} {k}: {m}")
     assert not (out / LOCK_NAME).exists()
