@@ -5,6 +5,8 @@ from .gen_cost import GenCostModel
 from .gen_sim import GenSimResult, simulate as simulate_generation
 from .interstage import (InterStagePolicy, MigrationPlan, available_policies,
                          get_policy, plan_migration, register_policy)
+# partial rollouts (issue 18): registers the ``partial`` policy beside interstage's own
+from .partial import CarriedSample, PartialRolloutPolicy, is_partial
 
 # execution plans (ReaLHF placement search, Xiao et al. strategies)
 from .plan import CALLS, CallPlan, ExecutionPlan, Fusion, PlanError, Realloc

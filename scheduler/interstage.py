@@ -247,6 +247,3 @@ class RLHFusePolicy(InterStagePolicy):
                            for rt in self.candidate_thresholds(batch_size)}
         return min(self.last_sweep, key=lambda rt: (self.last_sweep[rt], rt))
 
-
-# Registers ``partial`` (partial rollouts: close the batch at its target, carry the rest).
-from . import partial  # noqa: E402,F401

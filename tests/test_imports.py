@@ -204,20 +204,9 @@ def test_cli_package_has_no_import_cycle():
                        f"{describe(cycles)}"
 
 
-KNOWN_IMPORT_TIME_CYCLES = {
-    # scheduler/interstage.py imports .partial at its end so that the policy registers;
-    # partial.py imports interstage's registry (issue 18's partial-rollout policy).
-    ("fusedrl.scheduler.interstage", "fusedrl.scheduler.partial"),
-}
-
-
 def test_no_import_time_cycle():
-    found = {tuple(sorted(set(c))) for c in find_cycles(TOP_LEVEL)}
-    new = found - KNOWN_IMPORT_TIME_CYCLES
-    assert not new, "import cycle at import time: " + describe(
-        [c for c in find_cycles(TOP_LEVEL) if tuple(sorted(set(c))) in new])
-    gone = KNOWN_IMPORT_TIME_CYCLES - found
-    assert not gone, f"no longer a cycle, remove it from KNOWN_IMPORT_TIME_CYCLES: {gone}"
+    cycles = find_cycles(TOP_LEVEL)
+    assert not cycles, "import cycle at import time: " + describe(cycles)
 
 
 # ------------------------------------------------------------------------------ private names
