@@ -128,11 +128,11 @@ def test_ray_migration_equals_unmigrated(ray_session, mode):
     """Two Ray workers: the long tail of one instance moves to the other (by KV transfer
     over the worker group, or by re-prefill); the samples equal the unfused run's."""
     from fusedrl.config import load_config
-    from fusedrl.generation import SamplingParams
     from fusedrl.runtime.launch import make_trainer
-    from fusedrl.runtime.stages import RayRollout
     from test_runtime import SMALL
-    from test_runtime_interstage import DP2, MigrateEarly  # noqa: F401 (registers it)
+    # MigrateEarly: imported so that its policy registers
+    from test_runtime_interstage import (DP2, TAIL_LENGTHS, MigrateEarly,  # noqa: F401
+                                         unfused_and_fused_long_tail)
 
     t = make_trainer(load_config(None, SMALL + DP2 + [
         "generation.max_new_tokens=24", "fusion.interstage=true",
@@ -140,13 +140,7 @@ def test_ray_migration_equals_unmigrated(ray_session, mode):
         f"fusion.migration={mode}"]))
     try:
         rollout = t.stages.rollout
-        prompts = t.setup.prompt_ids
-        lengths = [2, 3, 2, 4, 3, 24, 2, 3, 20, 2]
-        requests = [Request(100 + j, list(prompts[j]), max_new_tokens=n)
-                    for j, n in enumerate(lengths)]
-        params = SamplingParams(temperature=1.0, max_new_tokens=24, seed=3, ignore_eos=True)
-        unfused = RayRollout(t.stages.cluster, t.config, t.setup).run(requests, params)
-        fused = rollout.run(requests, params)
+        unfused, fused = unfused_and_fused_long_tail(t)
         m = fused.metrics
         moved = m["interstage/migrated"]
         assert moved >= 1
@@ -160,7 +154,7 @@ def test_ray_migration_equals_unmigrated(ray_session, mode):
             assert rollout.cost.transfer_latency_s < 1e6
             assert m["interstage/migrated_kv"] + m["interstage/migrated_reprefill"] == moved
         a, b = unfused.batch, fused.batch
-        assert torch.equal(a.input_ids, b.input_ids) and b.response_lens.tolist() == lengths
+        assert torch.equal(a.input_ids, b.input_ids) and b.response_lens.tolist() == TAIL_LENGTHS
         torch.testing.assert_close(b.gen_logprobs, a.gen_logprobs, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(fused.old_logp, unfused.old_logp, rtol=1e-4, atol=1e-5)
     finally:

@@ -33,10 +33,27 @@ def _trainer(extra):
     return make_trainer(load_config(None, SMALL + DP2 + extra))
 
 
-def test_fused_rollout_matches_unfused_with_migration(ray_session):
+# forced lengths, one long tail per instance: the shared queue gives each instance 5
+# samples, and an early migration moves one instance's tail to the other
+TAIL_LENGTHS = [2, 3, 2, 4, 3, 24, 2, 3, 20, 2]
+
+
+def unfused_and_fused_long_tail(t) -> tuple:
+    """Trainer ``t``'s outputs for the :data:`TAIL_LENGTHS` batch: (the plain Ray
+    rollout's, ``t``'s fused rollout's), sampled alike (seed 3, eos ignored)."""
     from fusedrl.generation import Request, SamplingParams
-    from fusedrl.interstage import InterStageRollout
     from fusedrl.runtime.stages import RayRollout
+
+    prompts = t.setup.prompt_ids
+    requests = [Request(100 + j, list(prompts[j]), max_new_tokens=n)
+                for j, n in enumerate(TAIL_LENGTHS)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=24, seed=3, ignore_eos=True)
+    unfused = RayRollout(t.stages.cluster, t.config, t.setup).run(requests, params)
+    return unfused, t.stages.rollout.run(requests, params)
+
+
+def test_fused_rollout_matches_unfused_with_migration(ray_session):
+    from fusedrl.interstage import InterStageRollout
 
     t = _trainer(["generation.max_new_tokens=24", "fusion.interstage=true",
                   "fusion.interstage_policy=test-migrate-early",
@@ -44,22 +61,14 @@ def test_fused_rollout_matches_unfused_with_migration(ray_session):
     try:
         rollout = t.stages.rollout
         assert isinstance(rollout, InterStageRollout)
-        prompts = t.setup.prompt_ids
-        # forced lengths, one long tail per instance: the shared queue gives each
-        # instance 5 samples, and the migration moves one instance's tail to the other
-        lengths = [2, 3, 2, 4, 3, 24, 2, 3, 20, 2]
-        requests = [Request(100 + j, list(prompts[j]), max_new_tokens=n)
-                    for j, n in enumerate(lengths)]
-        params = SamplingParams(temperature=1.0, max_new_tokens=24, seed=3, ignore_eos=True)
-        unfused = RayRollout(t.stages.cluster, t.config, t.setup).run(requests, params)
-        fused = rollout.run(requests, params)
+        unfused, fused = unfused_and_fused_long_tail(t)
         m = fused.metrics
-        assert m["interstage/rt"] == len(requests)
+        assert m["interstage/rt"] == len(TAIL_LENGTHS)
         assert m["interstage/migrated"] >= 1 and m["interstage/kept_instances"] == 1
         assert m["interstage/migrate_at_s"] >= 0
         a, b = unfused.batch, fused.batch
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.sample_ids, b.sample_ids)
-        assert b.response_lens.tolist() == lengths
+        assert b.response_lens.tolist() == TAIL_LENGTHS
         torch.testing.assert_close(b.gen_logprobs, a.gen_logprobs, rtol=1e-4, atol=1e-5)
         for name in ("old_logp", "ref_logp", "values"):
             x, y = getattr(unfused, name), getattr(fused, name)
