@@ -221,7 +221,7 @@ def actor_loss(out: torch.Tensor, mb: RolloutBatch, idx: torch.Tensor, targets: 
         ent = ppo.agg_loss(spread(ppo.entropy_from_logits(picked.float() / temperature)),
                            mb.response_mask, a.loss_agg_mode)
         loss = loss - p.entropy_coef * ent
-        stats["entropy"] = float(ent)
+        stats["entropy"] = float(ent.detach())
     return loss, {f"actor/{k}": v for k, v in stats.items()}
 
 
