@@ -17,6 +17,9 @@ import yaml
 
 from fusedrl.roles import Role as _Role
 
+# dtypes of AdamW's moments (``ppo.optimizer_state_dtype``; fusedrl.optim builds each)
+OPTIMIZER_STATE_DTYPES = ("float32", "bfloat16")
+
 
 class ConfigError(ValueError):
     """Bad configuration; the message names the key (or file) and the problem."""
@@ -290,9 +293,9 @@ class PPOSection:
         _require(self.clip_ratio > 0, "ppo.clip_ratio", self.clip_ratio, "must be > 0")
         _require(self.kl_coef >= 0, "ppo.kl_coef", self.kl_coef, "must be >= 0")
         _require(self.weight_decay >= 0, "ppo.weight_decay", self.weight_decay, "must be >= 0")
-        _require(self.optimizer_state_dtype in ("float32", "bfloat16"),
+        _require(self.optimizer_state_dtype in OPTIMIZER_STATE_DTYPES,
                  "ppo.optimizer_state_dtype", self.optimizer_state_dtype,
-                 "must be float32 or bfloat16")
+                 f"must be one of {', '.join(OPTIMIZER_STATE_DTYPES)}")
 
 
 @dataclass

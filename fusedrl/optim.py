@@ -17,7 +17,7 @@ import math
 
 import torch
 
-OPTIMIZER_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from fusedrl.config import OPTIMIZER_STATE_DTYPES
 
 # Elements per chunk of the float32 step: bounds its temporaries (moments, denominator)
 # to a few x 16 MiB however large a parameter (the 49152 x 576 embedding: 113 MB).
@@ -102,5 +102,5 @@ def build_optimizer(params, lr: float, weight_decay: float, state_dtype: str = "
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if state_dtype == "bfloat16":
         return AdamW(params, lr=lr, weight_decay=weight_decay, seed=seed)
-    raise ValueError(f"optimizer state dtype must be one of {sorted(OPTIMIZER_STATE_DTYPES)}, "
-                     f"got {state_dtype!r}")
+    raise ValueError(f"optimizer state dtype must be one of "
+                     f"{', '.join(OPTIMIZER_STATE_DTYPES)}, got {state_dtype!r}")
