@@ -35,13 +35,15 @@ from dataclasses import dataclass, field
 import ray
 import torch
 
-from fusedrl.roles import ROLES, heads
+from fusedrl.roles import FROZEN_ROLES, ROLES, heads
 from fusedrl.interstage.worker import InterStageWorker
 from fusedrl.timeline import EventLog
 
 ALIASES = {r.value: s.source.value for r, s in ROLES.items() if s.refresh == "step"}
 """A call placed exactly like its training counterpart uses the training copy itself."""
 TRAIN_ROLE = {"actor": "actor_train", "critic": "critic_train"}
+FROZEN = frozenset(str(r) for r in FROZEN_ROLES)
+"""Roles held in ``model.frozen_dtype`` and computed in ``model.frozen_compute_dtype``."""
 
 
 @dataclass
@@ -199,11 +201,9 @@ class Worker(InterStageWorker):
         self.role_head = role_head
         # Frozen models (reference, reward) and their one-device copies are held in
         # model.frozen_dtype; the reallocation engine converts the reference's init copy.
-        from fusedrl.roles import FROZEN_ROLES
-
-        frozen = {str(r) for r in FROZEN_ROLES}
-        self.dtypes = {k: TORCH_DTYPES[c.model.frozen_dtype]
-                       if (spec.serve[k][0] if k in spec.serve else k) in frozen else dtype
+        frozen = [k for k in self.placements
+                  if (spec.serve[k][0] if k in spec.serve else k) in FROZEN]
+        self.dtypes = {k: TORCH_DTYPES[c.model.frozen_dtype] if k in frozen else dtype
                        for k in self.placements}
         self.registry = GroupRegistry(self.device, collective_backend(self.accelerator))
         # Reallocation plans and executors of every weight copy the run makes (ReaLHF),
@@ -215,9 +215,7 @@ class Worker(InterStageWorker):
         self.weight_sync = WeightSync(init_pairs + step_pairs + serve_pairs, self.placements,
                                       {k: self._config_of(k) for k in self.placements},
                                       role_head, self.device, self.dtypes, self.registry.get,
-                                      lossless=[k for k in self.placements
-                                                if (spec.serve[k][0] if k in spec.serve else k)
-                                                in frozen])
+                                      lossless=frozen)
         synced = {dst for _, dst in init_pairs + step_pairs}  # weights come from the engine
         # The same list on every worker, in the same order (see groups.py).
         self.registry.create_all(rank_lists(
@@ -288,7 +286,6 @@ class Worker(InterStageWorker):
         from fusedrl.models.build import TORCH_DTYPES, build_model, resolve_compute_dtype
         from fusedrl.models.llama import StageSpec
         from fusedrl.models.sharding import stage_layers
-        from fusedrl.roles import FROZEN_ROLES
         from fusedrl.runtime.weights import full_initial_state, load_into, load_shard
 
         c, spec = self.spec.config, self.spec
@@ -297,7 +294,7 @@ class Worker(InterStageWorker):
         stage = StageSpec(stage_layers(mc.num_layers, L.pp)[coord.pp], coord.pp == 0,
                           coord.pp == L.pp - 1)
         compute = (resolve_compute_dtype(dtype, self.torch_device, c.model.frozen_compute_dtype)
-                   if role in {str(r) for r in FROZEN_ROLES} else None)
+                   if role in FROZEN else None)
         model = build_model(mc, head, None, seed=c.trainer.seed, stage=stage,
                             tp_group=groups.tp_group, dtype=dtype, device=self.torch_device,
                             compute_dtype=compute)
