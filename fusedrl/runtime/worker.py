@@ -201,8 +201,7 @@ class Worker(InterStageWorker):
         self.role_head = role_head
         # Frozen models (reference, reward) and their one-device copies are held in
         # model.frozen_dtype; the reallocation engine converts the reference's init copy.
-        frozen = [k for k in self.placements
-                  if (spec.serve[k][0] if k in spec.serve else k) in FROZEN]
+        frozen = [k for k in self.placements if self._role_of(k) in FROZEN]
         self.dtypes = {k: TORCH_DTYPES[c.model.frozen_dtype] if k in frozen else dtype
                        for k in self.placements}
         self.registry = GroupRegistry(self.device, collective_backend(self.accelerator))
@@ -263,10 +262,14 @@ class Worker(InterStageWorker):
             free_storage(model)  # until a freed generation device receives the weights
             self.shards[key] = Shard(key, role_head[key], model, groups)
 
+    def _role_of(self, key: str) -> str:
+        """The role of a role or one-device copy key."""
+        return self.spec.serve[key][0] if key in self.spec.serve else key
+
     def _config_of(self, key: str):
         """Model config of a role or copy key (the reward model has its own)."""
-        role = self.spec.serve[key][0] if key in self.spec.serve else key
-        return self.spec.reward_config if role == "reward" else self.spec.model_config
+        return self.spec.reward_config if self._role_of(key) == "reward" \
+            else self.spec.model_config
 
     def _inference_copy(self, role: str) -> Shard | None:
         """``role``'s shard on this device when it is an inference-only copy whose storage
