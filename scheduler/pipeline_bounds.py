@@ -38,6 +38,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from .pipeline_problem import FusedProblem
 
 
@@ -166,38 +168,106 @@ def lower_bound(problem: FusedProblem, memory_cap: float = math.inf) -> LowerBou
                       average_work=avg, node_subsets=subset_lb, memory=mem_lb, memory_cap=memory_cap)
 
 
+@dataclass(frozen=True)
+class _StageOnNode:
+    """One (pipeline, stage) on a node: its forward and backward classes."""
+
+    head_f: float
+    f: float
+    tail_f: float
+    head_b: float
+    b: float
+    tail_b: float
+    mem: float
+    count: int
+
+
+def _stages_on_node(problem: FusedProblem, n: int) -> list[_StageOnNode]:
+    out = []
+    for spec in problem.pipelines:
+        f_all, b_all = sum(spec.fwd), sum(spec.bwd)
+        for s, node in enumerate(spec.stage_nodes):
+            if node == n:
+                head_f, b_before = sum(spec.fwd[:s]), sum(spec.bwd[:s])
+                out.append(_StageOnNode(
+                    head_f=head_f, f=spec.fwd[s], tail_f=f_all - head_f - spec.fwd[s] + b_all,
+                    head_b=f_all + b_all - b_before - spec.bwd[s], b=spec.bwd[s], tail_b=b_before,
+                    mem=spec.mem[s], count=spec.microbatches))
+    return out
+
+
+def _held_at(stages: list[_StageOnNode], t: float, busy: float, makespan: float, tol: float,
+             strict: bool) -> float:
+    """The least memory a node holds at time ``t`` (:func:`_forced_outstanding`).
+
+    Per stage, ``nF`` forwards and ``nB <= nF`` backwards have started by ``t``: at
+    most the releases up to ``t`` (``strict``: before ``t``, the left limit), and at
+    least the forwards whose successors on the node cannot otherwise end by
+    ``makespan - tail_F``; their work is at least ``busy``. The node holds
+    ``sum mem (nF - nB)``: backwards up to their releases cost nothing, the rest of
+    the work comes from further forwards, least memory per unit of work first (a
+    fractional knapsack, so a lower bound on the integer minimum).
+    """
+    def released(first: float, step: float, m: int) -> int:  # of first, first + step, ... by t
+        x = (t - first) / step
+        k = math.ceil(x - tol) if strict else math.floor(x + tol) + 1
+        return min(m, max(0, k))
+
+    held, work, more = 0.0, 0.0, []
+    for st in stages:
+        can_f, can_b = released(st.head_f, st.f, st.count), released(st.head_b, st.b, st.count)
+        # Forwards not started by t all run after it and the last ends by makespan - tail_F.
+        left = (makespan - st.tail_f - t) / st.f
+        must_f = st.count - max(0, math.floor(left + tol))
+        lo = max(must_f, min(can_f, can_b))
+        held += st.mem * max(0, lo - can_b)
+        work += st.f * lo + st.b * min(lo, can_b)
+        if can_f > lo:
+            more.append((st.mem / st.f, st.f, st.mem, can_f - lo))
+    short = busy - work
+    for _, f, mem, k in sorted(more):
+        if short <= tol:
+            break
+        take = min(k, short / f)
+        held += take * mem
+        short -= take * f
+    return held
+
+
 def _forced_outstanding(problem: FusedProblem, makespan: float) -> float:
     """Memory some node must hold at some moment in every schedule ending by ``makespan``.
 
-    Micro-batches of one (pipeline, stage) may be taken first-in-first-out (relabelling
-    never delays a task nor changes a node's memory, :func:`~.pipeline_problem.fifo_relabel`).
-    Then the forward of micro-batch ``m`` starts by ``makespan - tail_F - (M - m) f``
-    (the forwards of ``m..M-1`` follow it on the node, each ``f`` long), and its backward
-    starts no earlier than ``head_B + m b``. Between the two, ``m`` holds its memory on
-    the node: at such a moment every such micro-batch is outstanding at the last task
-    that started, so the node's running sum there is at least their total.
+    A node's tasks all start after its earliest head ``a`` and end by ``makespan - q``
+    (``q``: its shortest tail), so it idles at most ``slack = makespan - a - q - W``
+    (``W``: its work) and has started at least ``t - a - slack`` work by any time
+    ``t``. Of a stage's tasks at most those released by ``t`` have started (the
+    ``k``-th forward at ``head_F + k f`` at the earliest, likewise backwards), and at
+    least the forwards that cannot all run after ``t``. Started forwards without a
+    started backward hold their memory, so the least memory that meets these counts
+    (:func:`_held_at`) is a lower bound at ``t``. Between two release times it only
+    grows, so the maximum is taken at every release time and just before it.
     """
+    tol = 1e-9 * max(1.0, makespan)
     best = 0.0
     for n in range(problem.nodes):
-        events: list[tuple[float, float]] = []
-        for spec in problem.pipelines:
-            M = spec.microbatches
-            f_all, b_all = sum(spec.fwd), sum(spec.bwd)
-            for s, node in enumerate(spec.stage_nodes):
-                if node != n or spec.mem[s] <= 0:
-                    continue
-                f, b = spec.fwd[s], spec.bwd[s]
-                tail_f = f_all - sum(spec.fwd[:s + 1]) + b_all
-                head_b = f_all + b_all - sum(spec.bwd[:s + 1])
-                for m in range(M):
-                    latest_f = makespan - tail_f - (M - m) * f
-                    earliest_b = head_b + m * b
-                    if latest_f < earliest_b:
-                        events += [(latest_f, spec.mem[s]), (earliest_b, -spec.mem[s])]
-        level = 0.0
-        for _, delta in sorted(events, key=lambda e: (e[0], e[1])):  # releases first at ties
-            level += delta
-            best = max(best, level)
+        stages = _stages_on_node(problem, n)
+        if not stages or all(st.mem <= 0 for st in stages):
+            continue
+        first = min(st.head_f for st in stages)
+        end = makespan - min(min(st.tail_f, st.tail_b) for st in stages)
+        slack = end - first - sum(st.count * (st.f + st.b) for st in stages)
+        if slack < -tol:
+            continue  # shorter than this node's bound: no schedule to bound
+        times = {end}
+        for st in stages:
+            k = np.arange(st.count)
+            times.update((st.head_f + k * st.f).tolist())
+            times.update((st.head_b + k * st.b).tolist())
+            times.update((makespan - st.tail_f - (st.count - k) * st.f).tolist())
+        for t in sorted(times):
+            if first <= t <= end:
+                for strict in (True, False):
+                    best = max(best, _held_at(stages, t, t - first - slack, makespan, tol, strict))
     return best
 
 
@@ -208,8 +278,8 @@ def memory_lower_bound(problem: FusedProblem, makespan: float) -> float:
     only falls as ``C`` grows, so the least ``C`` (found by bisection) at which it is
     within ``makespan`` on every node bounds the peak of every schedule that short;
     no schedule holds less than one micro-batch's stages on a node
-    (``memory_floor``); and none less than the micro-batches forced to be outstanding
-    at once (:func:`_forced_outstanding`).
+    (``memory_floor``); and none less than a node must hold when, by some time, it has
+    started more work than its released backwards can pair (:func:`_forced_outstanding`).
     """
     floor = 0.0
     per_node = [0.0] * problem.nodes

@@ -513,6 +513,53 @@ def test_memory_lower_bound_holds_on_random_problems():
             assert memory_lower_bound(prob, timing.makespan) <= timing.peak_memory + 1e-9
 
 
+def test_memory_lower_bound_holds_against_brute_force():
+    """On tiny random problems, for every makespan some order reaches, the bound is at
+    most the least peak of all orders that short (exhaustive)."""
+    rng = np.random.default_rng(5)
+    checked = 0
+    for _ in range(300):
+        nodes = int(rng.integers(1, 3))
+        pipes = [{"name": f"p{i}", "stage_nodes": rng.integers(0, nodes, S).tolist(),
+                  "microbatches": int(rng.integers(1, 4)), "fwd": rng.integers(1, 4, S).tolist(),
+                  "bwd": rng.integers(1, 5, S).tolist(), "mem": rng.integers(0, 4, S).tolist()}
+                 for i, S in enumerate(rng.integers(1, 4, int(rng.integers(1, 3))).tolist())]
+        prob = FusedProblem.from_dict({"nodes": nodes, "pipelines": pipes})
+        per_node = [[] for _ in range(nodes)]
+        for p, spec in enumerate(prob.pipelines):
+            for m in range(spec.microbatches):
+                for s, n in enumerate(spec.stage_nodes):
+                    per_node[n] += [(p, m, s, "F"), (p, m, s, "B")]
+        if max(len(t) for t in per_node) > 8:
+            continue
+        seqs = [list(node_sequences(t)) for t in per_node]
+        if math.prod(len(q) for q in seqs) > 5_000:
+            continue
+        least = {}  # makespan -> least peak of the orders that long
+        for orders in itertools.product(*seqs):
+            mk = simple_times(prob, list(orders))
+            if mk is not None:
+                least[mk] = min(least.get(mk, math.inf), simple_peak(prob, list(orders)))
+        best = math.inf
+        for mk in sorted(least):
+            best = min(best, least[mk])
+            assert memory_lower_bound(prob, mk) <= best + 1e-9, (prob.to_dict(), mk, best)
+            checked += 1
+    assert checked > 200
+
+
+def test_memory_lower_bound_counts_the_work_a_node_must_have_started():
+    """8-stage actor (f=1, b=2, 64 micro-batches, memory 3) and a reversed critic (f=2,
+    b=4, memory 1) at the bound makespan 588: a node that may idle for only a few units
+    must have started so much work by the time its backwards are released that it holds
+    more than the forced-forward count alone shows (the previous bound, 5)."""
+    from fusedrl.scheduler.pipeline_families import FamilyInstance
+
+    prob = FusedProblem.from_dict(FamilyInstance(8, 1, 64, 1, 2, 3, 1).problem())
+    assert lower_bound(prob).value == 588
+    assert memory_lower_bound(prob, 588) >= 10
+
+
 def test_memory_lower_bound_is_tight_where_memory_binds():
     """16-stage actor and reversed critic, 64 micro-batches: 17 held per node allow no
     schedule shorter than 411 (the memory bound), so a schedule of 405 needs more."""
