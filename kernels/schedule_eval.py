@@ -399,6 +399,24 @@ def _refresh_prefix(order, node_ptr, node, memd, prefix, lo, hi):
 
 
 @njit(cache=True)
+def _store_state(state, cur, best, temp, done):
+    """Writes back the makespan annealers' ``[makespan, best, temperature, iterations]``."""
+    state[0] = cur
+    state[1] = best
+    state[2] = temp
+    state[3] += done
+
+
+@njit(cache=True)
+def _metropolis_threshold(cur, temp, eps):
+    """The highest makespan a move may reach and be accepted: the Metropolis rule with
+    its random draw made before the evaluation, so the evaluation can stop past it."""
+    if temp > 0.0:
+        return cur + eps - temp * math.log(1.0 - np.random.random())
+    return cur + eps
+
+
+@njit(cache=True)
 def anneal_makespan(order, pos, node_ptr, dur, node, dep, succ, memd, klass, start, end, prefix,
                     best_order, state, n_iters, cooling, cap, target, eps, p_random):
     """Simulated annealing on the makespan over critical moves (RLHFuse §5).
@@ -452,9 +470,7 @@ def anneal_makespan(order, pos, node_ptr, dur, node, dep, succ, memd, klass, sta
             if not _segment_fits(order, node_ptr, node, memd, prefix, lo, hi, cap, eps):
                 _revert(order, pos, start, end, lo, hi, 0, ws)
                 continue
-        threshold = cur + eps
-        if temp > 0.0:
-            threshold -= temp * math.log(1.0 - np.random.random())
+        threshold = _metropolis_threshold(cur, temp, eps)
         mk, n_log = _retime(order, pos, node_ptr, dur, node, dep, succ, start, end, lo, hi, threshold, ws)
         if mk < 0.0:  # deadlock, or rejected by the Metropolis rule
             _revert(order, pos, start, end, lo, hi, n_log, ws)
@@ -465,10 +481,37 @@ def anneal_makespan(order, pos, node_ptr, dur, node, dep, succ, memd, klass, sta
         if mk < best - eps:
             best = mk
             best_order[:] = order
-    state[0] = cur
-    state[1] = best
-    state[2] = temp
-    state[3] += done
+    _store_state(state, cur, best, temp, done)
+
+
+@njit(cache=True)
+def anneal_adjacent_swaps(order, pos, node_ptr, dur, node, dep, succ, start, end, best_order, state, n_iters,
+                          cooling, target, eps):
+    """RLHFuse §5's published makespan annealing, the quality benchmark's reference:
+    swap a random pair of adjacent tasks on one node, accept by the Metropolis rule on
+    the makespan, cool geometrically. ``state`` as :func:`anneal_makespan`'s
+    (``[makespan, best makespan, temperature, iterations]``); stops at ``target``."""
+    T = order.shape[0]
+    ws = _workspace(T, node_ptr.shape[0] - 1)
+    cur = state[0]
+    best = state[1]
+    temp = state[2]
+    done = 0
+    while done < n_iters and best > target + eps and T > 1:
+        done += 1
+        temp *= cooling
+        i = np.random.randint(0, T - 1)
+        if node[order[i]] != node[order[i + 1]]:
+            continue
+        threshold = _metropolis_threshold(cur, temp, eps)
+        mk = try_swap(order, pos, node_ptr, dur, node, dep, succ, start, end, i, threshold, ws)
+        if mk < 0.0:
+            continue
+        cur = mk
+        if mk < best - eps:
+            best = mk
+            best_order[:] = order
+    _store_state(state, cur, best, temp, done)
 
 
 @njit(cache=True)

@@ -330,6 +330,34 @@ def default_workers(num_tasks: int) -> int:
     return 1 if num_tasks < 256 else min(2, os.cpu_count() or 1)
 
 
+def run_in_processes(fn, jobs: list, timeout: float) -> list:
+    """``fn(job)`` for every job: the first in this process, the others in spawned
+    helper processes at the same time. A helper that cannot start or is lost gives
+    ``None`` in its place (only its search is lost); without helpers every job but the
+    first gives ``None``."""
+    outcomes: list = [None] * len(jobs)
+    pool, futures = None, []
+    if len(jobs) > 1:
+        try:
+            pool = ProcessPoolExecutor(max_workers=len(jobs) - 1, mp_context=get_context("spawn"))
+            futures = [pool.submit(fn, job) for job in jobs[1:]]
+        except Exception:  # no child processes here (daemonic process, sandbox): search in this one
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+            pool, futures = None, []
+    try:
+        outcomes[0] = fn(jobs[0])
+        for i, fut in enumerate(futures, start=1):
+            try:
+                outcomes[i] = fut.result(timeout=timeout)
+            except Exception:  # a lost helper process only costs its search
+                outcomes[i] = None
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+    return outcomes
+
+
 def search(problem: FusedProblem, table: TaskTable, start: Schedule, lower_bound: float, memory_floor: float,
            config: SearchConfig = SearchConfig(),
            low_memory_starts: list[tuple[np.ndarray, float, float]] = ()) -> list[SearchOutcome]:
@@ -343,26 +371,7 @@ def search(problem: FusedProblem, table: TaskTable, start: Schedule, lower_bound
     seeds = np.random.SeedSequence(config.seed).generate_state(workers).tolist()
     jobs = [_Job(problem, table, start.node_ptr, start.order, lower_bound, memory_floor, int(s) % (2**31 - 1),
                  deadline, config, tuple(low_memory_starts)) for s in seeds]
-    outcomes: list[SearchOutcome | None] = [None] * workers
-    pool, futures = None, []
-    if workers > 1:
-        try:
-            pool = ProcessPoolExecutor(max_workers=workers - 1, mp_context=get_context("spawn"))
-            futures = [pool.submit(_run, job) for job in jobs[1:]]
-        except Exception:  # no child processes here (daemonic process, sandbox): search in this one
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
-            pool, futures = None, []
-    try:
-        outcomes[0] = _run(jobs[0])
-        for i, fut in enumerate(futures, start=1):
-            try:
-                outcomes[i] = fut.result(timeout=max(30.0, config.time_limit + 30.0))
-            except Exception:  # a lost helper process only costs its search
-                outcomes[i] = None
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+    outcomes = run_in_processes(_run, jobs, timeout=max(30.0, config.time_limit + 30.0))
     eps = _tolerance(table)
     done = [o for o in outcomes if o is not None]
     done.sort(key=lambda o: (math.floor(o.makespan / eps), o.peak_memory))
