@@ -77,7 +77,7 @@ class SearchConfig:
     probe_min_seconds: float = 0.3  # ... and at least this long
     memory_starts: bool = True  # probes also try the constructive starts under their cap
     memory_peak_moves: float = 0.5  # share of phase-2b moves aimed at the peak (the rest: random block moves)
-    memory_runs: int | None = 8  # phase-2b annealing runs (None: until the deadline or the memory bound)
+    memory_runs: int | None = 30  # phase 2b stops after this many runs in a row without a lower peak (None: never)
     probe_runs: int = 2  # phase-1 annealing runs per memory probe
     chunk_iters: int = 5_000  # iterations between clock checks
     memory_cap: float = math.inf  # hard per-node cap on peak memory (solve() sets it)
@@ -262,7 +262,8 @@ def _phase_memory(job: _Job, best_order: np.ndarray, out: SearchOutcome, memory_
     place), over moves aimed at the peak and random block moves
     (:func:`~fusedrl.kernels.schedule_eval.anneal_memory_moves`); runs of
     ``memory_iters_per_task`` iterations per task, each restarted from the best order,
-    until the deadline or ``memory_bound``."""
+    until the deadline, ``memory_bound``, or ``memory_runs`` runs in a row that found
+    no lower peak (on small problems a lower peak can take a few seconds of runs)."""
     cfg, tb, ptr = job.config, job.table, job.node_ptr
     T, eps = tb.num_tasks, _tolerance(tb)
     pos, start, end = np.empty(T, np.int64), np.zeros(T), np.zeros(T)
@@ -277,9 +278,9 @@ def _phase_memory(job: _Job, best_order: np.ndarray, out: SearchOutcome, memory_
     mk = ke.evaluate(order, pos, ptr, tb.dur, tb.node, tb.dep, tb.succ, start, end)
     best_peak = ke.node_peaks(order, ptr, tb.memd, prefix, peaks)
     best_energy = ke.memory_energy(peaks, cfg.memory_alpha)
-    runs = 0
+    stale = 0  # runs in a row that did not lower the peak
     while time.time() < job.deadline and best_peak > memory_bound + eps and (
-            cfg.memory_runs is None or runs < cfg.memory_runs):
+            cfg.memory_runs is None or stale < cfg.memory_runs):
         order[:] = best_order
         pos[order] = np.arange(T)
         ke.evaluate(order, pos, ptr, tb.dur, tb.node, tb.dep, tb.succ, start, end)
@@ -290,9 +291,9 @@ def _phase_memory(job: _Job, best_order: np.ndarray, out: SearchOutcome, memory_
             ke.anneal_memory_moves(order, pos, ptr, tb.dur, tb.node, tb.dep, tb.succ, tb.memd, tb.klass, start,
                                    end, prefix, peaks, best_order, state, n, cooling, mk, cfg.memory_alpha, eps,
                                    cfg.memory_peak_moves)
+        stale = stale + 1 if float(state[4]) >= best_peak - eps else 0
         best_energy, best_peak = float(state[1]), float(state[4])
         out.memory_iters += int(state[3])
-        runs += 1
 
 
 def _run(job: _Job) -> SearchOutcome:
