@@ -2,7 +2,7 @@
 
 ``bench/schedule_quality.py`` compares :func:`~.pipeline_schedule.solve` against this
 search on the same instances, time limit and cores. It follows the paper's
-description (``../shared/REFERENCES.md``), not its code, which is not available:
+description (greedy start, annealing parameters, two phases), not its code:
 
 1. **Start**: the greedy bidirectional list schedule, ready work first and the larger
    model first (:func:`~.pipeline_baselines.greedy_fused`, rule ``"ready"``, no
