@@ -96,7 +96,8 @@ class _Class:
 
 
 def _task_classes(problem: FusedProblem) -> list[list[_Class]]:
-    """Per node, its task classes with their heads and tails."""
+    """Per node, its task classes with their heads and tails: each stage's forward class,
+    then its backward class."""
     classes: list[list[_Class]] = [[] for _ in range(problem.nodes)]
     for spec in problem.pipelines:
         f, b, M = spec.fwd, spec.bwd, spec.microbatches
@@ -182,18 +183,11 @@ class _StageOnNode:
     count: int
 
 
-def _stages_on_node(problem: FusedProblem, n: int) -> list[_StageOnNode]:
-    out = []
-    for spec in problem.pipelines:
-        f_all, b_all = sum(spec.fwd), sum(spec.bwd)
-        for s, node in enumerate(spec.stage_nodes):
-            if node == n:
-                head_f, b_before = sum(spec.fwd[:s]), sum(spec.bwd[:s])
-                out.append(_StageOnNode(
-                    head_f=head_f, f=spec.fwd[s], tail_f=f_all - head_f - spec.fwd[s] + b_all,
-                    head_b=f_all + b_all - b_before - spec.bwd[s], b=spec.bwd[s], tail_b=b_before,
-                    mem=spec.mem[s], count=spec.microbatches))
-    return out
+def _stages_on_node(classes: list[_Class]) -> list[_StageOnNode]:
+    """A node's classes (:func:`_task_classes`: each stage's forward, then its backward)
+    paired by stage."""
+    return [_StageOnNode(head_f=fc.head, f=fc.dur, tail_f=fc.tail, head_b=bc.head, b=bc.dur, tail_b=bc.tail,
+                         mem=fc.mem, count=fc.count) for fc, bc in zip(classes[0::2], classes[1::2])]
 
 
 def _held_at(stages: list[_StageOnNode], t: float, busy: float, makespan: float, tol: float,
@@ -249,8 +243,8 @@ def _forced_outstanding(problem: FusedProblem, makespan: float) -> float:
     """
     tol = 1e-9 * max(1.0, makespan)
     best = 0.0
-    for n in range(problem.nodes):
-        stages = _stages_on_node(problem, n)
+    for cls in _task_classes(problem):
+        stages = _stages_on_node(cls)
         if not stages or all(st.mem <= 0 for st in stages):
             continue
         first = min(st.head_f for st in stages)

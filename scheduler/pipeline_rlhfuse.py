@@ -33,8 +33,9 @@ from fusedrl.kernels import schedule_eval as ke
 
 from .pipeline_baselines import greedy_fused
 from .pipeline_bounds import lower_bound
-from .pipeline_problem import FusedProblem, TaskTable, fifo_relabel
-from .pipeline_search import default_workers, run_in_processes
+from .pipeline_problem import FusedProblem, Schedule, TaskTable, fifo_relabel
+from .pipeline_schedule import time_schedule
+from .pipeline_search import _tolerance, default_workers, run_in_processes
 
 COOLING = 0.999995  # per move (RLHFuse §5)
 
@@ -70,7 +71,7 @@ def _run(job: _Job) -> tuple[np.ndarray, float, float, int, int]:
     tb, ptr = job.table, job.node_ptr
     T = tb.num_tasks
     ke.seed_rng(job.seed)
-    eps = 1e-9 * max(1.0, float(tb.dur.sum()))
+    eps = _tolerance(tb)
     order = job.order.copy()
     pos, start, end = np.empty(T, np.int64), np.zeros(T), np.zeros(T)
     pos[order] = np.arange(T)
@@ -93,10 +94,8 @@ def _run(job: _Job) -> tuple[np.ndarray, float, float, int, int]:
     while time.time() < job.deadline:
         ke.anneal_memory_moves(order, pos, ptr, tb.dur, tb.node, tb.dep, tb.succ, tb.memd, tb.klass, start, end,
                                prefix, peaks, best_order, mstate, job.chunk, COOLING, mk, 0.0, eps, 0.0)
-    peak = float(ke.node_peaks(best_order, ptr, tb.memd, prefix, peaks))
-    pos[best_order] = np.arange(T)
-    mk = float(ke.evaluate(best_order, pos, ptr, tb.dur, tb.node, tb.dep, tb.succ, start, end))
-    return best_order, mk, peak, makespan_moves, int(mstate[3])
+    best = time_schedule(tb, Schedule(best_order, ptr))
+    return best_order, best.makespan, best.peak_memory, makespan_moves, int(mstate[3])
 
 
 def reference_search(problem: FusedProblem | dict, time_limit: float = 20.0, seed: int = 0,
@@ -108,19 +107,16 @@ def reference_search(problem: FusedProblem | dict, time_limit: float = 20.0, see
     table = TaskTable.build(problem)
     greedy = greedy_fused(problem, table, "ready", inflight_slack=None)
     first = fifo_relabel(table, greedy)
-    prefix, peaks = np.zeros(table.num_tasks), np.zeros(table.num_nodes)
-    start_peak = float(ke.node_peaks(first.order, first.node_ptr, table.memd, prefix, peaks))
-    pos = first.positions()
-    start_mk = float(ke.evaluate(first.order, pos, first.node_ptr, table.dur, table.node, table.dep, table.succ,
-                                 np.zeros(table.num_tasks), np.zeros(table.num_tasks)))
+    start = time_schedule(table, first)
     n = workers or default_workers(table.num_tasks)
     seeds = np.random.SeedSequence(seed).generate_state(n).tolist()
     deadline = t0 + time_limit
     jobs = [_Job(table, first.node_ptr, first.order, lower_bound(problem).value, int(s) % (2**31 - 1), deadline,
                  makespan_share, 20_000) for s in seeds]
     outs = [o for o in run_in_processes(_run, jobs, timeout=time_limit + 30.0) if o is not None]
-    eps = 1e-9 * max(1.0, float(table.dur.sum()))
-    _, mk, peak, mk_moves, mem_moves = min(outs, key=lambda o: (math.floor(o[1] / eps), o[2]))
-    return ReferenceResult(makespan=mk, peak_memory=peak, start_makespan=start_mk, start_peak_memory=start_peak,
+    eps = _tolerance(table)
+    _, mk, peak, _, _ = min(outs, key=lambda o: (math.floor(o[1] / eps), o[2]))
+    return ReferenceResult(makespan=mk, peak_memory=peak, start_makespan=start.makespan,
+                           start_peak_memory=start.peak_memory,
                            makespan_moves=sum(o[3] for o in outs), memory_moves=sum(o[4] for o in outs),
                            seconds=time.time() - t0)
